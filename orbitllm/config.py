@@ -1,0 +1,45 @@
+"""Engine configuration as plain dataclasses; every field is also a CLI flag."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass
+class EngineConfig:
+    """Options of ``LLM(...)`` and of every CLI command (``--max-num-seqs`` etc.)."""
+
+    model: str | None = None            # folder, hub id, .gguf file; None: the built-in default
+    tokenizer: str | None = None
+    dtype: str = "auto"                 # auto | float32 | bfloat16 | float16
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    max_model_len: int | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    attention_backend: str = "auto"     # auto | torch | triton
+    enforce_eager: bool = False         # True: no CUDA graphs
+    cpu_kv_cache_gib: float = 2.0       # KV pool size on CPU when num_kv_blocks is not given
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]

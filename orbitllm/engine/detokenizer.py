@@ -1,0 +1,71 @@
+"""Incremental detokenization with stop strings.
+
+Decoding token by token breaks multi-byte characters (a UTF-8 character can
+span tokens) and word-boundary spaces (SentencePiece). We decode a small
+sliding window of ids and emit only text that is complete: when the window
+ends in U+FFFD (an unfinished byte sequence) we wait for the next token.
+"""
+from __future__ import annotations
+
+# Prompt tokens kept as left context so the first output token decodes with
+# the right leading space.
+_CONTEXT = 5
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool,
+                 stop_strings: list[str], include_stop_str_in_output: bool) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.stop_strings = stop_strings
+        self.include_stop = include_stop_str_in_output
+        self.max_stop_len = max((len(s) for s in stop_strings), default=0)
+        self._ids = list(prompt_ids[-_CONTEXT:])
+        self._prefix = 0
+        self._read = len(self._ids)
+        self.text = ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
+                                     clean_up_tokenization_spaces=False)
+
+    def add_token(self, token_id: int) -> str | None:
+        """Append one token; returns the stop string if one now appears in the text."""
+        self._ids.append(token_id)
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        full_text = self._decode(self._ids[self._prefix:])
+        if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
+            return None
+        old_len = len(self.text)
+        self.text += full_text[len(prefix_text):]
+        self._prefix, self._read = self._read, len(self._ids)
+        return self._check_stop(old_len)
+
+    def _check_stop(self, old_len: int) -> str | None:
+        if not self.stop_strings:
+            return None
+        best: tuple[int, str] | None = None
+        for stop in self.stop_strings:
+            idx = self.text.find(stop, max(0, old_len - len(stop) + 1))
+            if idx != -1 and (best is None or idx < best[0]):
+                best = (idx, stop)
+        if best is None:
+            return None
+        idx, stop = best
+        self.text = self.text[:idx + len(stop)] if self.include_stop else self.text[:idx]
+        return stop
+
+    def flush(self) -> None:
+        """At the end, emit what was held back waiting for more bytes."""
+        rest = self._decode(self._ids[self._prefix:])
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        if len(rest) > len(prefix_text):
+            self.text += rest[len(prefix_text):]
+            self._prefix = self._read = len(self._ids)
+
+    def stream_text(self, finished: bool) -> str:
+        """Text safe to show while streaming: a suffix that could still become the
+        start of a stop string is held back until it cannot."""
+        if finished or self.max_stop_len <= 1:
+            return self.text
+        return self.text[:max(0, len(self.text) - self.max_stop_len + 1)]

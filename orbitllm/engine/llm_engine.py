@@ -1,0 +1,239 @@
+"""The engine: add requests, step (schedule -> run -> postprocess), read outputs.
+
+One step reads top to bottom: the scheduler picks requests and token counts,
+the model runner computes them and samples, and postprocessing appends tokens,
+detokenizes, checks stop conditions and frees finished requests' blocks.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from orbitllm.config import EngineConfig
+from orbitllm.engine.detokenizer import IncrementalDetokenizer
+from orbitllm.engine.request import Request, RequestStatus
+from orbitllm.engine.scheduler import Scheduler
+from orbitllm.executor.model_runner import ModelRunner, StepResult
+from orbitllm.executor.setup import EngineParts, build_engine_parts
+from orbitllm.outputs import CompletionOutput, Logprob, RequestOutput
+from orbitllm.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Group:
+    """One user request: the prompt and its n sequences."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[Request]
+    detoks: list[IncrementalDetokenizer]
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.is_finished for c in self.children)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, parts: EngineParts | None = None) -> None:
+        self.config = config
+        parts = parts or build_engine_parts(config)
+        self.tokenizer = parts.tokenizer
+        self.runner: ModelRunner = parts.runner
+        self.kv = parts.kv
+        self.max_model_len = parts.max_model_len
+        self.eos_token_ids = parts.eos_token_ids
+        self.vocab_size = parts.runner.model.spec.vocab_size
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, parts.max_num_batched_tokens)
+        self._groups: dict[str, _Group] = {}
+        self._child_group: dict[str, _Group] = {}
+        self.num_generated_tokens = 0
+        self.num_prompt_tokens = 0
+
+    # ---- requests in -------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int] | dict,
+                    params: SamplingParams | None = None, priority: int = 0,
+                    cache_salt: str | None = None) -> None:
+        """Validate and queue a request; raises ValueError naming the bad field."""
+        params = params or SamplingParams()
+        if request_id in self._groups:
+            raise ValueError(f"request_id: {request_id!r} is already running")
+        text, ids = self._tokenize(prompt)
+        self._validate(ids, params)
+        if params.max_tokens is None:
+            params = _with_max_tokens(params, self.max_model_len - len(ids))
+        children, detoks = [], []
+        for i in range(params.n):
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            seed = None if params.seed is None else (params.seed if i == 0 else params.seed * 7919 + i)
+            child = Request(child_id, ids, params, priority=priority, cache_salt=cache_salt,
+                            seed=seed)
+            children.append(child)
+            detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
+                                                 params.stop_strings,
+                                                 params.include_stop_str_in_output))
+        group = _Group(request_id, text, ids, children, detoks)
+        self._groups[request_id] = group
+        for child in children:
+            self._child_group[child.request_id] = group
+            self.scheduler.add(child)
+
+    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt) if prompt else []
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return self._tokenize(prompt["prompt"])
+            raise ValueError("prompt: a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise ValueError(f"prompt: expected a string, token ids or a dict, got {type(prompt).__name__}")
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("prompt: must not be empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(ids)} tokens, but max_model_len is {self.max_model_len} "
+                             "(the prompt must leave room for at least one generated token)")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_token_ids: {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(params, name)
+            if n is not None and n > self.vocab_size:
+                raise ValueError(f"{name}: {n} exceeds the vocabulary size {self.vocab_size}")
+
+    def abort_request(self, request_id: str) -> None:
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return
+        for child in group.children:
+            self._child_group.pop(child.request_id, None)
+            if not child.is_finished:
+                self._finish(child, "abort")
+
+    # ---- the step ----------------------------------------------------------------
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; returns outputs of the requests that progressed."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        result = self.runner.execute(sched)
+        touched: dict[str, _Group] = {}
+        now = time.monotonic()
+        for s in sched.scheduled:
+            req = s.request
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+            req.num_computed_tokens += s.num_new_tokens
+            group = self._child_group.get(req.request_id)
+            if group is None or req.is_finished:
+                continue
+            touched[group.request_id] = group
+            if req.request_id in result.prompt_logprobs:
+                self._add_prompt_logprobs(req, result.prompt_logprobs[req.request_id])
+            if req.request_id in result.sampled:
+                self._append_token(req, group, result, now)
+        outputs = [self._make_output(g) for g in touched.values()]
+        for g in touched.values():
+            if g.finished:
+                self._groups.pop(g.request_id, None)
+                for c in g.children:
+                    self._child_group.pop(c.request_id, None)
+        return outputs
+
+    def _append_token(self, req: Request, group: _Group, result: StepResult, now: float) -> None:
+        token = result.sampled[req.request_id]
+        req.output_token_ids.append(token)
+        self.num_generated_tokens += 1
+        if req.first_token_time is None:
+            req.first_token_time = now
+            self.num_prompt_tokens += req.num_prompt_tokens
+        if req.request_id in result.logprobs:
+            lp, rank, tops = result.logprobs[req.request_id]
+            req.cumulative_logprob += lp
+            entry = {tid: Logprob(l, r + 1, self._piece(tid)) for r, (tid, l) in enumerate(tops)}
+            entry[token] = Logprob(lp, rank, self._piece(token))
+            req.logprobs.append(entry)
+        detok = group.detoks[group.children.index(req)]
+        p = req.params
+        stop_str = detok.add_token(token)
+        if stop_str is not None:
+            req.stop_reason = stop_str
+            self._finish(req, "stop")
+        elif req.num_output_tokens >= p.min_tokens and token in p.stop_token_ids:
+            req.stop_reason = token
+            self._finish(req, "stop")
+        elif not p.ignore_eos and token in self.eos_token_ids and req.num_output_tokens >= p.min_tokens:
+            self._finish(req, "stop")
+        elif req.max_tokens_reached or req.num_tokens >= self.max_model_len:
+            self._finish(req, "length")
+        if req.is_finished and stop_str is None:
+            detok.flush()
+
+    def _add_prompt_logprobs(self, req: Request, rows) -> None:
+        if not req.prompt_logprobs:
+            req.prompt_logprobs.append(None)   # the first prompt token has no logprob
+        for tok, lp, rank, tops in rows:
+            entry = {tid: Logprob(l, r + 1, self._piece(tid)) for r, (tid, l) in enumerate(tops)}
+            entry[tok] = Logprob(lp, rank, self._piece(tok))
+            req.prompt_logprobs.append(entry)
+
+    def _piece(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        self.scheduler.remove(req)
+
+    def _make_output(self, group: _Group) -> RequestOutput:
+        outs = []
+        for i, (c, d) in enumerate(zip(group.children, group.detoks)):
+            outs.append(CompletionOutput(
+                index=i, text=d.text, token_ids=list(c.output_token_ids),
+                cumulative_logprob=c.cumulative_logprob if c.params.logprobs is not None else None,
+                logprobs=c.logprobs if c.params.logprobs is not None else None,
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+        first = group.children[0]
+        return RequestOutput(
+            request_id=group.request_id, prompt=group.prompt,
+            prompt_token_ids=group.prompt_token_ids, outputs=outs, finished=group.finished,
+            prompt_logprobs=first.prompt_logprobs if first.params.prompt_logprobs is not None else None,
+            num_cached_tokens=first.num_cached_tokens,
+            metrics={"arrival_time": group.arrival_time, "first_token_time": first.first_token_time,
+                     "first_scheduled_time": first.first_scheduled_time})
+
+    def detokenizers(self, request_id: str) -> list[IncrementalDetokenizer]:
+        return self._groups[request_id].detoks if request_id in self._groups else []
+
+    # ---- stats ---------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return self.kv.num_free_blocks
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.kv.pool.num_blocks
+
+    def kv_usage(self) -> float:
+        return self.kv.usage
+
+    def reset_prefix_cache(self) -> None:
+        self.kv.reset_prefix_cache()
+
+
+def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
+    from dataclasses import replace
+    return replace(params, max_tokens=max_tokens)

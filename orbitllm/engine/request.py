@@ -1,0 +1,87 @@
+"""One sequence being generated: its tokens, counters and status.
+
+vLLM v1's idea: no prefill/decode phases. A request has ``num_tokens``
+(prompt + generated) and ``num_computed_tokens`` (whose KV is in the cache);
+each step the scheduler grants tokens so the second catches up with the first.
+Chunked prefill, prefix-cache hits and preemption are all that arithmetic.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from orbitllm.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_id: int | None = None
+    priority: int = 0
+    cache_salt: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    seed: int | None = None            # per-sequence seed (the parent's, mixed with the index)
+
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0         # prompt tokens found in the prefix cache at first schedule
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_preemptions: int = 0
+    block_hashes: list[bytes] = field(default_factory=list)
+    # Logprobs gathered by the sampler, one entry per generated/prompt position.
+    logprobs: list[dict] = field(default_factory=list)
+    prompt_logprobs: list[dict | None] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    first_token_time: float | None = None
+    first_scheduled_time: float | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def token_range(self, start: int, end: int) -> list[int]:
+        """Tokens ``[start, end)`` of prompt + output without building the whole list."""
+        p = len(self.prompt_token_ids)
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        if start >= p:
+            return self.output_token_ids[start - p:end - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - p]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED
+
+    @property
+    def max_tokens_reached(self) -> bool:
+        mt = self.params.max_tokens
+        return mt is not None and self.num_output_tokens >= mt
+
+    @property
+    def uses_prefix_cache(self) -> bool:
+        # Prompt logprobs need every prompt position computed, so they skip cache hits.
+        return self.params.prompt_logprobs is None

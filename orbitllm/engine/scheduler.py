@@ -1,0 +1,136 @@
+"""Iteration-level scheduler: who runs this step and with how many tokens.
+
+Each step has a token budget and a sequence cap. Running requests go first
+(decodes and unfinished prefill chunks), then waiting requests take what is
+left, so a long prompt is chunked instead of stalling the others. When blocks
+run out the lowest-priority, most recently started request is preempted: its
+blocks are freed and it is recomputed later (prefix caching usually makes the
+recompute cheap). The scheduler only moves plain data; it never touches tensors.
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+from dataclasses import dataclass, field
+
+from orbitllm.engine.request import Request, RequestStatus
+from orbitllm.kv.kv_manager import KVCacheManager
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int         # tokens computed this step, from request.num_computed_tokens on
+    block_ids: list[int]
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: list[tuple[tuple, Request]] = []   # sorted by (priority, arrival, seq)
+        self.running: list[Request] = []                 # in the order they were started
+        self._counter = itertools.count()
+        self.num_preemptions = 0
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, req: Request) -> None:
+        req.status = RequestStatus.WAITING
+        self._enqueue(req, next(self._counter))
+
+    def _enqueue(self, req: Request, order: int) -> None:
+        bisect.insort(self.waiting, ((req.priority, req.arrival_time, order), req),
+                      key=lambda item: item[0])
+
+    def remove(self, req: Request) -> None:
+        """Take a request out of the queues (finished or aborted) and free its blocks."""
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            self.waiting = [item for item in self.waiting if item[1] is not req]
+        self.kv.free(req)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        granted: dict[str, int] = {}
+
+        for req in list(self.running):
+            if budget <= 0:
+                break
+            if req.status != RequestStatus.RUNNING:   # preempted earlier in this loop
+                continue
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(req, num_new):
+                victim = self._pick_victim()
+                budget += granted.pop(victim.request_id, 0)
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                granted[req.request_id] = num_new
+                budget -= num_new
+
+        # Admit waiting requests only when nobody was preempted: memory is tight.
+        while (not out.preempted and self.waiting and budget > 0
+               and len(self.running) < self.max_num_seqs):
+            req = self.waiting[0][1]
+            hits, num_hit = [], 0
+            if req.num_computed_tokens == 0:
+                hits, num_hit = self.kv.get_computed_blocks(req)
+            num_new = min(req.num_tokens - num_hit, budget)
+            if not self.kv.allocate_slots(req, num_new, hits):
+                break
+            self.waiting.pop(0)
+            if req.status == RequestStatus.WAITING:
+                req.num_cached_tokens = num_hit
+            req.num_computed_tokens = num_hit
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            granted[req.request_id] = num_new
+            budget -= num_new
+
+        for req in self.running:
+            if req.request_id in granted:
+                out.scheduled.append(ScheduledRequest(
+                    req, granted[req.request_id], self.kv.block_ids(req.request_id)))
+        return out
+
+    def _pick_victim(self) -> Request:
+        # Lowest priority (largest value) first; among equals the most recently started.
+        return max(reversed(self.running), key=lambda r: r.priority)
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self._enqueue(req, -1)   # back to the front of its priority class

@@ -1,0 +1,103 @@
+"""KV cache manager: three verbs for the scheduler (find cached prefix, allocate, free)."""
+from __future__ import annotations
+
+from orbitllm.engine.request import Request
+from orbitllm.kv.block_pool import BlockPool, KVBlock, hash_block
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks)
+        self._blocks: dict[str, list[KVBlock]] = {}
+        self._num_cached: dict[str, int] = {}   # leading blocks of a request already hashed
+        self.prefix_queries = 0                  # prompt tokens looked up
+        self.prefix_hits = 0                     # prompt tokens found
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        return self.pool.usage
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self._blocks.get(request_id, ())]
+
+    def _update_hashes(self, req: Request, num_tokens: int) -> None:
+        bs = self.block_size
+        hashes = req.block_hashes
+        for i in range(len(hashes), num_tokens // bs):
+            parent = hashes[i - 1] if i else None
+            salt = req.cache_salt if i == 0 else None
+            hashes.append(hash_block(parent, req.token_range(i * bs, (i + 1) * bs), salt))
+
+    def get_computed_blocks(self, req: Request) -> tuple[list[KVBlock], int]:
+        """Cached blocks of the request's longest cached prefix, and their token count.
+
+        The last token is never taken from the cache: the step must compute at
+        least one position to produce logits.
+        """
+        if not (self.enable_prefix_caching and req.uses_prefix_cache):
+            return [], 0
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        self._update_hashes(req, max_blocks * self.block_size)
+        hits: list[KVBlock] = []
+        for block_hash in req.block_hashes[:max_blocks]:
+            block = self.pool.lookup(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        self.prefix_queries += req.num_tokens
+        self.prefix_hits += len(hits) * self.block_size
+        return hits, len(hits) * self.block_size
+
+    def allocate_slots(self, req: Request, num_new_tokens: int,
+                       computed_blocks: list[KVBlock] | None = None) -> bool:
+        """Reserve blocks so ``num_new_tokens`` more tokens fit; False (and no change) if not."""
+        computed_blocks = computed_blocks or []
+        blocks = self._blocks.setdefault(req.request_id, [])
+        num_computed = req.num_computed_tokens + len(computed_blocks) * self.block_size
+        total = num_computed + num_new_tokens
+        need = -(-total // self.block_size) - len(blocks) - len(computed_blocks)
+        reclaimed = sum(1 for b in computed_blocks if b.ref_cnt == 0)
+        if need > self.pool.num_free_blocks - reclaimed:
+            if not blocks:
+                del self._blocks[req.request_id]
+            return False
+        self.pool.touch(computed_blocks)
+        blocks.extend(computed_blocks)
+        if need > 0:
+            blocks.extend(self.pool.allocate(need))
+        if self.enable_prefix_caching:
+            self._cache_full_blocks(req, blocks, total)
+        return True
+
+    def _cache_full_blocks(self, req: Request, blocks: list[KVBlock], num_tokens: int) -> None:
+        # Registered at allocation: a request scheduled later in the same step may hit
+        # these blocks, which is safe because every layer writes all new K/V before
+        # any attention reads the cache.
+        num_full = num_tokens // self.block_size
+        start = self._num_cached.get(req.request_id, 0)
+        if num_full <= start:
+            return
+        self._update_hashes(req, num_full * self.block_size)
+        for i in range(start, num_full):
+            self.pool.cache(blocks[i], req.block_hashes[i])
+        self._num_cached[req.request_id] = num_full
+
+    def free(self, req: Request) -> None:
+        """Return a finished, aborted or preempted request's blocks (tail first)."""
+        blocks = self._blocks.pop(req.request_id, [])
+        self._num_cached.pop(req.request_id, None)
+        # Blocks registered for tokens this step was going to compute hold no KV
+        # yet (a request preempted in the step that allocated them).
+        for block in blocks[req.num_computed_tokens // self.block_size:]:
+            if block.ref_cnt == 1:
+                self.pool.uncache(block)
+        self.pool.free(reversed(blocks))
+
+    def reset_prefix_cache(self) -> None:
+        self.pool.reset_prefix_cache()

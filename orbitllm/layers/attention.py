@@ -1,0 +1,136 @@
+"""Attention over a paged KV cache: the metadata the runner builds, and the backends.
+
+The model runner builds one `AttentionMetadata` per step and passes it down
+explicitly; backends see only tensors (block tables, slot mappings, lengths),
+never requests.
+
+KV cache layout (per layer): ``k_cache`` and ``v_cache`` each
+``[num_blocks, block_size, num_kv_heads, head_dim]``. Token ``t`` of a sequence
+lives in block ``block_table[t // block_size]`` at offset ``t % block_size``;
+its flat slot is ``block * block_size + offset``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Where the tokens of one step come from and where their K/V go.
+
+    The step's tokens are packed: sequence ``i`` owns query rows
+    ``query_start_loc[i]:query_start_loc[i+1]``; those are its last
+    ``query_len`` positions out of ``seq_lens[i]`` (context before the step
+    plus the new tokens).
+    """
+
+    slot_mapping: torch.Tensor      # [num_tokens] int64, flat cache slot of each new token (-1: skip)
+    query_start_loc: torch.Tensor   # [num_seqs + 1] int32, prefix sums of query lengths
+    seq_lens: torch.Tensor          # [num_seqs] int32, total length after this step
+    block_tables: torch.Tensor      # [num_seqs, max_blocks] int32, padded with 0
+    max_query_len: int
+    max_seq_len: int
+    # Host copies, so the reference backend can loop without device syncs.
+    query_start_loc_cpu: list[int] | None = None
+    seq_lens_cpu: list[int] | None = None
+    # Triton decode: context partitions per sequence (None: chosen from max_seq_len).
+    # Pin it when capturing CUDA graphs so the grid is the same on every replay.
+    num_kv_splits: int | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+class AttentionBackend(Protocol):
+    """Computes attention for packed queries against a paged KV cache."""
+
+    def forward(
+        self,
+        q: torch.Tensor,          # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,          # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,          # [num_tokens, num_kv_heads, head_dim]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:            # [num_tokens, num_heads, head_dim]
+        ...
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store the new tokens' K/V at their slots (slots < 0 are padding)."""
+    nb, bs, h, d = k_cache.shape
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
+    k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The first ``seq_len`` tokens of one sequence, ``[seq_len, h, d]``."""
+    nblocks = (seq_len + cache.shape[1] - 1) // cache.shape[1]
+    blocks = cache[block_table[:nblocks].long()]
+    return blocks.reshape(-1, cache.shape[2], cache.shape[3])[:seq_len]
+
+
+def causal_mask(query_len: int, seq_len: int, sliding_window: int | None,
+                device: torch.device) -> torch.Tensor:
+    """Boolean mask ``[query_len, seq_len]``: True where a query may attend."""
+    q_pos = torch.arange(seq_len - query_len, seq_len, device=device)[:, None]
+    k_pos = torch.arange(seq_len, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask &= k_pos > q_pos - sliding_window
+    return mask
+
+
+class TorchAttentionBackend:
+    """Plain PyTorch reference backend: correct on any device, one SDPA per sequence."""
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata,
+                scale: float, sliding_window: int | None) -> torch.Tensor:
+        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        qsl = meta.query_start_loc_cpu or meta.query_start_loc.tolist()
+        seq_lens = meta.seq_lens_cpu or meta.seq_lens.tolist()
+        num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
+        group = num_heads // num_kv_heads
+        out = torch.empty_like(q)
+        for i, seq_len in enumerate(seq_lens):
+            start, end = qsl[i], qsl[i + 1]
+            if end == start:
+                continue
+            keys = gather_kv(k_cache, meta.block_tables[i], seq_len).to(q.dtype)
+            values = gather_kv(v_cache, meta.block_tables[i], seq_len).to(q.dtype)
+            if group > 1:
+                keys = keys.repeat_interleave(group, dim=1)
+                values = values.repeat_interleave(group, dim=1)
+            mask = causal_mask(end - start, seq_len, sliding_window, q.device)
+            o = F.scaled_dot_product_attention(
+                q[start:end].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+                attn_mask=mask, scale=scale)
+            out[start:end] = o.transpose(0, 1)
+        return out
+
+
+def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
+    """``auto`` picks Triton on CUDA and the PyTorch backend elsewhere."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        return TorchAttentionBackend()
+    if name == "triton":
+        from orbitllm.layers.triton_attention import TritonAttentionBackend
+        return TritonAttentionBackend()
+    raise ValueError(f"attention_backend: unknown backend {name!r} (use auto, torch or triton)")

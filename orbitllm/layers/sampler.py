@@ -1,0 +1,170 @@
+"""Batched sampling on the device: penalties, temperature, top-k/top-p/min-p, seeds, logprobs.
+
+All rows are processed together; the only per-row Python work is drawing
+noise for rows with their own seed (one call per such row, not per token).
+Sampling uses the exponential race (argmax of p / E, E ~ Exp(1)), which draws
+exactly from p and lets seeded and unseeded rows share one code path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from orbitllm.engine.request import Request
+
+_MASK64 = (1 << 63) - 1
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling settings as device tensors, built from the scheduled requests."""
+
+    temperature: torch.Tensor        # [B] float32 (1.0 on greedy rows)
+    greedy: torch.Tensor             # [B] bool
+    top_k: torch.Tensor | None       # [B] int64, vocab size where disabled
+    top_p: torch.Tensor | None       # [B] float32
+    min_p: torch.Tensor | None       # [B] float32
+    penalties: tuple | None          # (token ids [B, L] padded with -1, output mask [B, L], rep, pres, freq)
+    banned: tuple | None             # (row idx, token idx) tensors: EOS/stop ids before min_tokens
+    generators: list[torch.Generator | None]
+    num_logprobs: int                # max top-N asked (-1: none)
+    all_greedy: bool
+
+    @classmethod
+    def build(cls, reqs: list[Request], vocab_size: int, device: torch.device,
+              eos_token_ids: set[int]) -> "SamplingBatch":
+        ps = [r.params for r in reqs]
+        greedy = [p.greedy for p in ps]
+        temp = torch.tensor([1.0 if g else p.temperature for p, g in zip(ps, greedy)],
+                            dtype=torch.float32, device=device)
+        top_k = top_p = min_p = None
+        if any(p.top_k > 0 for p in ps):
+            top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in ps], device=device)
+        if any(p.top_p < 1 for p in ps):
+            top_p = torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=device)
+        if any(p.min_p > 0 for p in ps):
+            min_p = torch.tensor([p.min_p for p in ps], dtype=torch.float32, device=device)
+        penalties = None
+        if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in ps):
+            penalties = _penalty_tensors(reqs, device)
+        banned = _banned(reqs, eos_token_ids, device)
+        gens = []
+        for r in reqs:
+            if r.seed is None or r.params.greedy:
+                gens.append(None)
+                continue
+            g = torch.Generator(device=device)
+            g.manual_seed((r.seed * 1_000_003 + r.num_output_tokens) & _MASK64)
+            gens.append(g)
+        nlp = max((p.logprobs for p in ps if p.logprobs is not None), default=-1)
+        return cls(temp, torch.tensor(greedy, device=device), top_k, top_p, min_p, penalties,
+                   banned, gens, nlp, all(greedy))
+
+
+def _penalty_tensors(reqs: list[Request], device: torch.device) -> tuple:
+    seqs = [r.all_token_ids for r in reqs]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(reqs), width), -1, dtype=torch.int64)
+    is_out = torch.zeros((len(reqs), width), dtype=torch.bool)
+    for i, (r, s) in enumerate(zip(reqs, seqs)):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.int64)
+        is_out[i, r.num_prompt_tokens:len(s)] = True
+    rep = torch.tensor([r.params.repetition_penalty for r in reqs], dtype=torch.float32)
+    pres = torch.tensor([r.params.presence_penalty for r in reqs], dtype=torch.float32)
+    freq = torch.tensor([r.params.frequency_penalty for r in reqs], dtype=torch.float32)
+    return tuple(t.to(device) for t in (ids, is_out, rep, pres, freq))
+
+
+def _banned(reqs: list[Request], eos_ids: set[int], device: torch.device) -> tuple | None:
+    rows, cols = [], []
+    for i, r in enumerate(reqs):
+        if r.num_output_tokens < r.params.min_tokens:
+            toks = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else eos_ids)
+            rows += [i] * len(toks)
+            cols += sorted(toks)
+    if not rows:
+        return None
+    return torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+
+
+def apply_penalties(logits: torch.Tensor, penalties: tuple) -> torch.Tensor:
+    """Repetition penalty over prompt+output tokens (as in CTRL / transformers);
+    presence and frequency penalties over output tokens (as OpenAI defines them)."""
+    ids, is_out, rep, pres, freq = penalties
+    B, V = logits.shape
+    valid = ids >= 0
+    safe = ids.clamp(min=0)
+    seen = torch.zeros((B, V), dtype=torch.bool, device=logits.device)
+    seen.scatter_(1, safe, valid)
+    counts = torch.zeros((B, V), dtype=logits.dtype, device=logits.device)
+    counts.scatter_add_(1, safe, (valid & is_out).to(logits.dtype))
+    r = rep[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / r, logits * r), logits)
+    return logits - freq[:, None] * counts - pres[:, None] * (counts > 0).to(logits.dtype)
+
+
+def apply_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor | None,
+                            top_p: torch.Tensor | None, min_p: torch.Tensor | None) -> torch.Tensor:
+    """Mask (to -inf) what the filters drop. Ties at the k-th value are all kept out
+    beyond rank k: ranks come from one stable descending sort."""
+    if top_k is not None or top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
+        ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+        drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+        if top_k is not None:
+            drop |= ranks >= top_k[:, None]
+        if top_p is not None:
+            probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+            mass_before = probs.cumsum(-1) - probs
+            drop |= mass_before >= top_p[:, None]   # keep the smallest prefix reaching top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(torch.empty_like(drop).scatter_(1, order, drop), float("-inf"))
+    if min_p is not None:
+        probs = logits.softmax(-1)
+        threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor                  # [B] int64
+    logprobs: torch.Tensor | None = None     # [B] logprob of the sampled token
+    ranks: torch.Tensor | None = None        # [B] its rank (1 = most likely)
+    top_ids: torch.Tensor | None = None      # [B, N]
+    top_logprobs: torch.Tensor | None = None  # [B, N]
+
+
+class Sampler:
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        logits = logits.float()
+        raw_logprobs = logits.log_softmax(-1) if batch.num_logprobs >= 0 else None
+        if batch.banned is not None:
+            logits = logits.index_put(batch.banned, torch.tensor(float("-inf"), device=logits.device))
+        if batch.penalties is not None:
+            logits = apply_penalties(logits, batch.penalties)
+        greedy_ids = logits.argmax(-1)
+        if batch.all_greedy:
+            token_ids = greedy_ids
+        else:
+            logits = logits / batch.temperature[:, None]
+            logits = apply_top_k_top_p_min_p(logits, batch.top_k, batch.top_p, batch.min_p)
+            probs = logits.softmax(-1)
+            noise = torch.empty_like(probs).exponential_(generator=self.generator)
+            for i, g in enumerate(batch.generators):
+                if g is not None:
+                    noise[i].exponential_(generator=g)
+            sampled = (probs / noise).argmax(-1)
+            token_ids = torch.where(batch.greedy, greedy_ids, sampled)
+        out = SamplerOutput(token_ids)
+        if raw_logprobs is not None:
+            out.logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
+            out.ranks = (raw_logprobs > out.logprobs[:, None]).sum(-1) + 1
+            if batch.num_logprobs > 0:
+                out.top_logprobs, out.top_ids = raw_logprobs.topk(batch.num_logprobs, dim=-1)
+        return out

@@ -1,0 +1,217 @@
+"""The Llama family of decoders: Llama 2/3/3.1, Mistral, Qwen2/2.5 and Qwen3.
+
+They differ only by switches read from the config (QKV bias for Qwen2, per-head
+q/k RMSNorm for Qwen3, a sliding window for Mistral), so one implementation
+serves all four. Q/K/V and gate/up projections are fused into one matmul each.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from orbitllm.layers.attention import AttentionBackend, AttentionMetadata
+from orbitllm.layers.norm import RMSNorm
+from orbitllm.layers.rotary import RotaryEmbedding, rope_parameters
+from orbitllm.models.errors import ModelLoadError
+
+
+@dataclass
+class DecoderSpec:
+    """What the forward pass needs to know about a checkpoint's architecture."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope_theta: float
+    rope_scaling: dict
+    attention_bias: bool
+    qk_norm: bool
+    tie_word_embeddings: bool
+    sliding_windows: list[int | None]   # per layer
+
+    @classmethod
+    def from_config(cls, config) -> "DecoderSpec":
+        model_type = config.model_type
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        theta, scaling = rope_parameters(config)
+        return cls(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            rms_norm_eps=config.rms_norm_eps,
+            max_position_embeddings=config.max_position_embeddings,
+            rope_theta=theta,
+            rope_scaling=scaling,
+            attention_bias=bool(getattr(config, "attention_bias", model_type == "qwen2")),
+            qk_norm=model_type == "qwen3",
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            sliding_windows=_sliding_windows(config),
+        )
+
+
+def _sliding_windows(config) -> list[int | None]:
+    window = getattr(config, "sliding_window", None)
+    if not window or not getattr(config, "use_sliding_window", True):
+        return [None] * config.num_hidden_layers
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return [window if t == "sliding_attention" else None for t in layer_types]
+    return [window] * config.num_hidden_layers
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: DecoderSpec, layer: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.q_size = spec.num_heads * spec.head_dim
+        self.kv_size = spec.num_kv_heads * spec.head_dim
+        self.qkv_proj = nn.Linear(spec.hidden_size, self.q_size + 2 * self.kv_size, bias=spec.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, spec.hidden_size, bias=False)
+        self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
+        self.rotary = rotary
+        self.scale = spec.head_dim ** -0.5
+        self.sliding_window = spec.sliding_windows[layer]
+
+    def forward(self, positions, x, kv_cache, meta: AttentionMetadata, backend: AttentionBackend):
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window)
+        return self.o_proj(o.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: DecoderSpec) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: DecoderSpec, layer: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec, layer, rotary)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec)
+
+    def forward(self, positions, x, residual, kv_cache, meta, backend):
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, kv_cache, meta, backend)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder + LM head. ``forward`` returns hidden states; ``compute_logits`` the logits
+    of the rows the sampler needs, so the vocab projection runs only where used."""
+
+    # HF name fragment -> (our fused parameter, shard index)
+    _stacked = {
+        "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, spec: DecoderSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings,
+                                 spec.rope_theta, spec.rope_scaling)
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.rotary = rotary
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, rotary) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = None if spec.tie_word_embeddings else nn.Linear(
+            spec.hidden_size, spec.vocab_size, bias=False)
+
+    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata,
+                backend: AttentionBackend) -> torch.Tensor:
+        x, residual = self.embed_tokens(input_ids), None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x, residual = layer(positions, x, residual, kv_cache, meta, backend)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def shard_sizes(self, fused: str) -> list[int]:
+        s = self.spec
+        if fused == "qkv_proj":
+            return [s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim]
+        return [s.intermediate_size, s.intermediate_size]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+        """Copy HF-named tensors in one at a time; every parameter must be filled."""
+        params = dict(self.named_parameters())
+        expected = {n for n in params}
+        loaded: set[str] = set()
+        for hf_name, tensor in weights:
+            name, shard = self._map_name(hf_name)
+            if name is None:
+                continue
+            if name not in params:
+                raise ModelLoadError(f"{source}: unexpected tensor {hf_name!r} for this architecture")
+            param = params[name]
+            if shard is None:
+                target = param.data
+            else:
+                fused = name.split(".")[-2]
+                sizes = self.shard_sizes(fused)
+                start = sum(sizes[:shard])
+                target = param.data.narrow(0, start, sizes[shard])
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise ModelLoadError(f"{source}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                                     f"expected {tuple(target.shape)}")
+            target.copy_(tensor)
+            loaded.add(f"{name}#{shard}")
+        missing = [n for n in expected if not any(k.startswith(n + "#") for k in loaded)]
+        if missing:
+            raise ModelLoadError(f"{source}: checkpoint lacks weights for {sorted(missing)[:5]}"
+                                 f"{' ...' if len(missing) > 5 else ''}")
+        incomplete = [n for n in expected if n.endswith(("qkv_proj.weight", "gate_up_proj.weight"))
+                      and sum(k.startswith(n + "#") for k in loaded)
+                      != len(self.shard_sizes(n.split(".")[-2]))]
+        if incomplete:
+            raise ModelLoadError(f"{source}: checkpoint lacks part of {sorted(incomplete)[:3]}")
+
+    def _map_name(self, hf_name: str) -> tuple[str | None, int | None]:
+        if "rotary_emb" in hf_name:
+            return None, None
+        name = hf_name.removeprefix("model.")
+        if name == "lm_head.weight" and self.lm_head is None:
+            return None, None   # tied: the embedding is the head
+        for frag, (fused, shard) in self._stacked.items():
+            if f".{frag}." in name:
+                return name.replace(frag, fused), shard
+        return name, None
+
+

@@ -1,0 +1,123 @@
+"""Find a checkpoint and turn it into (config, weight iterator, tokenizer).
+
+Sources: a Hugging Face folder (config.json + *.safetensors + tokenizer files),
+a hub id (through huggingface_hub, when a network exists), a .gguf file or a
+folder holding one, and None for the built-in default model.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from orbitllm.models.errors import ModelLoadError
+from orbitllm.models.llama import DecoderSpec, LlamaForCausalLM
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+}
+
+
+@dataclass
+class Checkpoint:
+    """A located model: its config, a lazy weight stream and a tokenizer loader."""
+
+    source: str
+    config: object                                            # transformers PretrainedConfig
+    iter_weights: Callable[[torch.dtype], Iterator[tuple[str, torch.Tensor]]]
+    load_tokenizer: Callable[[], object]
+
+
+def open_checkpoint(model: str | None, tokenizer: str | None = None) -> Checkpoint:
+    if model is None:
+        from orbitllm.models.default_model import find_default_model
+        model = str(find_default_model())
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").exists()
+                                  and list(path.glob("*.gguf"))):
+        ckpt = _open_gguf(path)
+    elif path.is_dir():
+        ckpt = _open_hf_folder(path)
+    elif path.exists() or os.sep in model or model.startswith("."):
+        raise ModelLoadError(f"model: {model!r} is neither a Hugging Face model folder "
+                             "(config.json + *.safetensors) nor a .gguf file")
+    else:
+        ckpt = _open_hf_folder(_download(model))
+    if tokenizer is not None:
+        ckpt.load_tokenizer = lambda: _hf_tokenizer(tokenizer)
+    _check_architecture(ckpt)
+    return ckpt
+
+
+def _check_architecture(ckpt: Checkpoint) -> None:
+    archs = getattr(ckpt.config, "architectures", None) or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise ModelLoadError(f"{ckpt.source}: unsupported architecture {archs or None}; "
+                             f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
+
+
+def build_model(ckpt: Checkpoint) -> LlamaForCausalLM:
+    arch = next(a for a in ckpt.config.architectures if a in SUPPORTED_ARCHITECTURES)
+    return SUPPORTED_ARCHITECTURES[arch](DecoderSpec.from_config(ckpt.config))
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(
+            repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
+    except Exception as e:  # no network, unknown repo, ...
+        raise ModelLoadError(f"model: {repo_id!r} is not a local path and could not be fetched "
+                             f"from the hub ({type(e).__name__}: {e})") from None
+
+
+def _hf_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _open_hf_folder(path: Path) -> Checkpoint:
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except Exception as e:
+        raise ModelLoadError(f"{path}/config.json: cannot read config ({e})") from None
+    shards = _safetensors_shards(path)
+    return Checkpoint(str(path), config, lambda dtype: _iter_safetensors(shards, dtype),
+                      lambda: _hf_tokenizer(path))
+
+
+def _safetensors_shards(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (path / n).exists()]
+        if missing:
+            raise ModelLoadError(f"{path}: missing checkpoint shard(s) {missing} listed in {index.name}")
+        return [path / n for n in names]
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise ModelLoadError(f"{path}: no *.safetensors weights found")
+    return shards
+
+
+def _iter_safetensors(shards: list[Path], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """One tensor at a time (memory-mapped), so the file is never held twice."""
+    from safetensors import safe_open
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name).to(dtype)
+
+
+def _open_gguf(path: Path) -> Checkpoint:
+    from orbitllm.models.gguf import GGUFCheckpoint
+    g = GGUFCheckpoint(path)
+    return Checkpoint(str(g.path), g.config, g.iter_weights, g.load_tokenizer)

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny random models of each family, saved in the Hugging Face
+layout with a small byte-level BPE tokenizer trained here (no hub access)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paged attention stores keys and values in fixed-size blocks.",
+    "Continuous batching lets requests join and leave every step.",
+    "Bonjour, ça va? Très bien, merci. Grüße aus München! 日本語のテキスト。",
+    "def add(a, b):\n    return a + b\n",
+    "0123456789 + - * / = ( ) [ ] { } < > ! ? , . ; :",
+] * 20
+
+
+def build_tokenizer(path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(str(path))
+    return fast
+
+
+def tiny_config(family: str, vocab_size: int):
+    import transformers as tf
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=2048, initializer_range=0.2, rms_norm_eps=1e-6,
+                  bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if family == "llama":
+        return tf.LlamaConfig(**common, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}, rope_theta=10000.0)
+    if family == "mistral":
+        return tf.MistralConfig(**common, sliding_window=24)
+    if family == "qwen2":
+        return tf.Qwen2Config(**common, tie_word_embeddings=True)
+    if family == "qwen3":
+        return tf.Qwen3Config(**{**common, "num_key_value_heads": 1}, head_dim=32,
+                              tie_word_embeddings=True)
+    raise ValueError(family)
+
+
+def build_tiny_model(family: str, path) -> str:
+    from transformers import AutoModelForCausalLM
+    tok = build_tokenizer(path)
+    torch.manual_seed(1234)
+    config = tiny_config(family, len(tok))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(str(path), safe_serialization=True)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    return {f: build_tiny_model(f, tmp_path_factory.mktemp(f)) for f in FAMILIES}
+
+
+def assert_all_blocks_free(llm) -> None:
+    engine = llm.engine if hasattr(llm, "engine") else llm
+    assert not engine.has_unfinished_requests()
+    assert engine.num_free_blocks == engine.num_total_blocks, (
+        f"{engine.num_total_blocks - engine.num_free_blocks} KV blocks still held")
