@@ -1,0 +1,5 @@
+import sys
+
+from orbitllm.cli import main
+
+sys.exit(main())
