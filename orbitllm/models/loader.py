@@ -52,14 +52,13 @@ def open_checkpoint(model: str | None, tokenizer: str | None = None) -> Checkpoi
         ckpt = _open_hf_folder(_download(model))
     if tokenizer is not None:
         ckpt.load_tokenizer = lambda: _hf_tokenizer(tokenizer)
-    _check_architecture(ckpt)
     return ckpt
 
 
-def _check_architecture(ckpt: Checkpoint) -> None:
-    archs = getattr(ckpt.config, "architectures", None) or []
+def _check_architecture(config, source: str) -> None:
+    archs = getattr(config, "architectures", None) or []
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        raise ModelLoadError(f"{ckpt.source}: unsupported architecture {archs or None}; "
+        raise ModelLoadError(f"{source}: unsupported architecture {archs or None}; "
                              f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
 
 
@@ -89,6 +88,7 @@ def _open_hf_folder(path: Path) -> Checkpoint:
         config = AutoConfig.from_pretrained(str(path))
     except Exception as e:
         raise ModelLoadError(f"{path}/config.json: cannot read config ({e})") from None
+    _check_architecture(config, str(path))
     shards = _safetensors_shards(path)
     return Checkpoint(str(path), config, lambda dtype: _iter_safetensors(shards, dtype),
                       lambda: _hf_tokenizer(path))
@@ -120,4 +120,5 @@ def _iter_safetensors(shards: list[Path], dtype: torch.dtype) -> Iterator[tuple[
 def _open_gguf(path: Path) -> Checkpoint:
     from orbitllm.models.gguf import GGUFCheckpoint
     g = GGUFCheckpoint(path)
+    _check_architecture(g.config, str(g.path))
     return Checkpoint(str(g.path), g.config, g.iter_weights, g.load_tokenizer)
