@@ -23,6 +23,7 @@ class EngineConfig:
     attention_backend: str = "auto"     # auto | torch | triton
     enforce_eager: bool = False         # True: no CUDA graphs
     cpu_kv_cache_gib: float = 2.0       # KV pool size on CPU when num_kv_blocks is not given
+    load_format: str = "auto"           # auto | dummy: random weights with the checkpoint's shapes
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -37,6 +38,8 @@ class EngineConfig:
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 

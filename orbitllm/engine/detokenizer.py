@@ -31,6 +31,8 @@ class IncrementalDetokenizer:
 
     def add_token(self, token_id: int) -> str | None:
         """Append one token; returns the stop string if one now appears in the text."""
+        if self.tokenizer is None:   # engine built without a tokenizer: token ids only
+            return None
         self._ids.append(token_id)
         prefix_text = self._decode(self._ids[self._prefix:self._read])
         full_text = self._decode(self._ids[self._prefix:])
@@ -57,6 +59,8 @@ class IncrementalDetokenizer:
 
     def flush(self) -> None:
         """At the end, emit what was held back waiting for more bytes."""
+        if self.tokenizer is None:
+            return
         rest = self._decode(self._ids[self._prefix:])
         prefix_text = self._decode(self._ids[self._prefix:self._read])
         if len(rest) > len(prefix_text):

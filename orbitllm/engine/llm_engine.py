@@ -55,6 +55,7 @@ class LLMEngine:
         self._child_group: dict[str, _Group] = {}
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
+        self.last_scheduled = None   # the last step's SchedulerOutput, for stats
 
     # ---- requests in -------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int] | dict,
@@ -66,6 +67,8 @@ class LLMEngine:
             raise ValueError(f"request_id: {request_id!r} is already running")
         text, ids = self._tokenize(prompt)
         self._validate(ids, params)
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop: stop strings need a tokenizer")
         if params.max_tokens is None:
             params = _with_max_tokens(params, self.max_model_len - len(ids))
         children, detoks = [], []
@@ -86,6 +89,8 @@ class LLMEngine:
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: this engine has no tokenizer; pass prompt_token_ids")
             return prompt, self.tokenizer.encode(prompt) if prompt else []
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
@@ -127,6 +132,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one iteration; returns outputs of the requests that progressed."""
         sched = self.scheduler.schedule()
+        self.last_scheduled = sched
         if sched.is_empty:
             return []
         result = self.runner.execute(sched)
@@ -190,8 +196,8 @@ class LLMEngine:
             entry[tok] = Logprob(lp, rank, self._piece(tok))
             req.prompt_logprobs.append(entry)
 
-    def _piece(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+    def _piece(self, token_id: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token_id])
 
     def _finish(self, req: Request, reason: str) -> None:
         req.status = RequestStatus.FINISHED

@@ -10,7 +10,7 @@ from orbitllm.config import EngineConfig
 from orbitllm.executor.model_runner import ModelRunner
 from orbitllm.kv.kv_manager import KVCacheManager
 from orbitllm.models.llama import LlamaForCausalLM
-from orbitllm.models.loader import Checkpoint, build_model, open_checkpoint
+from orbitllm.models.loader import Checkpoint, build_model, open_checkpoint, open_shape
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,13 @@ def eos_ids(ckpt: Checkpoint, tokenizer) -> set[int]:
     return ids
 
 
-def build_engine_parts(cfg: EngineConfig, random_weights: bool = False) -> EngineParts:
+def build_engine_parts(cfg: EngineConfig) -> EngineParts:
     device = resolve_device(cfg.device)
-    ckpt = open_checkpoint(cfg.model, cfg.tokenizer)
+    random_weights = cfg.load_format == "dummy"
+    if random_weights and cfg.model is None:
+        raise ValueError("model: load_format='dummy' needs a model shape, config.json or folder")
+    ckpt = open_shape(cfg.model, cfg.tokenizer) if random_weights else open_checkpoint(
+        cfg.model, cfg.tokenizer)
     dtype = resolve_dtype(cfg.dtype, ckpt.config, device)
     tokenizer = ckpt.load_tokenizer()
     model = instantiate(ckpt, device, dtype)

@@ -35,6 +35,47 @@ class Checkpoint:
     load_tokenizer: Callable[[], object]
 
 
+# Shapes that need no checkpoint, for benchmarks with random weights (load_format="dummy").
+BUILTIN_SHAPES = {
+    "qwen3-0.6b": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], vocab_size=151936,
+                       hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                       max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                       tie_word_embeddings=True, torch_dtype="bfloat16", eos_token_id=151645),
+    "llama3.1-8b": dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256,
+                        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8,
+                        max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 8192},
+                        tie_word_embeddings=False, torch_dtype="bfloat16", eos_token_id=128001),
+}
+
+
+def open_shape(model: str, tokenizer: str | None = None) -> Checkpoint:
+    """A config without weights: a built-in shape name, a config.json, or any checkpoint
+    whose config is readable. Tokenizer only if one is given or lies beside the config."""
+    from transformers import AutoConfig, CONFIG_MAPPING
+    if model in BUILTIN_SHAPES:
+        spec = dict(BUILTIN_SHAPES[model])
+        config = CONFIG_MAPPING[spec.pop("model_type")](**spec)
+        source, tok_path = f"shape {model}", tokenizer
+    elif model.endswith(".json"):
+        config = AutoConfig.from_pretrained(str(Path(model).parent))
+        source, tok_path = model, tokenizer
+    else:
+        ckpt = open_checkpoint(model, tokenizer)
+        return Checkpoint(ckpt.source, ckpt.config, _no_weights, ckpt.load_tokenizer)
+    _check_architecture(config, source)
+    return Checkpoint(source, config, _no_weights,
+                      (lambda: _hf_tokenizer(tok_path)) if tok_path else (lambda: None))
+
+
+def _no_weights(dtype):
+    raise ModelLoadError("random-weight models have no checkpoint to read")
+
+
 def open_checkpoint(model: str | None, tokenizer: str | None = None) -> Checkpoint:
     if model is None:
         from orbitllm.models.default_model import find_default_model

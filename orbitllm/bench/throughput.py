@@ -1,0 +1,136 @@
+"""Offline throughput benchmark (``orbitllm bench throughput``).
+
+Default workload (nano-vllm's): 256 requests, prompt and output lengths each
+uniform in [100, 1024], random token ids, seed 0, EOS ignored. Reports output
+and total tokens/s, requests/s, wall time, peak KV usage, and the fraction of
+the memory-bandwidth floor reached: every step must at least read the weights
+once and the KV of every scheduled sequence's context, at the measured
+device-to-device copy bandwidth.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass
+class BenchRequest:
+    prompt_token_ids: list[int]
+    output_len: int
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument("--input-len", type=int, default=None, help="fixed prompt length")
+    parser.add_argument("--output-len", type=int, default=None, help="fixed output length")
+    parser.add_argument("--min-len", type=int, default=100, help="random lengths: lower bound")
+    parser.add_argument("--max-len", type=int, default=1024, help="random lengths: upper bound")
+    parser.add_argument("--dataset", default=None, help="JSONL file with a 'prompt' per line")
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--random-weights", action="store_true",
+                        help="random weights with the model's shapes (qwen3-0.6b, llama3.1-8b, a config.json)")
+    parser.add_argument("--output-json", default=None)
+
+
+def make_requests(args, vocab_size: int, tokenizer) -> list[BenchRequest]:
+    rng = random.Random(args.seed)
+
+    def length(fixed: int | None) -> int:
+        return fixed if fixed is not None else rng.randint(args.min_len, args.max_len)
+
+    if args.dataset:
+        if tokenizer is None:
+            raise ValueError("dataset: prompts from a file need a tokenizer (--tokenizer)")
+        with open(args.dataset) as f:
+            texts = [json.loads(line)["prompt"] for line in f if line.strip()]
+        return [BenchRequest(tokenizer.encode(texts[i % len(texts)]), length(args.output_len))
+                for i in range(args.num_prompts)]
+    out = []
+    for _ in range(args.num_prompts):
+        n = length(args.input_len)
+        out.append(BenchRequest([rng.randrange(10, vocab_size - 10) for _ in range(n)],
+                                length(args.output_len)))
+    return out
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a large device-to-device copy, counting bytes read plus written."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 27)
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    _sync(device)
+    reps = 20 if device.type == "cuda" else 5
+    t = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    _sync(device)
+    return 2 * n * reps / (time.perf_counter() - t)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(llm, requests: list[BenchRequest], temperature: float) -> dict:
+    from orbitllm import SamplingParams
+    engine = llm.engine
+    runner = engine.runner
+    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    kv_token_bytes = runner.kv_bytes_per_block(runner.model.spec, 1, runner.kv_cache.dtype)
+    bw = copy_bandwidth(runner.device)
+    for i, r in enumerate(requests):
+        engine.add_request(f"bench-{i}", {"prompt_token_ids": r.prompt_token_ids},
+                           SamplingParams(max_tokens=r.output_len, temperature=temperature,
+                                          ignore_eos=True))
+    _sync(runner.device)
+    start = time.perf_counter()
+    peak_kv, floor_bytes, steps, out_tokens = 0.0, 0, 0, 0
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        steps += 1
+        sched = engine.last_scheduled
+        peak_kv = max(peak_kv, engine.kv_usage())
+        floor_bytes += weight_bytes + kv_token_bytes * sum(
+            s.request.num_computed_tokens for s in sched.scheduled)
+        out_tokens += sum(len(o.outputs[0].token_ids) for o in outputs if o.finished)
+    _sync(runner.device)
+    wall = time.perf_counter() - start
+    prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
+    floor_s = floor_bytes / bw
+    return {
+        "requests": len(requests), "wall_s": wall, "steps": steps,
+        "output_tokens": out_tokens, "prompt_tokens": prompt_tokens,
+        "output_tok_s": out_tokens / wall, "total_tok_s": (out_tokens + prompt_tokens) / wall,
+        "requests_s": len(requests) / wall, "peak_kv_usage": peak_kv,
+        "copy_bandwidth_gb_s": bw / 1e9, "bandwidth_floor_s": floor_s,
+        "floor_output_tok_s": out_tokens / floor_s, "fraction_of_floor": floor_s / wall,
+        "weight_gb": weight_bytes / 1e9,
+    }
+
+
+def main(args: argparse.Namespace, engine_config) -> int:
+    from orbitllm import LLM
+    if args.random_weights:
+        engine_config.load_format = "dummy"
+    llm = LLM(**asdict(engine_config))
+    spec = llm.engine.runner.model.spec
+    requests = make_requests(args, spec.vocab_size, llm.get_tokenizer())
+    # Warm-up: compile kernels and capture graphs outside the timed region.
+    run(llm, requests[:2], args.temperature)
+    result = run(llm, requests, args.temperature)
+    result.update(model=engine_config.model, device=str(llm.engine.runner.device),
+                  dtype=str(llm.engine.runner.dtype))
+    for k, v in result.items():
+        print(f"{k:>22}: {v:.4g}" if isinstance(v, float) else f"{k:>22}: {v}")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
