@@ -6,13 +6,16 @@ arrive as plain data.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from orbitllm.engine.request import Request
 from orbitllm.engine.scheduler import SchedulerOutput
+from orbitllm.executor.cuda_graph import DecodeGraphs
 from orbitllm.layers.attention import AttentionMetadata, get_attention_backend
 from orbitllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from orbitllm.models.llama import LlamaForCausalLM
@@ -35,7 +38,8 @@ class StepResult:
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype,
                  num_kv_blocks: int, block_size: int, seed: int, attention_backend: str,
-                 eos_token_ids: set[int]) -> None:
+                 eos_token_ids: set[int], max_num_seqs: int, max_model_len: int,
+                 enforce_eager: bool) -> None:
         self.model = model
         self.device = device
         self.dtype = dtype
@@ -47,6 +51,12 @@ class ModelRunner:
         spec = model.spec
         self.kv_cache = torch.zeros(spec.num_layers, 2, num_kv_blocks, block_size,
                                     spec.num_kv_heads, spec.head_dim, dtype=dtype, device=device)
+        self.graphs: DecodeGraphs | None = None
+        if device.type == "cuda" and not enforce_eager and getattr(self.backend, "supports_cuda_graphs", False):
+            max_blocks = -(-max_model_len // block_size)
+            self.graphs = DecodeGraphs(model, self.backend, self.kv_cache, max_num_seqs,
+                                       max_blocks, max_model_len)
+            self.graphs.capture()
 
     @staticmethod
     def kv_bytes_per_block(spec, block_size: int, dtype: torch.dtype) -> int:
@@ -56,12 +66,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:
         inputs = self._prepare(sched)
-        hidden = self.model(inputs["input_ids"], inputs["positions"], self.kv_cache,
-                            inputs["meta"], self.backend)
+        hidden = self._forward(inputs)
         result = StepResult()
-        sample_rows, sample_reqs = inputs["sample_rows"], inputs["sample_reqs"]
+        sample_reqs = inputs["sample_reqs"]
         if sample_reqs:
-            logits = self.model.compute_logits(hidden[sample_rows])
+            logits = self.model.compute_logits(hidden[self._to_device(inputs["sample_rows"])])
             batch = SamplingBatch.build(sample_reqs, logits.shape[-1], self.device, self.eos_token_ids)
             out = self.sampler(logits, batch)
             self._collect(result, sample_reqs, out)
@@ -70,54 +79,74 @@ class ModelRunner:
         return result
 
     def _prepare(self, sched: SchedulerOutput) -> dict:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        qsl = [0]
-        seq_lens: list[int] = []
-        sample_rows: list[int] = []
-        sample_reqs: list[Request] = []
-        prompt_rows = []
+        """Flatten the step into host arrays (vectorized: the per-request work is a
+        few list reads), then move them to the device in one pinned copy each."""
+        scheduled = sched.scheduled
+        B = len(scheduled)
+        starts = np.fromiter((s.request.num_computed_tokens for s in scheduled), np.int64, B)
+        qlens = np.fromiter((s.num_new_tokens for s in scheduled), np.int64, B)
+        ends = starts + qlens
+        qsl = np.zeros(B + 1, np.int64)
+        np.cumsum(qlens, out=qsl[1:])
+        T = int(qsl[-1])
+        decode_only = T == B
+        if decode_only:
+            input_ids = np.fromiter((s.request.token_range(st, st + 1)[0]
+                                     for s, st in zip(scheduled, starts.tolist())), np.int64, B)
+        else:
+            input_ids = np.fromiter(itertools.chain.from_iterable(
+                s.request.token_range(st, st + s.num_new_tokens)
+                for s, st in zip(scheduled, starts.tolist())), np.int64, T)
+        positions = np.repeat(starts - qsl[:-1], qlens) + np.arange(T)
+        width = max(len(s.block_ids) for s in scheduled)
+        table = np.zeros((B, width), np.int32)
+        for i, s in enumerate(scheduled):
+            table[i, :len(s.block_ids)] = s.block_ids
+        rows = np.repeat(np.arange(B), qlens)
         bs = self.block_size
-        for s in sched.scheduled:
-            req, start = s.request, s.request.num_computed_tokens
-            end = start + s.num_new_tokens
-            input_ids += req.token_range(start, end)
-            positions += range(start, end)
-            blocks = s.block_ids
-            slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
-            qsl.append(qsl[-1] + s.num_new_tokens)
-            seq_lens.append(end)
-            if end == req.num_tokens:
-                sample_rows.append(qsl[-1] - 1)
-                sample_reqs.append(req)
+        slots = table[rows, positions // bs].astype(np.int64) * bs + positions % bs
+
+        sample_mask = ends == np.fromiter((s.request.num_tokens for s in scheduled), np.int64, B)
+        sample_idx = np.nonzero(sample_mask)[0]
+        sample_reqs = [scheduled[i].request for i in sample_idx.tolist()]
+        prompt_rows = []
+        for i, s in enumerate(scheduled):
+            req, start, end = s.request, int(starts[i]), int(ends[i])
             if req.params.prompt_logprobs is not None and start < req.num_prompt_tokens - 1:
                 last = min(end, req.num_prompt_tokens - 1)   # position j predicts token j + 1
-                rows = list(range(qsl[-2], qsl[-2] + last - start))
-                prompt_rows.append((req, rows, req.prompt_token_ids[start + 1:last + 1]))
-        max_blocks = max(len(s.block_ids) for s in sched.scheduled)
-        table = torch.zeros((len(sched.scheduled), max_blocks), dtype=torch.int32)
-        for i, s in enumerate(sched.scheduled):
-            table[i, :len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int32)
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=table.to(dev),
-            max_query_len=max(s.num_new_tokens for s in sched.scheduled),
-            max_seq_len=max(seq_lens),
-            query_start_loc_cpu=qsl,
-            seq_lens_cpu=seq_lens,
-        )
+                first_row = int(qsl[i])
+                prompt_rows.append((req, list(range(first_row, first_row + last - start)),
+                                    req.prompt_token_ids[start + 1:last + 1]))
+        seq_lens = ends.astype(np.int32)
         return {
-            "input_ids": torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            "positions": torch.tensor(positions, dtype=torch.int64, device=dev),
-            "meta": meta,
-            "sample_rows": torch.tensor(sample_rows, dtype=torch.int64, device=dev),
-            "sample_reqs": sample_reqs,
+            "decode_only": decode_only, "num_seqs": B,
+            "input_ids": input_ids, "positions": positions, "slots": slots,
+            "qsl": qsl.astype(np.int32), "seq_lens": seq_lens, "block_tables": table,
+            "max_query_len": int(qlens.max()), "max_seq_len": int(seq_lens.max()),
+            "sample_rows": qsl[1:][sample_idx] - 1, "sample_reqs": sample_reqs,
             "prompt_logprob_rows": prompt_rows,
         }
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def _forward(self, inputs: dict) -> torch.Tensor:
+        n = inputs["num_seqs"]
+        dev = self._to_device
+        if self.graphs is not None and inputs["decode_only"] and self.graphs.padded_size(n):
+            return self.graphs.run(n, dev(inputs["input_ids"]), dev(inputs["positions"]),
+                                   dev(inputs["slots"]), dev(inputs["seq_lens"]),
+                                   dev(inputs["block_tables"]))
+        meta = AttentionMetadata(
+            slot_mapping=dev(inputs["slots"]), query_start_loc=dev(inputs["qsl"]),
+            seq_lens=dev(inputs["seq_lens"]), block_tables=dev(inputs["block_tables"]),
+            max_query_len=inputs["max_query_len"], max_seq_len=inputs["max_seq_len"],
+            query_start_loc_cpu=inputs["qsl"].tolist(), seq_lens_cpu=inputs["seq_lens"].tolist())
+        return self.model(dev(inputs["input_ids"]), dev(inputs["positions"]), self.kv_cache,
+                          meta, self.backend)
 
     def _collect(self, result: StepResult, reqs: list[Request], out: SamplerOutput) -> None:
         ids = out.token_ids.tolist()   # the one device -> host sync of the step

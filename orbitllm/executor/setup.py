@@ -102,7 +102,8 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
                          f"max_position_embeddings ({spec.max_position_embeddings})")
     max_len = min(max_len, capacity)
     runner = ModelRunner(model, device, dtype, num_blocks, cfg.block_size, cfg.seed,
-                         cfg.attention_backend, eos_ids(ckpt, tokenizer))
+                         cfg.attention_backend, eos_ids(ckpt, tokenizer), cfg.max_num_seqs,
+                         max_len, cfg.enforce_eager)
     kv = KVCacheManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
     log.info("model %s on %s (%s); %d KV blocks of %d tokens; max_model_len %d",
              ckpt.source, device, dtype, num_blocks, cfg.block_size, max_len)

@@ -11,6 +11,7 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
         self._blocks: dict[str, list[KVBlock]] = {}
+        self._ids: dict[str, list[int]] = {}     # the same, as ids, kept in step for the runner
         self._num_cached: dict[str, int] = {}   # leading blocks of a request already hashed
         self.prefix_queries = 0                  # prompt tokens looked up
         self.prefix_hits = 0                     # prompt tokens found
@@ -24,7 +25,8 @@ class KVCacheManager:
         return self.pool.usage
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self._blocks.get(request_id, ())]
+        """The request's block table (a live list: read it, do not keep it)."""
+        return self._ids.get(request_id, [])
 
     def _update_hashes(self, req: Request, num_tokens: int) -> None:
         bs = self.block_size
@@ -59,18 +61,19 @@ class KVCacheManager:
         """Reserve blocks so ``num_new_tokens`` more tokens fit; False (and no change) if not."""
         computed_blocks = computed_blocks or []
         blocks = self._blocks.setdefault(req.request_id, [])
+        ids = self._ids.setdefault(req.request_id, [])
         num_computed = req.num_computed_tokens + len(computed_blocks) * self.block_size
         total = num_computed + num_new_tokens
         need = -(-total // self.block_size) - len(blocks) - len(computed_blocks)
         reclaimed = sum(1 for b in computed_blocks if b.ref_cnt == 0)
         if need > self.pool.num_free_blocks - reclaimed:
             if not blocks:
-                del self._blocks[req.request_id]
+                del self._blocks[req.request_id], self._ids[req.request_id]
             return False
         self.pool.touch(computed_blocks)
-        blocks.extend(computed_blocks)
-        if need > 0:
-            blocks.extend(self.pool.allocate(need))
+        new = computed_blocks + (self.pool.allocate(need) if need > 0 else [])
+        blocks.extend(new)
+        ids.extend(b.block_id for b in new)
         if self.enable_prefix_caching:
             self._cache_full_blocks(req, blocks, total)
         return True
@@ -91,6 +94,7 @@ class KVCacheManager:
     def free(self, req: Request) -> None:
         """Return a finished, aborted or preempted request's blocks (tail first)."""
         blocks = self._blocks.pop(req.request_id, [])
+        self._ids.pop(req.request_id, None)
         self._num_cached.pop(req.request_id, None)
         # Blocks registered for tokens this step was going to compute hold no KV
         # yet (a request preempted in the step that allocated them).

@@ -53,6 +53,8 @@ class AttentionMetadata:
 class AttentionBackend(Protocol):
     """Computes attention for packed queries against a paged KV cache."""
 
+    supports_cuda_graphs: bool   # forward needs no host data, so decode can be captured
+
     def forward(
         self,
         q: torch.Tensor,          # [num_tokens, num_heads, head_dim]
@@ -98,6 +100,8 @@ def causal_mask(query_len: int, seq_len: int, sliding_window: int | None,
 
 class TorchAttentionBackend:
     """Plain PyTorch reference backend: correct on any device, one SDPA per sequence."""
+
+    supports_cuda_graphs = False
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata,
                 scale: float, sliding_window: int | None) -> torch.Tensor:

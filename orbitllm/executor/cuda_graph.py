@@ -1,0 +1,75 @@
+"""CUDA graphs for decode steps: one graph per batch size of a ladder.
+
+A decode step launches hundreds of small kernels; replaying a captured graph
+removes their launch cost. Each graph reads fixed input buffers, so a batch is
+padded up to the next captured size: padded rows have ``seq_len`` 0 and slot
+-1, which the Triton kernels skip.
+"""
+from __future__ import annotations
+
+import torch
+
+from orbitllm.layers.attention import AttentionMetadata
+
+
+def batch_size_ladder(max_bs: int) -> list[int]:
+    sizes = [b for b in (1, 2, 4, 8) if b < max_bs] + list(range(16, max_bs, 16))
+    return sorted(set(sizes + [max_bs]))
+
+
+class DecodeGraphs:
+    def __init__(self, model, backend, kv_cache: torch.Tensor, max_bs: int, max_blocks: int,
+                 max_seq_len: int) -> None:
+        self.model, self.backend, self.kv_cache = model, backend, kv_cache
+        self.max_seq_len = max_seq_len
+        device = kv_cache.device
+        self.sizes = batch_size_ladder(max_bs)
+        self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_bs, dtype=torch.int64, device=device)
+        self.slots = torch.full((max_bs,), -1, dtype=torch.int64, device=device)
+        self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros((max_bs, max_blocks), dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
+        self.outputs: dict[int, torch.Tensor] = {}   # each graph's hidden-state output
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slots[:bs], query_start_loc=self.query_start_loc[:bs + 1],
+            seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs],
+            max_query_len=1, max_seq_len=self.max_seq_len)
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        return self.model(self.input_ids[:bs], self.positions[:bs], self.kv_cache,
+                          self._meta(bs), self.backend)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Largest first, so smaller graphs reuse the largest one's memory pool."""
+        pool = None
+        for bs in reversed(self.sizes):
+            self._forward(bs)          # warm-up: compile kernels outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[bs] = self._forward(bs)
+            pool = graph.pool()
+            self.graphs[bs] = graph
+        torch.cuda.synchronize()
+
+    def padded_size(self, n: int) -> int | None:
+        return next((s for s in self.sizes if s >= n), None)
+
+    def run(self, n: int, input_ids, positions, slots, seq_lens, block_tables) -> torch.Tensor:
+        """Copy a decode batch of ``n`` rows into the buffers, replay, return hidden[:n]."""
+        bs = self.padded_size(n)
+        self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        self.positions[:n].copy_(positions, non_blocking=True)
+        self.slots[:n].copy_(slots, non_blocking=True)
+        self.seq_lens[:n].copy_(seq_lens, non_blocking=True)
+        self.block_tables[:n, :block_tables.shape[1]].copy_(block_tables, non_blocking=True)
+        if bs > n:
+            self.slots[n:bs].fill_(-1)
+            self.seq_lens[n:bs].fill_(0)
+        self.graphs[bs].replay()
+        return self.outputs[bs][:n]
