@@ -77,3 +77,13 @@ def assert_all_blocks_free(llm) -> None:
     assert not engine.has_unfinished_requests()
     assert engine.num_free_blocks == engine.num_total_blocks, (
         f"{engine.num_total_blocks - engine.num_free_blocks} KV blocks still held")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run only where CUDA exists."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -93,14 +93,24 @@ def run(llm, requests: list[BenchRequest], temperature: float) -> dict:
     _sync(runner.device)
     start = time.perf_counter()
     peak_kv, floor_bytes, steps, out_tokens = 0.0, 0, 0, 0
+    first_token: dict[str, float] = {}
+    tpots: list[float] = []
     while engine.has_unfinished_requests():
         outputs = engine.step()
+        now = time.perf_counter()
         steps += 1
         sched = engine.last_scheduled
         peak_kv = max(peak_kv, engine.kv_usage())
         floor_bytes += weight_bytes + kv_token_bytes * sum(
             s.request.num_computed_tokens for s in sched.scheduled)
-        out_tokens += sum(len(o.outputs[0].token_ids) for o in outputs if o.finished)
+        for o in outputs:
+            n = len(o.outputs[0].token_ids)
+            if n and o.request_id not in first_token:
+                first_token[o.request_id] = now
+            if o.finished:
+                out_tokens += n
+                if n > 1:
+                    tpots.append((now - first_token[o.request_id]) / (n - 1))
     _sync(runner.device)
     wall = time.perf_counter() - start
     prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
@@ -113,7 +123,23 @@ def run(llm, requests: list[BenchRequest], temperature: float) -> dict:
         "copy_bandwidth_gb_s": bw / 1e9, "bandwidth_floor_s": floor_s,
         "floor_output_tok_s": out_tokens / floor_s, "fraction_of_floor": floor_s / wall,
         "weight_gb": weight_bytes / 1e9,
+        "mean_ttft_s": sum(first_token.values()) / len(first_token) - start if first_token else 0.0,
+        "mean_tpot_ms": 1e3 * sum(tpots) / len(tpots) if tpots else 0.0,
+        "prefill_tflop_s": _forward_flops(runner.model.spec, requests) / wall / 1e12,
     }
+
+
+def _forward_flops(spec, requests: list[BenchRequest]) -> float:
+    """Matmul FLOPs of the prompts' forward passes (dense layers + causal attention),
+    for the prefill-only case (output length 1) where they dominate the wall time."""
+    h, L = spec.hidden_size, spec.num_layers
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    per_token = 2 * L * (h * (q + 2 * kv) + q * h + 3 * h * spec.intermediate_size)
+    total = 0.0
+    for r in requests:
+        t = len(r.prompt_token_ids)
+        total += per_token * t + 2 * L * 2 * q * t * t / 2 + 2 * h * spec.vocab_size
+    return total
 
 
 def main(args: argparse.Namespace, engine_config) -> int:

@@ -1,0 +1,396 @@
+"""Triton kernels against their PyTorch references.
+
+Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set
+before triton is imported) on small shapes; ``gpu``-marked cases use long
+contexts and bf16 and are skipped without CUDA. Caches and outputs are poisoned
+with NaN, so a kernel that reads a slot it should not, or leaves an output
+unwritten, fails loudly.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton")
+
+from orbitllm.kernels import (  # noqa: E402
+    apply_rotary_emb,
+    apply_rotary_emb_ref,
+    paged_decode_attention,
+    paged_prefill_attention,
+    rms_norm,
+    rms_norm_ref,
+    silu_and_mul,
+    silu_and_mul_ref,
+    store_kv_cache,
+)
+from orbitllm.layers.attention import AttentionMetadata, TorchAttentionBackend  # noqa: E402
+from orbitllm.layers.triton_attention import TritonAttentionBackend  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+# float32 attention: exact-ish in the interpreter, tf32 tensor-core dots on the GPU.
+FP32_REL = 2e-3 if CUDA else 1e-4
+FP32_TOL = {"rtol": 1e-5, "atol": 1e-5}  # elementwise ops: summation order, fast exp/rsqrt
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+# The interpreter evaluates log2(0) for empty decode splits (their lse is -inf by design).
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
+
+
+@dataclass
+class Step:
+    """One attention step: new q/k/v, a poisoned paged cache holding the context, metadata."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    meta: AttentionMetadata
+
+
+def make_step(seq_lens: list[int], query_lens: list[int], num_heads: int, num_kv_heads: int,
+              head_dim: int, block_size: int, dtype: torch.dtype = torch.float32,
+              spare_blocks: int = 3) -> Step:
+    """Sequence i has ``seq_lens[i] - query_lens[i]`` tokens already cached (random K/V)
+    and ``query_lens[i]`` new ones; blocks are scattered, unused slots hold NaN."""
+    blocks_per_seq = [triton.cdiv(s, block_size) for s in seq_lens]
+    num_blocks = sum(blocks_per_seq) + spare_blocks
+    perm = torch.randperm(num_blocks, dtype=torch.int32)
+    block_tables = torch.zeros(len(seq_lens), max(max(blocks_per_seq), 1) + 1, dtype=torch.int32)
+    k_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), float("nan"),
+                         dtype=dtype, device=DEVICE)
+    v_cache = k_cache.clone()
+    used, ctx_slots, new_slots = 0, [], []
+    for i, (seq_len, query_len) in enumerate(zip(seq_lens, query_lens)):
+        block_tables[i, :blocks_per_seq[i]] = perm[used:used + blocks_per_seq[i]]
+        used += blocks_per_seq[i]
+        pos = torch.arange(seq_len)
+        slots = block_tables[i, pos // block_size].long() * block_size + pos % block_size
+        ctx_slots.append(slots[:seq_len - query_len])
+        new_slots.append(slots[seq_len - query_len:])
+    ctx_slots = torch.cat(ctx_slots).to(DEVICE)
+    for cache in (k_cache, v_cache):
+        cache.view(-1, num_kv_heads, head_dim)[ctx_slots] = torch.randn(
+            ctx_slots.shape[0], num_kv_heads, head_dim, dtype=dtype, device=DEVICE)
+    num_tokens = sum(query_lens)
+    qsl = torch.tensor([0] + query_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    meta = AttentionMetadata(
+        slot_mapping=torch.cat(new_slots).to(DEVICE),
+        query_start_loc=qsl.to(DEVICE),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        block_tables=block_tables.to(DEVICE),
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        query_start_loc_cpu=qsl.tolist(),
+        seq_lens_cpu=list(seq_lens),
+    )
+
+    def rand(heads: int) -> torch.Tensor:
+        return torch.randn(num_tokens, heads, head_dim, dtype=dtype, device=DEVICE)
+
+    return Step(rand(num_heads), rand(num_kv_heads), rand(num_kv_heads), k_cache, v_cache, meta)
+
+
+def reference(step: Step, scale: float, sliding_window: int | None) -> torch.Tensor:
+    """The torch backend in float32 on copies of the cache (it writes the new K/V itself)."""
+    return TorchAttentionBackend().forward(
+        step.q.float(), step.k.float(), step.v.float(),
+        step.k_cache.to(torch.float32, copy=True), step.v_cache.to(torch.float32, copy=True),
+        step.meta, scale, sliding_window)
+
+
+def store(step: Step) -> None:
+    store_kv_cache(step.k, step.v, step.k_cache, step.v_cache, step.meta.slot_mapping)
+
+
+def poisoned_like(q: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(q, float("nan"))
+
+
+def assert_attention_close(out: torch.Tensor, ref: torch.Tensor, step: Step, rel: float) -> None:
+    """Rows of sequences with queries must be finite and within ``rel`` (relative L2)."""
+    rows = torch.arange(step.meta.query_start_loc_cpu[-1])
+    out, ref = out[rows.to(out.device)].float(), ref[rows.to(ref.device)].float()
+    assert torch.isfinite(out).all(), "non-finite output (unwritten row or poisoned read)"
+    err = ((out - ref).norm() / ref.norm()).item()
+    assert err < rel, f"relative error {err:.2e}"
+
+
+def prefill(step: Step, scale: float, window: int | None) -> torch.Tensor:
+    out = poisoned_like(step.q)
+    m = step.meta
+    paged_prefill_attention(step.q, step.k_cache, step.v_cache, m.query_start_loc, m.seq_lens,
+                            m.block_tables, m.max_query_len, scale, window, out=out)
+    return out
+
+
+def decode(step: Step, scale: float, window: int | None, num_splits: int | None) -> torch.Tensor:
+    out = poisoned_like(step.q)
+    m = step.meta
+    paged_decode_attention(step.q, step.k_cache, step.v_cache, m.query_start_loc, m.seq_lens,
+                           m.block_tables, m.max_seq_len, scale, window, num_splits=num_splits, out=out)
+    return out
+
+
+# ----------------------------------------------------------------------------- KV write
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_store_kv_cache(block_size: int, cache_dtype: torch.dtype) -> None:
+    num_blocks, kv_heads, head_dim, tokens = 6, 3, 64, 20
+    k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"),
+                         dtype=cache_dtype, device=DEVICE)
+    v_cache = k_cache.clone()
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:tokens]
+    slots[::4] = -1
+    kv = torch.randn(tokens, 2, kv_heads, head_dim, device=DEVICE)
+    k, v = kv[:, 0], kv[:, 1]  # strided views, as from a fused projection
+    store_kv_cache(k, v, k_cache, v_cache, slots)
+
+    valid = slots >= 0
+    flat_k, flat_v = k_cache.view(-1, kv_heads, head_dim), v_cache.view(-1, kv_heads, head_dim)
+    torch.testing.assert_close(flat_k[slots[valid]], k[valid].to(cache_dtype), rtol=0, atol=0)
+    torch.testing.assert_close(flat_v[slots[valid]], v[valid].to(cache_dtype), rtol=0, atol=0)
+    untouched = torch.ones(flat_k.shape[0], dtype=torch.bool, device=DEVICE)
+    untouched[slots[valid]] = False
+    assert flat_k[untouched].isnan().all() and flat_v[untouched].isnan().all()
+
+
+# ----------------------------------------------------------------------------- prefill
+
+# Fresh prompt, prefix hit, chunked-prefill chunk, a decode row riding along, an idle sequence.
+MIXED_SEQ_LENS = [37, 49, 55, 41, 12]
+MIXED_QUERY_LENS = [37, 9, 16, 1, 0]
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_prefill_mixed_batch(group: int, head_dim: int, block_size: int) -> None:
+    kv_heads = 2 if group < 8 else 1
+    step = make_step(MIXED_SEQ_LENS, MIXED_QUERY_LENS, kv_heads * group, kv_heads, head_dim, block_size)
+    ref = reference(step, head_dim ** -0.5, None)
+    store(step)
+    assert_attention_close(prefill(step, head_dim ** -0.5, None), ref, step, FP32_REL)
+
+
+@pytest.mark.parametrize("window", [1, 7, 20, 100])
+def test_prefill_sliding_window(window: int) -> None:
+    step = make_step(MIXED_SEQ_LENS, MIXED_QUERY_LENS, 8, 2, 64, 16)
+    ref = reference(step, 0.125, window)
+    store(step)
+    assert_attention_close(prefill(step, 0.125, window), ref, step, FP32_REL)
+
+
+def test_prefill_fp16_and_group_not_power_of_two() -> None:
+    step = make_step([30, 45], [30, 13], 6, 2, 64, 16, dtype=torch.float16)
+    ref = reference(step, 0.125, None)
+    store(step)
+    assert_attention_close(prefill(step, 0.125, None), ref, step, 3e-3)
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_decode_split_kv(group: int, head_dim: int, block_size: int) -> None:
+    seq_lens = [200, 1, 77, 131]
+    step = make_step(seq_lens, [1] * len(seq_lens), 2 * group, 2, head_dim, block_size)
+    ref = reference(step, head_dim ** -0.5, None)
+    store(step)
+    for splits in (1, 4):
+        assert_attention_close(decode(step, head_dim ** -0.5, None, splits), ref, step, FP32_REL)
+
+
+@pytest.mark.parametrize("window", [1, 16, 50, 500])
+def test_decode_sliding_window(window: int) -> None:
+    seq_lens = [180, 5, 64]
+    step = make_step(seq_lens, [1] * len(seq_lens), 8, 2, 64, 16)
+    ref = reference(step, 0.125, window)
+    store(step)
+    for splits in (1, 3):
+        assert_attention_close(decode(step, 0.125, window, splits), ref, step, FP32_REL)
+
+
+def test_decode_skips_padded_sequences() -> None:
+    """CUDA-graph padding: extra sequences with seq_len 0 and slot -1 stay harmless."""
+    step = make_step([90, 33], [1, 1], 4, 1, 64, 16)
+    ref = reference(step, 0.125, None)
+    m, pad = step.meta, 2
+    m.seq_lens = torch.cat([m.seq_lens, m.seq_lens.new_zeros(pad)])
+    m.query_start_loc = torch.arange(m.num_seqs + 1, dtype=torch.int32, device=DEVICE)
+    m.block_tables = torch.cat([m.block_tables, m.block_tables.new_zeros(pad, m.block_tables.shape[1])])
+    m.slot_mapping = torch.cat([m.slot_mapping, m.slot_mapping.new_full((pad,), -1)])
+    step.q, step.k, step.v = (torch.cat([t, torch.randn(pad, *t.shape[1:], device=DEVICE)])
+                              for t in (step.q, step.k, step.v))
+    poisoned_before = step.k_cache.isnan().sum()
+    store(step)
+    assert step.k_cache.isnan().sum() == poisoned_before - 2 * 64, "padding must not be stored"
+    for splits in (1, 3):
+        out = decode(step, 0.125, None, splits)
+        assert_attention_close(out[:2], ref, step, FP32_REL)
+        assert (out[2:] == 0).all(), "padded sequences should produce zeros"
+
+
+# ----------------------------------------------------------------------------- backend
+
+
+@pytest.mark.parametrize("query_lens", [[1, 1, 1], [5, 1, 12]])
+def test_triton_backend_matches_torch(query_lens: list[int]) -> None:
+    step = make_step([70, 20, 40], query_lens, 8, 2, 64, 16)
+    ref = reference(step, 0.125, 30)
+    out = TritonAttentionBackend().forward(step.q, step.k, step.v, step.k_cache, step.v_cache,
+                                           step.meta, 0.125, 30)
+    assert_attention_close(out, ref, step, FP32_REL)
+
+
+# ----------------------------------------------------------------------------- fused ops
+
+
+@pytest.mark.parametrize("hidden", [64, 200])
+def test_rms_norm(hidden: int) -> None:
+    x = torch.randn(7, hidden, device=DEVICE)
+    w = torch.randn(hidden, device=DEVICE)
+    torch.testing.assert_close(rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6), **FP32_TOL)
+    res = torch.randn_like(x)
+    out, new_res = rms_norm(x, w, 1e-6, residual=res)
+    ref_out, ref_res = rms_norm_ref(x, w, 1e-6, residual=res)
+    torch.testing.assert_close(out, ref_out, **FP32_TOL)
+    torch.testing.assert_close(new_res, ref_res, **FP32_TOL)
+
+
+@pytest.mark.parametrize("inter", [48, 1500])
+def test_silu_and_mul(inter: int) -> None:
+    x = torch.randn(5, 2 * inter, device=DEVICE)
+    torch.testing.assert_close(silu_and_mul(x), silu_and_mul_ref(x), **FP32_TOL)
+
+
+@pytest.mark.parametrize("rotary_dim", [64, 32])
+def test_rotary_in_place_on_fused_qkv_view(rotary_dim: int) -> None:
+    tokens, hq, hk, d = 6, 4, 2, 64
+    qkv = torch.randn(tokens, (hq + 2 * hk) * d, device=DEVICE)
+    q = qkv[:, :hq * d].view(tokens, hq, d)
+    k = qkv[:, hq * d:(hq + hk) * d].view(tokens, hk, d)
+    v_before = qkv[:, (hq + hk) * d:].clone()
+    cache = rope_cache(rotary_dim, 100)
+    positions = torch.randint(0, 100, (tokens,), device=DEVICE)
+    ref_q, ref_k = apply_rotary_emb_ref(q, k, positions, cache)
+    apply_rotary_emb(q, k, positions, cache)
+    torch.testing.assert_close(q, ref_q, **FP32_TOL)
+    torch.testing.assert_close(k, ref_k, **FP32_TOL)
+    assert torch.equal(qkv[:, (hq + hk) * d:], v_before)
+
+
+def rope_cache(rotary_dim: int, max_position: int, theta: float = 10000.0) -> torch.Tensor:
+    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, device=DEVICE).float() / rotary_dim)
+    freqs = torch.outer(torch.arange(max_position, device=DEVICE).float(), inv_freq)
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+
+# ----------------------------------------------------------------------------- GPU: long contexts, bf16
+
+
+def random_lengths(n: int, low: int, high: int) -> list[int]:
+    return torch.randint(low, high + 1, (n,)).tolist()
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_gpu_prefill_long_bf16(group: int, head_dim: int, block_size: int) -> None:
+    # A 16k sequence whose last 1k is new (prefix hit), a fresh 3k prompt, chunks, decodes.
+    seq_lens = [16384, 3000, 5000, 700, 2048]
+    query_lens = [1024, 3000, 512, 1, 2048]
+    step = make_step(seq_lens, query_lens, 4 * group, 4, head_dim, block_size, torch.bfloat16)
+    for window in (None, 1000):
+        ref = reference(step, head_dim ** -0.5, window)
+        store(step)
+        assert_attention_close(prefill(step, head_dim ** -0.5, window), ref, step, 1e-2)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_gpu_decode_long_bf16(group: int, head_dim: int, block_size: int) -> None:
+    seq_lens = [16384, 1] + random_lengths(14, 2, 16384)
+    step = make_step(seq_lens, [1] * len(seq_lens), 8 * group, 8, head_dim, block_size, torch.bfloat16)
+    for window in (None, 4096):
+        ref = reference(step, head_dim ** -0.5, window)
+        store(step)
+        for splits in (None, 1, 7, 32):
+            assert_attention_close(decode(step, head_dim ** -0.5, window, splits), ref, step, 1e-2)
+
+
+@gpu
+@needs_cuda
+def test_gpu_decode_cuda_graph_replay() -> None:
+    """Capture one decode step at full length, replay it with other lengths, slots and inputs."""
+    batch, hq, hkv, d, bs, max_len = 16, 16, 8, 128, 16, 4000
+    scale = d ** -0.5
+    captured = make_step([max_len] * batch, [1] * batch, hq, hkv, d, bs, torch.bfloat16)
+    meta = captured.meta
+    meta.num_kv_splits = 8
+    backend = TritonAttentionBackend()
+
+    def step_fn() -> torch.Tensor:
+        return backend.forward(captured.q, captured.k, captured.v, captured.k_cache,
+                               captured.v_cache, meta, scale, None)
+
+    step_fn()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step_fn()
+
+    for _ in range(2):
+        new = make_step(random_lengths(batch, 1, max_len), [1] * batch, hq, hkv, d, bs, torch.bfloat16)
+        used = new.k_cache.shape[0]
+        for dst, src in ((captured.q, new.q), (captured.k, new.k), (captured.v, new.v),
+                         (captured.k_cache[:used], new.k_cache), (captured.v_cache[:used], new.v_cache),
+                         (meta.seq_lens, new.meta.seq_lens), (meta.slot_mapping, new.meta.slot_mapping)):
+            dst.copy_(src)
+        captured.k_cache[used:] = float("nan")
+        captured.v_cache[used:] = float("nan")
+        meta.block_tables.zero_()
+        meta.block_tables[:, :new.meta.block_tables.shape[1]] = new.meta.block_tables
+        static_out.fill_(float("nan"))
+        graph.replay()
+        assert_attention_close(static_out, reference(new, scale, None), new, 1e-2)
+
+
+@gpu
+@needs_cuda
+def test_gpu_fused_ops_bf16() -> None:
+    x = torch.randn(513, 4096, device=DEVICE, dtype=torch.bfloat16)
+    res = torch.randn_like(x)
+    w = torch.randn(4096, device=DEVICE, dtype=torch.bfloat16)
+    out, new_res = rms_norm(x, w, 1e-6, residual=res)
+    ref_out, ref_res = rms_norm_ref(x, w, 1e-6, residual=res)
+    assert torch.equal(new_res, ref_res)
+    torch.testing.assert_close(out, ref_out, rtol=1.6e-2, atol=1e-2)
+
+    gate_up = torch.randn(513, 2 * 11008, device=DEVICE, dtype=torch.bfloat16)
+    torch.testing.assert_close(silu_and_mul(gate_up), silu_and_mul_ref(gate_up), rtol=1.6e-2, atol=1e-2)
+
+    q = torch.randn(513, 32, 128, device=DEVICE, dtype=torch.bfloat16)
+    k = torch.randn(513, 8, 128, device=DEVICE, dtype=torch.bfloat16)
+    positions = torch.randint(0, 32768, (513,), device=DEVICE)
+    cache = rope_cache(128, 32768, 1e6)
+    ref_q, ref_k = apply_rotary_emb_ref(q, k, positions, cache)
+    apply_rotary_emb(q, k, positions, cache)
+    torch.testing.assert_close(q, ref_q, rtol=1.6e-2, atol=2e-2)
+    torch.testing.assert_close(k, ref_k, rtol=1.6e-2, atol=2e-2)
