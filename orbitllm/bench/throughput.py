@@ -160,3 +160,10 @@ def main(args: argparse.Namespace, engine_config) -> int:
         with open(args.output_json, "w") as f:
             json.dump(result, f, indent=2)
     return 0
+
+
+def register(subparsers, add_engine_args, engine_config_from_args) -> None:
+    p = subparsers.add_parser("throughput", help="offline throughput on a synthetic or file workload")
+    add_engine_args(p)
+    add_args(p)
+    p.set_defaults(func=lambda args: main(args, engine_config_from_args(args)))
