@@ -1,0 +1,283 @@
+"""Check and time the Triton kernels on a GPU.
+
+* decode: batch 1/64/256 x context 512..4096 for the Qwen3-0.6B and Llama-3.1-8B
+  attention shapes; achieved GB/s of KV bytes read vs a measured device-to-device
+  copy (which counts bytes read plus written).
+* prefill: one fresh 8k sequence, TFLOP/s (causal FLOPs) vs torch SDPA's flash backend.
+* fused ops: Triton vs the eager PyTorch reference vs torch.compile of the reference.
+
+Every kernel is checked against a reference before it is timed (median of
+``triton.testing.do_bench``). ``--sweep`` also times alternative tile configs.
+The table is printed and, if ``OUT`` is set, written to ``$OUT/kernels.txt``.
+
+    python3 benchmarks/kernels_bench.py [--sweep]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from orbitllm.kernels import (
+    DecodeConfig,
+    PrefillConfig,
+    apply_rotary_emb,
+    apply_rotary_emb_ref,
+    paged_decode_attention,
+    paged_prefill_attention,
+    rms_norm,
+    rms_norm_ref,
+    silu_and_mul,
+    silu_and_mul_ref,
+)
+from orbitllm.layers.attention import AttentionMetadata, TorchAttentionBackend
+
+DEV = torch.device("cuda")
+DTYPE = torch.bfloat16
+BLOCK_SIZE = 16
+SHAPES = {"qwen3-0.6b": (16, 8, 128), "llama3.1-8b": (32, 8, 128)}  # q heads, kv heads, head dim
+
+Row = tuple[str, ...]
+
+
+def median_ms(fn: Callable[[], object]) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def cfg_name(cfg: PrefillConfig | DecodeConfig | None) -> str:
+    if cfg is None:
+        return "default"
+    tile = f"{cfg.block_rows}x{cfg.block_n}" if isinstance(cfg, PrefillConfig) else f"n{cfg.block_n}"
+    return f"{tile}/w{cfg.num_warps}/s{cfg.num_stages}"
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.float(), ref.float()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def check(name: str, err: float, tol: float = 1e-2) -> str:
+    if err >= tol:
+        print(f"CHECK FAILED {name}: rel err {err:.2e}", file=sys.stderr)
+    return f"{err:.1e}" + ("" if err < tol else " FAIL")
+
+
+def copy_bandwidth_gbs() -> float:
+    """Device-to-device copy of 1 GiB, counting bytes read plus bytes written."""
+    src = torch.randn(1 << 28, device=DEV)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * src.element_size() / median_ms(lambda: dst.copy_(src)) / 1e6
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+def decode_case(batch: int, ctx: int, hq: int, hkv: int, d: int):
+    """Random bf16 paged cache holding ``batch`` sequences of ``ctx`` tokens, scattered blocks."""
+    blocks = triton.cdiv(ctx, BLOCK_SIZE)
+    k_cache = torch.randn(batch * blocks, BLOCK_SIZE, hkv, d, device=DEV, dtype=DTYPE)
+    v_cache = torch.randn_like(k_cache)
+    block_tables = torch.randperm(batch * blocks, device=DEV, dtype=torch.int32).view(batch, blocks)
+    q = torch.randn(batch, hq, d, device=DEV, dtype=DTYPE)
+    meta = AttentionMetadata(
+        slot_mapping=torch.full((batch,), -1, dtype=torch.int64, device=DEV),
+        query_start_loc=torch.arange(batch + 1, dtype=torch.int32, device=DEV),
+        seq_lens=torch.full((batch,), ctx, dtype=torch.int32, device=DEV),
+        block_tables=block_tables, max_query_len=1, max_seq_len=ctx,
+        query_start_loc_cpu=list(range(batch + 1)), seq_lens_cpu=[ctx] * batch)
+    return q, k_cache, v_cache, meta
+
+
+def run_decode(q, k_cache, v_cache, meta, config: DecodeConfig | None = None,
+               num_splits: int | None = None) -> torch.Tensor:
+    return paged_decode_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
+                                  meta.block_tables, meta.max_seq_len, q.shape[-1] ** -0.5,
+                                  num_splits=num_splits, config=config)
+
+
+def decode_reference(q, k_cache, v_cache, meta) -> torch.Tensor:
+    empty = q.new_empty(0, k_cache.shape[2], q.shape[-1])
+    meta.slot_mapping = meta.slot_mapping[:0]
+    return TorchAttentionBackend().forward(q, empty, empty, k_cache, v_cache, meta, q.shape[-1] ** -0.5, None)
+
+
+def bench_decode(copy_gbs: float) -> list[Row]:
+    rows = []
+    for model, (hq, hkv, d) in SHAPES.items():
+        for batch in (1, 64, 256):
+            for ctx in (512, 1024, 2048, 4096):
+                q, kc, vc, meta = decode_case(batch, ctx, hq, hkv, d)
+                err = rel_err(run_decode(q, kc, vc, meta), decode_reference(q, kc, vc, meta))
+                ms = median_ms(lambda: run_decode(q, kc, vc, meta))
+                gbs = 2 * batch * ctx * hkv * d * kc.element_size() / ms / 1e6
+                rows.append((model, str(batch), str(ctx), f"{ms * 1e3:.1f}", f"{gbs:.0f}",
+                             f"{100 * gbs / copy_gbs:.0f}%", check(f"decode {model} {batch}x{ctx}", err)))
+                del q, kc, vc, meta
+    return rows
+
+
+def sweep_decode() -> list[Row]:
+    configs = [DecodeConfig(32, 4, 2), DecodeConfig(64, 4, 2), DecodeConfig(64, 4, 3),
+               DecodeConfig(64, 4, 4), DecodeConfig(128, 4, 2), DecodeConfig(128, 8, 3)]
+    rows = []
+    hq, hkv, d = SHAPES["llama3.1-8b"]
+    for batch, ctx in ((1, 4096), (64, 4096), (256, 4096), (256, 1024)):
+        q, kc, vc, meta = decode_case(batch, ctx, hq, hkv, d)
+        splits = (None, 4, 8, 32) if batch == 1 else (None, 2)
+        for cfg in configs:
+            for s in splits:
+                ms = median_ms(lambda: run_decode(q, kc, vc, meta, cfg, s))
+                rows.append((f"{batch}x{ctx}", cfg_name(cfg), str(s), f"{ms * 1e3:.1f}"))
+        del q, kc, vc, meta
+    return rows
+
+
+# ----------------------------------------------------------------------------- prefill
+
+
+def prefill_case(n: int, hq: int, hkv: int, d: int):
+    """One fresh ``n``-token sequence whose K/V are already in a scattered paged cache."""
+    blocks = triton.cdiv(n, BLOCK_SIZE)
+    q = torch.randn(n, hq, d, device=DEV, dtype=DTYPE)
+    k = torch.randn(n, hkv, d, device=DEV, dtype=DTYPE)
+    v = torch.randn_like(k)
+    table = torch.randperm(blocks, device=DEV, dtype=torch.int32)
+    k_cache = torch.empty(blocks, BLOCK_SIZE, hkv, d, device=DEV, dtype=DTYPE)
+    v_cache = torch.empty_like(k_cache)
+    pos = torch.arange(n, device=DEV)
+    slots = table[pos // BLOCK_SIZE].long() * BLOCK_SIZE + pos % BLOCK_SIZE
+    k_cache.view(-1, hkv, d)[slots] = k
+    v_cache.view(-1, hkv, d)[slots] = v
+    return q, k, v, k_cache, v_cache, table[None]
+
+
+def bench_prefill(n: int, sweep: bool) -> list[Row]:
+    rows = []
+    configs = [None]
+    if sweep:
+        configs += [PrefillConfig(128, 64, 4, 3), PrefillConfig(128, 128, 8, 3), PrefillConfig(64, 64, 4, 3),
+                    PrefillConfig(128, 32, 4, 4), PrefillConfig(64, 128, 4, 3), PrefillConfig(128, 64, 8, 4)]
+    for model, (hq, hkv, d) in SHAPES.items():
+        q, k, v, kc, vc, table = prefill_case(n, hq, hkv, d)
+        qsl = torch.tensor([0, n], dtype=torch.int32, device=DEV)
+        lens = torch.tensor([n], dtype=torch.int32, device=DEV)
+        qt, kt, vt = (x.transpose(0, 1)[None] for x in (q, k.repeat_interleave(hq // hkv, 1),
+                                                         v.repeat_interleave(hq // hkv, 1)))
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            sdpa = lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)  # noqa: E731
+            ref = sdpa()[0].transpose(0, 1)
+            sdpa_ms = median_ms(sdpa)
+        flops = 2 * 2 * hq * d * n * n / 2
+        for cfg in configs:
+            run = lambda: paged_prefill_attention(q, kc, vc, qsl, lens, table, n, d ** -0.5, config=cfg)  # noqa: E731
+            err = rel_err(run(), ref)
+            ms = median_ms(run)
+            rows.append((model, str(n), cfg_name(cfg), f"{ms:.3f}", f"{flops / ms / 1e9:.0f}",
+                         f"{sdpa_ms:.3f}", f"{flops / sdpa_ms / 1e9:.0f}", check(f"prefill {model} {cfg}", err)))
+        del q, k, v, kc, vc, qt, kt, vt
+    return rows
+
+
+# ----------------------------------------------------------------------------- fused ops
+
+
+def bench_fused_ops() -> list[Row]:
+    rows = []
+    for tokens in (64, 4096):
+        x = torch.randn(tokens, 4096, device=DEV, dtype=DTYPE)
+        res = torch.randn_like(x)
+        w = torch.randn(4096, device=DEV, dtype=DTYPE)
+        gate_up = torch.randn(tokens, 2 * 14336, device=DEV, dtype=DTYPE)
+        q = torch.randn(tokens, 32, 128, device=DEV, dtype=DTYPE)
+        k = torch.randn(tokens, 8, 128, device=DEV, dtype=DTYPE)
+        pos = torch.randint(0, 8192, (tokens,), device=DEV)
+        inv_freq = 1.0 / 500000.0 ** (torch.arange(0, 128, 2, device=DEV).float() / 128)
+        freqs = torch.outer(torch.arange(8192, device=DEV).float(), inv_freq)
+        cache = torch.cat([freqs.cos(), freqs.sin()], -1)
+        cases = [
+            ("rms_norm+residual", lambda: rms_norm(x, w, 1e-6, res),
+             rms_norm_ref, (x, w, 1e-6, res), 4 * x.numel() * 2),
+            ("silu_and_mul", lambda: silu_and_mul(gate_up),
+             silu_and_mul_ref, (gate_up,), gate_up.numel() * 2 * 3 // 2),
+            ("rotary q+k", lambda: apply_rotary_emb(q, k, pos, cache),
+             apply_rotary_emb_ref, (q, k, pos, cache), 2 * 2 * (q.numel() + k.numel())),
+        ]
+        for name, triton_fn, ref_fn, args, nbytes in cases:
+            compiled = torch.compile(ref_fn, dynamic=False)
+            err = fused_error(name, triton_fn, ref_fn, compiled, args)
+            t_triton, t_eager, t_comp = (median_ms(f) for f in (triton_fn, lambda: ref_fn(*args),
+                                                                lambda: compiled(*args)))
+            best = min((t_triton, "triton"), (t_comp, "compile"), (t_eager, "eager"))[1]
+            rows.append((name, str(tokens), f"{t_triton * 1e3:.1f}", f"{nbytes / t_triton / 1e6:.0f}",
+                         f"{t_eager * 1e3:.1f}", f"{t_comp * 1e3:.1f}", best, err))
+    return rows
+
+
+def fused_error(name: str, triton_fn, ref_fn, compiled, args) -> str:
+    """Triton and compiled outputs vs eager; rotary is in place, so compare on copies first."""
+    if name.startswith("rotary"):
+        q, k, pos, cache = args
+        ref = ref_fn(q, k, pos, cache)
+        comp = compiled(q, k, pos, cache)
+        q0, k0 = q.clone(), k.clone()
+        triton_fn()
+        out = (q.clone(), k.clone())
+        q.copy_(q0)
+        k.copy_(k0)
+    else:
+        ref, comp, out = ref_fn(*args), compiled(*args), triton_fn()
+    as_tuple = lambda t: t if isinstance(t, tuple) else (t,)  # noqa: E731
+    err = max(rel_err(o, r) for o, r in zip(as_tuple(out) + as_tuple(comp), as_tuple(ref) * 2))
+    return check(name, err)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def table(title: str, header: Row, rows: list[Row]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([f"== {title}", fmt(header), *map(fmt, rows), ""])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sweep", action="store_true", help="also time alternative tile configs")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(DEV)
+    copy_gbs = copy_bandwidth_gbs()
+    parts = [f"device: {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, "
+             f"triton {triton.__version__}; d2d copy {copy_gbs:.0f} GB/s (read+write)\n"]
+    parts.append(table("decode (bf16, block 16): KV GB/s vs copy", (
+        "model", "batch", "ctx", "us", "GB/s", "of copy", "rel err"), bench_decode(copy_gbs)))
+    print(parts[-1], flush=True)
+    parts.append(table("prefill, one fresh sequence, causal (bf16)", (
+        "model", "tokens", "config", "ms", "TFLOP/s", "sdpa ms", "sdpa TFLOP/s", "rel err"),
+        bench_prefill(8192, args.sweep)))
+    print(parts[-1], flush=True)
+    parts.append(table("fused ops (bf16, Llama-8B sizes)", (
+        "op", "tokens", "triton us", "triton GB/s", "eager us", "compile us", "fastest", "rel err"),
+        bench_fused_ops()))
+    print(parts[-1], flush=True)
+    if args.sweep:
+        parts.append(table("decode config sweep (llama3.1-8b)", ("case", "config", "splits", "us"),
+                           sweep_decode()))
+        print(parts[-1], flush=True)
+    report = "\n".join(parts)
+    print("\n" + report)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "kernels.txt"), "w") as f:
+            f.write(report)
+
+
+if __name__ == "__main__":
+    main()

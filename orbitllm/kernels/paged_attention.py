@@ -1,0 +1,454 @@
+"""Triton kernels for attention over the paged KV cache.
+
+Three kernels share one cache layout, ``[num_blocks, block_size, num_kv_heads,
+head_dim]`` (see ``orbitllm.layers.attention``), and read keys/values through
+the block table one token at a time, so any block size and any tile size work
+together:
+
+* ``store_kv_cache``: scatter the step's new K and V into their slots.
+* ``paged_prefill_attention``: packed variable-length queries (prefill, prefix
+  hits, chunked prefill, mixed batches) against all of each sequence's cached
+  keys, flash-attention style.
+* ``paged_decode_attention``: one query per sequence, with the context split
+  over several programs (split-KV) and a reduce, so that small batches with long
+  contexts still fill the GPU.
+
+Both attention kernels give each program every query head of one KV head (GQA),
+so each K/V tile is loaded once per group rather than once per query head.
+Every launch grid comes from shapes and plain Python ints, never from device
+values, so the decode path can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Tile shape of the prefill kernel: ``block_rows`` = query tokens x padded group."""
+
+    block_rows: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Tile shape of the decode kernel: ``block_n`` keys per iteration."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# ----------------------------------------------------------------------------- KV write
+
+
+@triton.jit
+def _store_kv_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cb, stride_cs, stride_ch,
+    num_kv_heads,
+    PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per token: copy all its KV heads to cache slot ``slot`` (skip if < 0)."""
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        h = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, BLOCK_D)[None, :]
+        mask = (h < num_kv_heads) & (d < HEAD_DIM)
+        dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + h * stride_ch + d
+        k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
+        v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+        tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write ``k``/``v`` ``[num_tokens, num_kv_heads, head_dim]`` into their cache slots.
+
+    Slots < 0 (padding) are skipped on the device, so the launch needs no host sync.
+    """
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    _check_cache(k_cache, v_cache)
+    assert k.stride(-1) == 1 and v.stride(-1) == 1, "k/v need a contiguous last dim"
+    _store_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        num_kv_heads,
+        PAGE=k_cache.shape[1], HEAD_DIM=head_dim,
+        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+    )
+
+
+# ----------------------------------------------------------------------------- shared tile step
+
+
+@triton.jit
+def _attend_tile(
+    acc, m_i, l_i, q, q_pos,
+    k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
+    start_n, lo_key, hi_key, sliding_window, scale_log2,
+    stride_cb, stride_cs, offs_d, d_mask,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, SLIDING: tl.constexpr, BOUNDS: tl.constexpr, MASK_D: tl.constexpr,
+):
+    """Online-softmax update with keys ``start_n .. start_n + BLOCK_N`` of one sequence.
+
+    Keys are gathered token by token through the block table. ``BOUNDS`` masks keys
+    outside ``[lo_key, hi_key)``, ``CAUSAL`` keys after each row's position, and
+    ``SLIDING`` keys that fell out of each row's window; tiles that need none of
+    these skip the mask arithmetic.
+    """
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if BOUNDS:
+        n_ok = (offs_n >= lo_key) & (offs_n < hi_key)
+        blk = tl.load(bt_row_ptr + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
+    else:
+        blk = tl.load(bt_row_ptr + offs_n // PAGE).to(tl.int64)
+    kv_off = blk * stride_cb + (offs_n % PAGE) * stride_cs + kv_head_off
+    kv_ptrs = kv_off[:, None] + offs_d[None, :]
+    if BOUNDS:
+        kv_mask = n_ok[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + kv_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_ptrs, mask=kv_mask, other=0.0)
+    elif MASK_D:
+        k = tl.load(k_cache_ptr + kv_ptrs, mask=d_mask[None, :], other=0.0)
+        v = tl.load(v_cache_ptr + kv_ptrs, mask=d_mask[None, :], other=0.0)
+    else:
+        k = tl.load(k_cache_ptr + kv_ptrs)
+        v = tl.load(v_cache_ptr + kv_ptrs)
+
+    s = tl.dot(q, tl.trans(k.to(q.dtype))) * scale_log2
+    if BOUNDS:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    if CAUSAL:
+        s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))
+    if SLIDING:
+        s = tl.where(offs_n[None, :] > q_pos[:, None] - sliding_window, s, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row whose keys are all masked so far keeps m = -inf; shift by 0 to avoid inf - inf.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+    return acc, m_new, l_i
+
+
+# ----------------------------------------------------------------------------- prefill
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+    block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
+    scale_log2, sliding_window,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cb, stride_cs, stride_ch, stride_bt,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr,
+):
+    """Program (q block, sequence, KV head): ``BLOCK_M`` query tokens x the group's heads.
+
+    Rows are (token, head-in-group) pairs, so one K/V tile serves the whole group.
+    The q-block axis runs backwards so that the longest (latest) tiles start first.
+    """
+    q_blk = tl.num_programs(0) - 1 - tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if q_blk * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx_len = seq_len - q_len
+
+    rows = tl.arange(0, BLOCK_M * GROUP_PAD)
+    tok = q_blk * BLOCK_M + rows // GROUP_PAD
+    head = kv_head * GROUP + rows % GROUP_PAD
+    row_ok = (tok < q_len) & (rows % GROUP_PAD < GROUP)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q_rows = (q_start + tok).to(tl.int64) * stride_qt + head * stride_qh
+    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :],
+                mask=row_ok[:, None] & d_mask[None, :], other=0.0)
+    q_pos = ctx_len + tok
+
+    first_pos = ctx_len + q_blk * BLOCK_M
+    hi = tl.minimum(first_pos + BLOCK_M, seq_len)        # one past the last query position
+    lo = 0
+    if SLIDING:
+        lo = tl.maximum(first_pos - sliding_window + 1, 0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    # Keys below ``mid`` are causally visible to every row of the tile.
+    mid = tl.maximum(((first_pos + 1) // BLOCK_N) * BLOCK_N, lo)
+
+    bt_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    kv_head_off = kv_head.to(tl.int64) * stride_ch
+    m_i = tl.full([BLOCK_M * GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M * GROUP_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_M * GROUP_PAD, BLOCK_D], tl.float32)
+    for start_n in range(lo, mid, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
+            start_n, 0, seq_len, sliding_window, scale_log2, stride_cb, stride_cs, offs_d, d_mask,
+            PAGE, BLOCK_N, CAUSAL=False, SLIDING=SLIDING, BOUNDS=False, MASK_D=BLOCK_D != HEAD_DIM)
+    for start_n in range(mid, hi, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
+            start_n, 0, seq_len, sliding_window, scale_log2, stride_cb, stride_cs, offs_d, d_mask,
+            PAGE, BLOCK_N, CAUSAL=True, SLIDING=SLIDING, BOUNDS=True, MASK_D=BLOCK_D != HEAD_DIM)
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_rows = (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh
+    tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & d_mask[None, :])
+
+
+def default_prefill_config(head_dim: int, group: int, device: torch.device) -> PrefillConfig:
+    """Tiles for H100-class GPUs; tiny tiles for the CPU interpreter (tests)."""
+    group_pad = triton.next_power_of_2(group)
+    if device.type != "cuda":
+        return PrefillConfig(max(16, group_pad), 16, 4, 1)
+    if head_dim <= 64:
+        return PrefillConfig(max(128, group_pad), 64, 4, 3)
+    return PrefillConfig(max(128, group_pad), 64, 8, 3)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+    max_query_len: int, scale: float, sliding_window: int | None = None,
+    out: torch.Tensor | None = None, config: PrefillConfig | None = None,
+) -> torch.Tensor:
+    """Causal attention of packed queries ``[num_tokens, num_heads, head_dim]``.
+
+    Sequence ``i`` owns rows ``query_start_loc[i]:query_start_loc[i+1]``, its last
+    positions out of ``seq_lens[i]``; its keys/values (earlier context and the new
+    tokens) must already be in the cache. ``max_query_len`` only sizes the grid.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    out = _prepare_out(q, out)
+    if num_tokens == 0:
+        return out
+    _check_cache(k_cache, v_cache)
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    cfg = config or default_prefill_config(head_dim, group, q.device)
+    block_m = max(cfg.block_rows // group_pad, 1)
+    grid = (triton.cdiv(max_query_len, block_m), seq_lens.shape[0], num_kv_heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
+        scale * LOG2E, sliding_window or 0,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), PAGE=k_cache.shape[1],
+        SLIDING=sliding_window is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
+    scale_log2, sliding_window, num_heads,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cb, stride_cs, stride_ch, stride_bt,
+    NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr,
+):
+    """Program (sequence, KV head, split): the group's heads over one context partition.
+
+    The visible context ``[lo, seq_len)`` is cut into ``NUM_SPLITS`` partitions of
+    whole tiles, sized per sequence on the device. With one split the result goes
+    straight to ``out``; otherwise each split writes its normalised partial output and
+    log-sum-exp (base 2) for ``_decode_reduce_kernel``. Sequences with no query row or
+    ``seq_len == 0`` (CUDA-graph padding) write nothing / zeros and read no cache.
+    """
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    q_row = tl.load(query_start_loc_ptr + seq)
+    if tl.load(query_start_loc_ptr + seq + 1) == q_row:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+
+    rows = tl.arange(0, ROWS)
+    head = kv_head * GROUP + rows
+    row_ok = rows < GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + q_row.to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_mask[None, :], other=0.0)
+
+    lo = 0
+    if SLIDING:
+        lo = tl.maximum(seq_len - sliding_window, 0)
+    lo_tile = (lo // BLOCK_N) * BLOCK_N
+    part = tl.cdiv(tl.cdiv(seq_len - lo_tile, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo_tile + split * part
+    end = tl.minimum(start + part, seq_len)
+
+    bt_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    kv_head_off = kv_head.to(tl.int64) * stride_ch
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        # The query is the last position, so only [lo, end) bounds the keys (no causal mask).
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, 0, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
+            start_n, lo, end, sliding_window, scale_log2, stride_cb, stride_cs, offs_d, d_mask,
+            PAGE, BLOCK_N, CAUSAL=False, SLIDING=False, BOUNDS=True, MASK_D=BLOCK_D != HEAD_DIM)
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_mask = row_ok[:, None] & d_mask[None, :]
+    if NUM_SPLITS == 1:
+        o_ptrs = out_ptr + q_row.to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        part_row = (seq.to(tl.int64) * num_heads + head) * NUM_SPLITS + split
+        tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=o_mask)
+        tl.store(part_lse_ptr + part_row, m_i + tl.math.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    out_ptr, part_out_ptr, part_lse_ptr, query_start_loc_ptr,
+    num_heads, stride_ot, stride_oh,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program (sequence, head): merge the splits' partial outputs by their log-sum-exp."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_row = tl.load(query_start_loc_ptr + seq)
+    if tl.load(query_start_loc_ptr + seq + 1) == q_row:
+        return
+    splits = tl.arange(0, SPLITS_PAD)
+    s_ok = splits < NUM_SPLITS
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    base = (seq.to(tl.int64) * num_heads + head) * NUM_SPLITS
+    lse = tl.load(part_lse_ptr + base + splits, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    parts = tl.load(part_out_ptr + (base + splits)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=s_ok[:, None] & d_mask[None, :], other=0.0)
+    denom = tl.sum(w, 0)
+    out = tl.sum(parts * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
+    o_ptrs = out_ptr + q_row.to(tl.int64) * stride_ot + head * stride_oh + offs_d
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_decode_config(device: torch.device) -> DecodeConfig:
+    """Tiles for H100-class GPUs; tiny tiles for the CPU interpreter (tests)."""
+    if device.type != "cuda":
+        return DecodeConfig(16, 4, 1)
+    return DecodeConfig(64, 4, 3)
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
+                      device: torch.device, block_n: int, min_keys_per_split: int = 256) -> int:
+    """Enough splits for about two programs per SM, but at least ``min_keys_per_split``
+    keys each (shorter splits cost more in the reduce than they save)."""
+    programs = max(num_seqs * num_kv_heads, 1)
+    want = triton.cdiv(2 * _num_sms(device), programs)
+    by_len = max(max_seq_len // max(min_keys_per_split, block_n), 1)
+    return max(min(want, by_len, 64), 1)
+
+
+def paged_decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+    max_seq_len: int, scale: float, sliding_window: int | None = None,
+    num_splits: int | None = None, out: torch.Tensor | None = None,
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:
+    """Attention of one query token per sequence (``query_start_loc`` gives its row).
+
+    ``num_splits`` (default: ``choose_num_splits`` from ``max_seq_len``) fixes the grid;
+    any value is correct for any ``seq_lens``, so a CUDA graph may bake it in.
+    """
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_seqs, num_kv_heads = seq_lens.shape[0], k_cache.shape[2]
+    out = _prepare_out(q, out)
+    if num_seqs == 0 or q.shape[0] == 0:
+        return out
+    _check_cache(k_cache, v_cache)
+    cfg = config or default_decode_config(q.device)
+    splits = num_splits or choose_num_splits(num_seqs, num_kv_heads, max_seq_len, q.device, cfg.block_n)
+    group = num_heads // num_kv_heads
+    block_d = triton.next_power_of_2(head_dim)
+    if splits > 1:
+        part_out = torch.empty((num_seqs, num_heads, splits, head_dim), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((num_seqs, num_heads, splits), dtype=torch.float32, device=q.device)
+    else:
+        part_out = part_lse = out  # unused by the kernel when NUM_SPLITS == 1
+    _decode_kernel[(num_seqs, num_kv_heads, splits)](
+        q, k_cache, v_cache, out, part_out, part_lse, block_tables, query_start_loc, seq_lens,
+        scale * LOG2E, sliding_window or 0, num_heads,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        NUM_SPLITS=splits, GROUP=group, ROWS=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=k_cache.shape[1],
+        SLIDING=sliding_window is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if splits > 1:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            out, part_out, part_lse, query_start_loc, num_heads, out.stride(0), out.stride(1),
+            NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, num_warps=4,
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _prepare_out(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    assert out.shape == q.shape and out.stride(-1) == 1, "out must match q with a contiguous last dim"
+    return out
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """The kernels share one set of strides and index blocks by shift/mask."""
+    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(), \
+        "k_cache and v_cache must have the same shape and strides"
+    assert k_cache.stride(-1) == 1, "cache needs a contiguous head_dim"
+    assert math.log2(k_cache.shape[1]).is_integer(), "block_size must be a power of two"
