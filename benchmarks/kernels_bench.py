@@ -18,13 +18,15 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from orbitllm.kernels import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
+from orbitllm.kernels import (  # noqa: E402
     DecodeConfig,
     PrefillConfig,
     apply_rotary_emb,
@@ -36,7 +38,7 @@ from orbitllm.kernels import (
     silu_and_mul,
     silu_and_mul_ref,
 )
-from orbitllm.layers.attention import AttentionMetadata, TorchAttentionBackend
+from orbitllm.layers.attention import AttentionMetadata, TorchAttentionBackend  # noqa: E402
 
 DEV = torch.device("cuda")
 DTYPE = torch.bfloat16
@@ -164,7 +166,8 @@ def bench_prefill(n: int, sweep: bool) -> list[Row]:
     configs = [None]
     if sweep:
         configs += [PrefillConfig(128, 64, 4, 3), PrefillConfig(128, 128, 8, 3), PrefillConfig(64, 64, 4, 3),
-                    PrefillConfig(128, 32, 4, 4), PrefillConfig(64, 128, 4, 3), PrefillConfig(128, 64, 8, 4)]
+                    PrefillConfig(128, 32, 4, 4), PrefillConfig(64, 128, 4, 3), PrefillConfig(128, 64, 8, 4),
+                    PrefillConfig(256, 64, 8, 3), PrefillConfig(128, 128, 8, 2)]
     for model, (hq, hkv, d) in SHAPES.items():
         q, k, v, kc, vc, table = prefill_case(n, hq, hkv, d)
         qsl = torch.tensor([0, n], dtype=torch.int32, device=DEV)
