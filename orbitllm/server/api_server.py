@@ -1,0 +1,194 @@
+"""The HTTP server: a FastAPI app over one ``AsyncEngine``, run by uvicorn.
+
+Everything a running server holds (engine, settings, metrics) hangs off
+``app.state``; nothing is module-global, so a process can host several apps.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import signal
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+import orbitllm
+from orbitllm.engine.llm_engine import LLMEngine
+from orbitllm.server.async_engine import AsyncEngine
+from orbitllm.server.metrics import ServerMetrics
+from orbitllm.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from orbitllm.server.serving import LOG_SCOPE_KEY, APIError, OpenAIServing, ServerSettings
+
+access_log = logging.getLogger("orbitllm.access")
+log = logging.getLogger(__name__)
+
+
+class AccessLogMiddleware:
+    """One JSON line per HTTP request, written when the response (or stream) has ended.
+    Handlers add fields (id, tokens, TTFT) under ``scope[LOG_SCOPE_KEY]``."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.monotonic()
+        fields: dict = {}
+        scope[LOG_SCOPE_KEY] = fields
+        status = [499]   # the client left before a response started
+
+        async def send_and_note(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception:
+            status[0] = 500
+            raise
+        finally:
+            client = scope.get("client")
+            record = {"ts": round(time.time(), 3), "method": scope["method"], "path": scope["path"],
+                      "status": status[0], "latency_s": round(time.monotonic() - start, 4),
+                      "client": client[0] if client else None, **fields}
+            access_log.info(json.dumps(record, ensure_ascii=False, default=str))
+
+
+def _require_api_key(request: Request) -> None:
+    expected = request.app.state.settings.api_key
+    if expected is None:
+        return
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), expected.encode()):
+        raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                       type="authentication_error", code="invalid_api_key")
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}")
+    # Drop "body" and pydantic's union-member tags ("str", "list[int]") from the location.
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_tag(p)]
+    param = loc[0] if loc else None
+    where = ".".join(loc) if loc else "body"
+    return APIError(400, f"{where}: {first.get('msg', 'invalid request')}", param=param)
+
+
+def _is_type_tag(part) -> bool:
+    return isinstance(part, str) and (part in {"str", "int", "float", "bool", "list", "dict"}
+                                      or "[" in part)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> Response:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_: Request, exc: RequestValidationError) -> Response:
+        return _validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return APIError(exc.status_code, str(exc.detail), type=kind).response()
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return APIError.from_exception(exc).response()
+
+
+def _install_routes(app: FastAPI) -> None:
+    v1 = [Depends(_require_api_key)]
+
+    @app.post("/v1/completions", dependencies=v1)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await request.app.state.serving.completion(body, request)
+
+    @app.post("/v1/chat/completions", dependencies=v1)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await request.app.state.serving.chat(body, request)
+
+    @app.get("/v1/models", dependencies=v1)
+    async def models(request: Request) -> dict:
+        settings: ServerSettings = request.app.state.settings
+        max_len = request.app.state.engine.engine.max_model_len
+        return ModelList(data=[ModelCard(id=name, root=settings.model_root, max_model_len=max_len)
+                               for name in settings.served_model_names]).model_dump()
+
+    @app.get("/health")
+    async def health(request: Request) -> Response:
+        if request.app.state.serving.draining or not request.app.state.engine.is_alive:
+            return Response(status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": orbitllm.__version__}
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        body = request.app.state.metrics.render(request.app.state.engine.stats)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
+    """The app; the engine thread starts with the app's lifespan and stops with it."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.engine.start()
+        try:
+            yield
+        finally:
+            await app.state.engine.stop()
+
+    app = FastAPI(title="orbitllm", version=orbitllm.__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    async_engine = AsyncEngine(engine)
+    app.state.engine = async_engine
+    app.state.settings = settings
+    app.state.metrics = ServerMetrics(settings.served_model_names[0])
+    app.state.serving = OpenAIServing(async_engine, settings, app.state.metrics)
+    _install_error_handlers(app)
+    _install_routes(app)
+    app.add_middleware(AccessLogMiddleware)
+    return app
+
+
+def run_server(engine: LLMEngine, settings: ServerSettings, host: str, port: int,
+               shutdown_timeout: float = 30.0, log_level: str = "info") -> None:
+    """Serve until SIGTERM/SIGINT: stop accepting, give in-flight requests up to
+    ``shutdown_timeout`` seconds, abort the rest, then return normally."""
+    import uvicorn
+
+    app = build_app(engine, settings)
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            app.state.serving.draining = True
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=shutdown_timeout, lifespan="on")
+    # uvicorn re-raises the signal it handled once it has shut down; a graceful
+    # shutdown is a normal exit, so that re-raised signal must not kill us.
+    handled = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in handled}
+    try:
+        DrainingServer(config).run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

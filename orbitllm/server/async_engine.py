@@ -1,0 +1,313 @@
+"""Drive one ``LLMEngine`` from a background thread for many asyncio requests.
+
+``LLMEngine`` is not thread-safe, so only the engine thread touches it: asyncio
+handlers send commands (add, abort) through a queue, and the thread applies them
+between steps and hands each step's outputs back to the event loop in one batch.
+Model compute releases the GIL, so the event loop keeps serving HTTP meanwhile.
+A failure while adding or delivering one request fails that request only; a
+failure inside ``step()`` cannot be attributed, so it fails the requests in
+flight and the loop carries on with new ones.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+from orbitllm.engine.llm_engine import LLMEngine
+from orbitllm.outputs import RequestOutput
+from orbitllm.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped; no request can be served."""
+
+
+class RequestTimeoutError(TimeoutError):
+    """A request ran past its deadline and was aborted."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A consistent snapshot of engine counters, published after every loop turn."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    num_preemptions: int = 0
+
+
+@dataclass(frozen=True)
+class StreamedOutput:
+    """One request's progress: a private copy of its output plus, per choice, the text
+    that is safe to stream (a suffix that may still become a stop string is held back)."""
+
+    output: RequestOutput
+    stream_texts: list[str]
+    time: float
+
+
+class RequestStream:
+    """The asyncio side of one request: outputs arrive in order, the last one finished."""
+
+    def __init__(self, request_id: str, deadline: float | None) -> None:
+        self.request_id = request_id
+        self.deadline = deadline
+        self.started = False        # left the waiting count (first output, error or abort)
+        self.done = False           # nothing more will come
+        self.finished = False       # the engine finished it (not an error or a timeout)
+        self.aborted = False
+        self._queue: asyncio.Queue[StreamedOutput | BaseException] = asyncio.Queue()
+
+    def put(self, item: StreamedOutput | BaseException) -> None:
+        self._queue.put_nowait(item)
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> StreamedOutput:
+        if self.done:
+            raise StopAsyncIteration
+        timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+        try:
+            item = await asyncio.wait_for(self._queue.get(), timeout)
+        except asyncio.TimeoutError:
+            self.done = True
+            raise RequestTimeoutError(f"request {self.request_id} timed out") from None
+        if isinstance(item, BaseException):
+            self.done = True
+            raise item
+        self.done = self.finished = item.output.finished
+        return item
+
+
+@dataclass
+class _Add:
+    stream: RequestStream
+    prompt: object
+    params: SamplingParams
+    priority: int
+    cache_salt: str | None
+    accepted: asyncio.Future
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class _Stop:
+    pass
+
+
+class AsyncEngine:
+    """Owns the engine thread. Call ``start()`` inside the running event loop."""
+
+    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.5) -> None:
+        self.engine = engine
+        self.stats = EngineStats()
+        self._idle_wait_s = idle_wait_s
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, RequestStream] = {}     # engine thread's view
+        self._num_waiting = 0                            # event loop's view: added, no output yet
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- event loop side ----------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="orbitllm-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests accepted that have not produced output yet (queued or prefilling)."""
+        return self._num_waiting
+
+    async def add(self, request_id: str, prompt, params: SamplingParams, priority: int = 0,
+                  cache_salt: str | None = None, deadline: float | None = None) -> RequestStream:
+        """Queue a request; returns once the engine accepted it (ValueError if it did not)."""
+        if not self.is_alive:
+            raise EngineDeadError("the engine loop is not running")
+        stream = RequestStream(request_id, deadline)
+        accepted = self._loop.create_future()
+        self._num_waiting += 1
+        self._commands.put(_Add(stream, prompt, params, priority, cache_salt, accepted))
+        try:
+            await accepted
+        except BaseException:
+            self.abort(stream)
+            raise
+        return stream
+
+    def abort(self, stream: RequestStream) -> None:
+        """Stop a request and free its KV blocks at the engine's next turn."""
+        self._forget(stream)
+        stream.done = stream.aborted = True
+        self._commands.put(_Abort(stream.request_id))
+
+    async def stop(self) -> None:
+        """Abort what is left, fail its streams and join the thread."""
+        if self._thread is None:
+            return
+        self._commands.put(_Stop())
+        await asyncio.to_thread(self._thread.join)
+
+    def _deliver(self, batch: list[tuple[RequestStream, StreamedOutput | BaseException]]) -> None:
+        for stream, item in batch:
+            self._forget(stream)
+            stream.put(item)
+
+    def _forget(self, stream: RequestStream) -> None:
+        """Leave the waiting count once: at first output, on error or on abort."""
+        if not stream.started:
+            stream.started = True
+            self._num_waiting -= 1
+
+    # ---- engine thread ------------------------------------------------------------
+    def _run(self) -> None:
+        error: BaseException = EngineDeadError("the server is shutting down")
+        try:
+            while True:
+                idle = not self.engine.has_unfinished_requests()
+                if not self._apply_commands(block=idle):
+                    break
+                if self.engine.has_unfinished_requests():
+                    self._step()
+                self.stats = self._read_stats()
+        except Exception as e:   # a bug in the loop itself: fail everyone, then stop
+            log.exception("engine loop crashed")
+            error = e
+        finally:
+            self._fail_all(error)
+            self._refuse_queued(error)
+            self.stats = self._read_stats()
+
+    def _refuse_queued(self, error: BaseException) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, _Add):
+                self._call_soon(_settle, cmd.accepted, error)
+
+    def _apply_commands(self, block: bool) -> bool:
+        """Apply queued commands; False once asked to stop."""
+        try:
+            cmd = self._commands.get(timeout=self._idle_wait_s) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            if isinstance(cmd, _Stop):
+                return False
+            if isinstance(cmd, _Add):
+                self._add(cmd)
+            else:
+                self._abort(cmd.request_id)
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _add(self, cmd: _Add) -> None:
+        rid = cmd.stream.request_id
+        try:
+            self.engine.add_request(rid, cmd.prompt, cmd.params, priority=cmd.priority,
+                                    cache_salt=cmd.cache_salt)
+        except Exception as e:
+            if not isinstance(e, ValueError):   # a ValueError is the client's mistake
+                log.exception("adding request %s failed", rid)
+            self._call_soon(_settle, cmd.accepted, e)
+            return
+        self._streams[rid] = cmd.stream
+        self._call_soon(_settle, cmd.accepted, None)
+
+    def _abort(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        try:
+            self.engine.abort_request(request_id)
+        except Exception:
+            log.exception("abort of %s failed", request_id)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            log.exception("engine step failed; failing the %d requests in flight", len(self._streams))
+            self._fail_all(e)
+            return
+        now = time.monotonic()
+        batch = []
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            try:
+                item = StreamedOutput(_snapshot(out), self._stream_texts(out), now)
+            except Exception as e:
+                log.exception("output of %s failed", out.request_id)
+                self._abort(out.request_id)
+                item = e
+            if isinstance(item, BaseException) or out.finished:
+                self._streams.pop(out.request_id, None)
+            batch.append((stream, item))
+        if batch:
+            self._call_soon(self._deliver, batch)
+
+    def _stream_texts(self, out: RequestOutput) -> list[str]:
+        detoks = self.engine.detokenizers(out.request_id)
+        if not detoks:   # the group just finished: every text is final
+            return [c.text for c in out.outputs]
+        return [d.stream_text(c.finish_reason is not None) for d, c in zip(detoks, out.outputs)]
+
+    def _fail_all(self, error: BaseException) -> None:
+        batch = []
+        for rid, stream in list(self._streams.items()):
+            self._abort(rid)
+            batch.append((stream, error))
+        if batch:
+            self._call_soon(self._deliver, batch)
+
+    def _read_stats(self) -> EngineStats:
+        e = self.engine
+        return EngineStats(num_running=e.scheduler.num_running, num_waiting=e.scheduler.num_waiting,
+                           kv_usage=e.kv_usage(), prefix_queries=e.kv.prefix_queries,
+                           prefix_hits=e.kv.prefix_hits, num_preemptions=e.scheduler.num_preemptions)
+
+    def _call_soon(self, fn, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:   # the event loop is closed: nobody is listening any more
+            pass
+
+
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def _snapshot(out: RequestOutput) -> RequestOutput:
+    """Copy what the engine keeps mutating (its logprob lists grow every step)."""
+    choices = [dataclasses.replace(
+        c, logprobs=None if c.logprobs is None else c.logprobs[:len(c.token_ids)])
+        for c in out.outputs]
+    prompt_lps = None if out.prompt_logprobs is None else list(out.prompt_logprobs)
+    return dataclasses.replace(out, outputs=choices, prompt_logprobs=prompt_lps,
+                               metrics=dict(out.metrics))

@@ -1,0 +1,70 @@
+"""``orbitllm serve``: its flags, and starting the server from them.
+
+Imported whenever the ``orbitllm`` command builds its parser, so the server's
+dependencies are imported only when ``serve`` actually runs.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def register(subparsers, add_engine_args, engine_config_from_args) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="run the OpenAI-compatible HTTP server",
+        description="Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, ...).")
+    add_engine_args(parser, model_positional=True)
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    group.add_argument("--port", type=int, default=8000)
+    group.add_argument("--api-key", default=os.environ.get("ORBITLLM_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1 routes "
+                            "(default: env ORBITLLM_API_KEY)")
+    group.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                       help="model name(s) clients use (default: the MODEL argument)")
+    group.add_argument("--max-num-waiting", type=int, default=None, metavar="N",
+                       help="answer 429 while N requests wait for their first token")
+    group.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                       help="abort a request that runs longer than this (408)")
+    group.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="on SIGTERM, how long in-flight requests may take to finish")
+    group.add_argument("--log-prompts", action="store_true",
+                       help="include prompt text in the access log (off: privacy)")
+    group.add_argument("--log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug"])
+    parser.set_defaults(func=lambda args: _serve(args, engine_config_from_args))
+
+
+def _serve(args: argparse.Namespace, engine_config_from_args) -> int:
+    if args.max_num_waiting is not None and args.max_num_waiting < 0:
+        raise ValueError(f"--max-num-waiting must be >= 0, got {args.max_num_waiting}")
+    if args.request_timeout is not None and args.request_timeout <= 0:
+        raise ValueError(f"--request-timeout must be > 0, got {args.request_timeout}")
+    from orbitllm.engine.llm_engine import LLMEngine
+    from orbitllm.server.api_server import run_server
+    from orbitllm.server.serving import ServerSettings
+
+    _configure_logging(args.log_level)
+    config = engine_config_from_args(args)
+    engine = LLMEngine(config)
+    settings = ServerSettings(
+        served_model_names=args.served_model_name or [config.model or "default"],
+        model_root=config.model, api_key=args.api_key or None,
+        max_num_waiting=args.max_num_waiting, request_timeout=args.request_timeout,
+        log_prompts=args.log_prompts)
+    run_server(engine, settings, args.host, args.port, args.shutdown_timeout, args.log_level)
+    return 0
+
+
+def _configure_logging(level: str) -> None:
+    """Access lines are bare JSON on stderr; everything else gets a plain prefix."""
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    access = logging.getLogger("orbitllm.access")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    access.propagate = False
