@@ -302,3 +302,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
     p.add_argument("--result-json", default=None, help="also write the report here")
 
+
+
+def register(subparsers, add_engine_args=None, engine_config_from_args=None) -> None:
+    """``bench serve`` talks HTTP only, so it takes no engine flags."""
+    parser = subparsers.add_parser("serve", help="load a running OpenAI-compatible server",
+                                   description=__doc__)
+    add_args(parser)
+    parser.set_defaults(func=main)
