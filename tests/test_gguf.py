@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import gguf
 import numpy as np
@@ -103,9 +104,11 @@ def stored(hf_name: str, tensor: torch.Tensor, config, arch: str) -> np.ndarray:
 
 
 def write_gguf(
-    path: Path, config, state: dict[str, torch.Tensor], qtype: Q = Q.F32, arch: str = "llama"
+    path: Path, config, state: dict[str, torch.Tensor], qtype: Q = Q.F32, arch: str = "llama",
+    customize: Callable[[gguf.GGUFWriter], None] = lambda writer: None,
 ) -> Path:
     writer = gguf.GGUFWriter(str(path), arch)
+    customize(writer)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -192,6 +195,15 @@ def test_tiny_llama_config_matches_the_original(llama_file, llama):
     assert config.rms_norm_eps == pytest.approx(original.rms_norm_eps)
     assert config.rope_parameters == {"rope_type": "default", "rope_theta": 1e4}
     assert config.dtype == torch.float32
+
+
+def test_rope_scaling_reaches_the_config(tmp_path, llama):
+    def linear_times_two(writer: gguf.GGUFWriter) -> None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(2.0)
+
+    path = write_gguf(tmp_path / "scaled.gguf", *llama, customize=linear_times_two)
+    assert GGUFCheckpoint(path).config.rope_parameters == {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
@@ -374,4 +386,18 @@ def test_tokenizer_cache_gives_the_same_tokenizer(llama_file):
     cached = checkpoint.load_tokenizer()
     conversation = [{"role": "user", "content": "the theme"}]
     assert cached.chat_template == built.chat_template == CHAT_TEMPLATE
-    assert cached.apply_chat_template(conversation, tokenize=True) == built.apply_chat_template(conversation, tokenize=True)
+    prompt = built.apply_chat_template(conversation, tokenize=True)
+    assert cached.apply_chat_template(conversation, tokenize=True) == prompt
+    (checkpoint._cache().tokenizer_folder() / "tokenizer.json").write_text("{broken")
+    assert checkpoint.load_tokenizer().apply_chat_template(conversation, tokenize=True) == prompt
+
+
+def test_unwritable_cache_only_costs_speed(tmp_path, llama_file, llama, monkeypatch):
+    _, state = llama
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("ORBITLLM_CACHE_DIR", str(blocker / "cache"))
+    checkpoint = GGUFCheckpoint(llama_file)
+    loaded = dict(checkpoint.iter_weights(torch.float32))
+    assert all(torch.equal(loaded[name], state[name]) for name in state)
+    assert checkpoint.load_tokenizer().chat_template == CHAT_TEMPLATE

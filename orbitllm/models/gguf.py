@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,11 @@ ARCHITECTURES = {
     "llama": _Architecture(LlamaGGUFConfig, "LlamaForCausalLM", _DENSE_LAYER, _QKV_BIAS | {"attn_output.bias"}, True),
     "qwen2": _Architecture(Qwen2GGUFConfig, "Qwen2ForCausalLM", _DENSE_LAYER | _QKV_BIAS, frozenset(), False),
     "qwen3": _Architecture(
-        Qwen3GGUFConfig, "Qwen3ForCausalLM", _DENSE_LAYER | {"attn_q_norm.weight", "attn_k_norm.weight"}, frozenset(), False
+        Qwen3GGUFConfig,
+        "Qwen3ForCausalLM",
+        _DENSE_LAYER | {"attn_q_norm.weight", "attn_k_norm.weight"},
+        frozenset(),
+        False,
     ),
 }
 
@@ -194,11 +199,16 @@ class GGUFCheckpoint:
 
         cache = self._cache() if use_cache else None
         if cache is not None and (saved := cache.tokenizer_folder()) is not None:
-            return PreTrainedTokenizerFast.from_pretrained(str(saved))
+            try:
+                return PreTrainedTokenizerFast.from_pretrained(str(saved))
+            except Exception as e:  # a damaged entry: rebuild it below
+                logger.warning("ignoring unreadable tokenizer cache %s (%s)", saved, e)
+                shutil.rmtree(saved, ignore_errors=True)
         try:
             tokenizer = PreTrainedTokenizerFast.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
         except Exception as e:  # transformers raises several types for metadata it cannot convert
-            raise ModelLoadError(f"cannot build the tokenizer from the GGUF metadata ({type(e).__name__}: {e})", self.path) from e
+            problem = f"cannot build the tokenizer from the GGUF metadata ({type(e).__name__}: {e})"
+            raise ModelLoadError(problem, self.path) from e
         if tokenizer.chat_template is None and "tokenizer.chat_template" in self.metadata:
             tokenizer.chat_template = self.metadata["tokenizer.chat_template"]
         if cache is not None:
@@ -361,7 +371,8 @@ def _tensor_info(
         raise ModelLoadError(f"tensor {name!r} has unknown storage type id {type_id} (corrupted file?)", path) from None
     if ggml_type not in SUPPORTED_TENSOR_TYPES:
         supported = ", ".join(sorted(t.name for t in SUPPORTED_TENSOR_TYPES))
-        raise ModelLoadError(f"tensor {name!r} is stored as {ggml_type.name}, which is not supported ({supported})", path)
+        problem = f"tensor {name!r} is stored as {ggml_type.name}, which is not supported ({supported})"
+        raise ModelLoadError(problem, path)
     block_size, block_bytes = GGML_QUANT_SIZES[ggml_type]
     if dims[0] % block_size or min(dims) <= 0:
         raise ModelLoadError(f"tensor {name!r} has shape {dims} that does not fit {ggml_type.name} blocks", path)
@@ -425,7 +436,9 @@ def _metadata_value(path: Path, metadata: dict[str, Any], key: str, kind: type) 
     return kind(value)
 
 
-def _build_config(path: Path, architecture: str, metadata: dict[str, Any], tensors: list[TensorInfo]) -> PretrainedConfig:
+def _build_config(
+    path: Path, architecture: str, metadata: dict[str, Any], tensors: list[TensorInfo]
+) -> PretrainedConfig:
     """The config a Hugging Face checkpoint of this model would carry, in transformers 5's field names."""
 
     def required(key: str, kind: type = int) -> Any:
