@@ -224,13 +224,15 @@ def _prefill_kernel(
 
 
 def default_prefill_config(head_dim: int, group: int, device: torch.device) -> PrefillConfig:
-    """Tiles for H100-class GPUs; tiny tiles for the CPU interpreter (tests)."""
+    """About 64 query tokens x the group per tile, which measured fastest on an H100
+    (8k prompt, head_dim 128, groups 2 and 4); tiny tiles for the CPU interpreter."""
     group_pad = triton.next_power_of_2(group)
     if device.type != "cuda":
         return PrefillConfig(max(16, group_pad), 16, 4, 1)
-    if head_dim <= 64:
-        return PrefillConfig(max(128, group_pad), 64, 4, 3)
-    return PrefillConfig(max(128, group_pad), 64, 8, 3)
+    if head_dim > 128:  # keep K/V stages within shared memory
+        return PrefillConfig(max(128, group_pad), 32, 8, 2)
+    rows = min(max(128, 64 * group_pad), 256)
+    return PrefillConfig(max(rows, group_pad), 128 if rows == 128 else 64, 8, 3)
 
 
 def paged_prefill_attention(
@@ -373,11 +375,13 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def default_decode_config(device: torch.device) -> DecodeConfig:
-    """Tiles for H100-class GPUs; tiny tiles for the CPU interpreter (tests)."""
+def default_decode_config(head_dim: int, device: torch.device) -> DecodeConfig:
+    """64-key tiles, 3 stages: at or near the best of the configs swept on an H100 (batch
+    64/256, contexts 1k-4k, reading KV at 96-100% of copy bandwidth); tiny tiles for the
+    CPU interpreter (tests)."""
     if device.type != "cuda":
         return DecodeConfig(16, 4, 1)
-    return DecodeConfig(64, 4, 3)
+    return DecodeConfig(64 if head_dim <= 128 else 32, 4, 3)
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
@@ -408,7 +412,7 @@ def paged_decode_attention(
     if num_seqs == 0 or q.shape[0] == 0:
         return out
     _check_cache(k_cache, v_cache)
-    cfg = config or default_decode_config(q.device)
+    cfg = config or default_decode_config(head_dim, q.device)
     splits = num_splits or choose_num_splits(num_seqs, num_kv_heads, max_seq_len, q.device, cfg.block_n)
     group = num_heads // num_kv_heads
     block_d = triton.next_power_of_2(head_dim)
