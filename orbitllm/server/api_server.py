@@ -90,24 +90,31 @@ def _is_type_tag(part) -> bool:
                                       or "[" in part)
 
 
+def _reply(request: Request, error: APIError) -> Response:
+    """The error body, noted for the access log."""
+    request.scope.setdefault(LOG_SCOPE_KEY, {}).update(error=error.info.message,
+                                                       error_type=error.info.type)
+    return error.response()
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def api_error(_: Request, exc: APIError) -> Response:
-        return exc.response()
+    async def api_error(request: Request, exc: APIError) -> Response:
+        return _reply(request, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_body(_: Request, exc: RequestValidationError) -> Response:
-        return _validation_error(exc).response()
+    async def invalid_body(request: Request, exc: RequestValidationError) -> Response:
+        return _reply(request, _validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return APIError(exc.status_code, str(exc.detail), type=kind).response()
+        return _reply(request, APIError(exc.status_code, str(exc.detail), type=kind))
 
     @app.exception_handler(Exception)
-    async def internal(_: Request, exc: Exception) -> Response:
+    async def internal(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error")
-        return APIError.from_exception(exc).response()
+        return _reply(request, APIError.from_exception(exc))
 
 
 def _install_routes(app: FastAPI) -> None:
