@@ -21,6 +21,8 @@ class TritonAttentionBackend:
     mixed batches) use the varlen prefill kernel.
     """
 
+    supports_cuda_graphs = True
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float, sliding_window: int | None) -> torch.Tensor:
