@@ -135,7 +135,11 @@ def _attend_tile(
         k = tl.load(k_cache_ptr + kv_ptrs)
         v = tl.load(v_cache_ptr + kv_ptrs)
 
-    s = tl.dot(q, tl.trans(k.to(q.dtype))) * scale_log2
+    # float32 runs in full precision (not TF32), so it can serve as a bit-faithful check.
+    if q.dtype == tl.float32:
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * scale_log2
+    else:
+        s = tl.dot(q, tl.trans(k.to(q.dtype))) * scale_log2
     if BOUNDS:
         s = tl.where(n_ok[None, :], s, float("-inf"))
     if CAUSAL:
@@ -149,7 +153,10 @@ def _attend_tile(
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+    if q.dtype == tl.float32:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(q.dtype), input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
     return acc, m_new, l_i
 
 
