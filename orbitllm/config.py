@@ -22,6 +22,7 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str = "auto"     # auto | torch | triton
     enforce_eager: bool = False         # True: no CUDA graphs
+    async_scheduling: bool = True       # overlap host scheduling with the device's step (GPU)
     cpu_kv_cache_gib: float = 2.0       # KV pool size on CPU when num_kv_blocks is not given
     load_format: str = "auto"           # auto | dummy: random weights with the checkpoint's shapes
 

@@ -40,6 +40,9 @@ MODES = {
     "no_prefix_cache": {"enable_prefix_caching": False},
     "chunked_prefill": {"max_num_batched_tokens": 7},
     "preemption": {"num_kv_blocks": 7, "block_size": 16},
+    # Overlapped scheduling (normally GPU-only) forced on: step n+1 is scheduled and
+    # launched before step n's tokens are read, with preemption and chunking in play.
+    "overlap": {"num_kv_blocks": 7, "max_num_batched_tokens": 20},
 }
 
 
@@ -48,12 +51,13 @@ MODES = {
 def test_greedy_matches_transformers(tiny_models, references, family, mode):
     prompts, expected = references[family]
     llm = LLM(tiny_models[family], **{"num_kv_blocks": 64, **MODES[mode]})
+    llm.engine.overlap = mode == "overlap"
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     got = [o.outputs[0].token_ids for o in outs]
     assert got == expected
     assert all(o.outputs[0].finish_reason == "length" for o in outs)
-    if mode == "preemption":
+    if mode in ("preemption", "overlap"):
         assert llm.engine.scheduler.num_preemptions > 0
     assert_all_blocks_free(llm)
     # A second pass reuses cached prefixes (where enabled) and must not change anything.

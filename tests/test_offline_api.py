@@ -196,3 +196,20 @@ def test_unknown_model_path_is_a_clear_error(tmp_path):
         LLM(str(tmp_path))
     with pytest.raises(TypeError, match="bogus"):
         LLM(str(tmp_path), bogus=1)
+
+
+def test_overlapped_scheduling_gives_identical_results(tiny_models):
+    """Seeds, stop strings, max/min tokens and n>1 behave the same when step n+1
+    is launched before step n's tokens are read back."""
+    prompts = ["The quick brown fox", "def add(a, b):", "Bonjour"]
+    params = [SamplingParams(max_tokens=9, temperature=0.9, seed=7, n=2, ignore_eos=True),
+              SamplingParams(max_tokens=12, temperature=0, stop=["e"], min_tokens=2),
+              SamplingParams(max_tokens=5, temperature=1.0, seed=3, logprobs=2)]
+    results = []
+    for overlap in (False, True):
+        llm = LLM(tiny_models["qwen2"], num_kv_blocks=64)
+        llm.engine.overlap = overlap
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        results.append([[(c.token_ids, c.text, c.finish_reason) for c in o.outputs] for o in outs])
+        assert_all_blocks_free(llm)
+    assert results[0] == results[1]

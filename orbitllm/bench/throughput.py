@@ -89,15 +89,15 @@ def run(llm, requests: list[BenchRequest], temperature: float) -> dict:
     for i, r in enumerate(requests):
         engine.add_request(f"bench-{i}", {"prompt_token_ids": r.prompt_token_ids},
                            SamplingParams(max_tokens=r.output_len, temperature=temperature,
-                                          ignore_eos=True))
+                                          ignore_eos=True), final_only=True)
     _sync(runner.device)
-    start = time.perf_counter()
+    start = time.monotonic()
     peak_kv, floor_bytes, steps, out_tokens = 0.0, 0, 0, 0
-    first_token: dict[str, float] = {}
+    ttfts: list[float] = []
     tpots: list[float] = []
     while engine.has_unfinished_requests():
         outputs = engine.step()
-        now = time.perf_counter()
+        now = time.monotonic()
         steps += 1
         sched = engine.last_scheduled
         peak_kv = max(peak_kv, engine.kv_usage())
@@ -105,14 +105,13 @@ def run(llm, requests: list[BenchRequest], temperature: float) -> dict:
             s.request.num_computed_tokens for s in sched.scheduled)
         for o in outputs:
             n = len(o.outputs[0].token_ids)
-            if n and o.request_id not in first_token:
-                first_token[o.request_id] = now
-            if o.finished:
-                out_tokens += n
-                if n > 1:
-                    tpots.append((now - first_token[o.request_id]) / (n - 1))
+            out_tokens += n
+            first = o.metrics["first_token_time"]
+            ttfts.append(first - start)
+            if n > 1:
+                tpots.append((now - first) / (n - 1))
     _sync(runner.device)
-    wall = time.perf_counter() - start
+    wall = time.monotonic() - start
     prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
     floor_s = floor_bytes / bw
     return {
@@ -123,7 +122,7 @@ def run(llm, requests: list[BenchRequest], temperature: float) -> dict:
         "copy_bandwidth_gb_s": bw / 1e9, "bandwidth_floor_s": floor_s,
         "floor_output_tok_s": out_tokens / floor_s, "fraction_of_floor": floor_s / wall,
         "weight_gb": weight_bytes / 1e9,
-        "mean_ttft_s": sum(first_token.values()) / len(first_token) - start if first_token else 0.0,
+        "mean_ttft_s": sum(ttfts) / len(ttfts) if ttfts else 0.0,
         "mean_tpot_ms": 1e3 * sum(tpots) / len(tpots) if tpots else 0.0,
         "prefill_tflop_s": _forward_flops(runner.model.spec, requests) / wall / 1e12,
     }

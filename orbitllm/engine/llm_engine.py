@@ -15,8 +15,8 @@ import torch
 from orbitllm.config import EngineConfig
 from orbitllm.engine.detokenizer import IncrementalDetokenizer
 from orbitllm.engine.request import Request, RequestStatus
-from orbitllm.engine.scheduler import Scheduler
-from orbitllm.executor.model_runner import ModelRunner, StepResult
+from orbitllm.engine.scheduler import Scheduler, SchedulerOutput
+from orbitllm.executor.model_runner import LaunchedStep, ModelRunner, StepResult
 from orbitllm.executor.setup import EngineParts, build_engine_parts
 from orbitllm.outputs import CompletionOutput, Logprob, RequestOutput
 from orbitllm.sampling_params import SamplingParams
@@ -33,6 +33,7 @@ class _Group:
     prompt_token_ids: list[int]
     children: list[Request]
     detoks: list[IncrementalDetokenizer]
+    final_only: bool = False     # report only when finished (offline runs skip per-step copies)
     arrival_time: float = field(default_factory=time.monotonic)
 
     @property
@@ -50,7 +51,12 @@ class LLMEngine:
         self.max_model_len = parts.max_model_len
         self.eos_token_ids = parts.eos_token_ids
         self.vocab_size = parts.runner.model.spec.vocab_size
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, parts.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, parts.max_num_batched_tokens,
+                                   parts.max_model_len)
+        # Overlap: schedule and launch step n+1 before reading step n's tokens (GPU only;
+        # on CPU the "device" is this thread, so there is nothing to overlap with).
+        self.overlap = config.async_scheduling and self.runner.device.type == "cuda"
+        self._inflight: tuple[SchedulerOutput, LaunchedStep] | None = None
         self._groups: dict[str, _Group] = {}
         self._child_group: dict[str, _Group] = {}
         self.num_generated_tokens = 0
@@ -60,7 +66,7 @@ class LLMEngine:
     # ---- requests in -------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int] | dict,
                     params: SamplingParams | None = None, priority: int = 0,
-                    cache_salt: str | None = None) -> None:
+                    cache_salt: str | None = None, final_only: bool = False) -> None:
         """Validate and queue a request; raises ValueError naming the bad field."""
         params = params or SamplingParams()
         if request_id in self._groups:
@@ -81,7 +87,7 @@ class LLMEngine:
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
                                                  params.stop_strings,
                                                  params.include_stop_str_in_output))
-        group = _Group(request_id, text, ids, children, detoks)
+        group = _Group(request_id, text, ids, children, detoks, final_only)
         self._groups[request_id] = group
         for child in children:
             self._child_group[child.request_id] = group
@@ -127,22 +133,51 @@ class LLMEngine:
 
     # ---- the step ----------------------------------------------------------------
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; returns outputs of the requests that progressed."""
+        """Run one iteration; returns outputs of the requests that progressed.
+
+        With overlap, this schedules and launches step n+1, then reads back and
+        postprocesses step n while the device runs n+1. Requests that need their
+        latest token on the host (penalties, prompt logprobs) drain the pipeline first.
+        """
         sched = self.scheduler.schedule()
         self.last_scheduled = sched
+        outputs: list[RequestOutput] = []
         if sched.is_empty:
-            return []
-        result = self.runner.execute(sched)
-        touched: dict[str, _Group] = {}
+            return self._drain()
+        if self._inflight is not None and _needs_host_tokens(sched):
+            outputs += self._drain()
+        prev = self._inflight[1] if self._inflight is not None else None
+        launched = self.runner.launch(sched, prev)
         now = time.monotonic()
         for s in sched.scheduled:
             req = s.request
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
             req.num_computed_tokens += s.num_new_tokens
+        for req in launched.sample_reqs:
+            req.num_pending += 1
+        outputs += self._drain()
+        self._inflight = (sched, launched)
+        if not self.overlap:
+            outputs += self._drain()
+        return outputs
+
+    def _drain(self) -> list[RequestOutput]:
+        """Read back the step in flight (if any) and postprocess it."""
+        if self._inflight is None:
+            return []
+        sched, launched = self._inflight
+        self._inflight = None
+        result = self.runner.finish(launched)
+        for req in launched.sample_reqs:
+            req.num_pending -= 1
+        touched: dict[str, _Group] = {}
+        now = time.monotonic()
+        for s in sched.scheduled:
+            req = s.request
             group = self._child_group.get(req.request_id)
             if group is None or req.is_finished:
                 continue
@@ -151,9 +186,12 @@ class LLMEngine:
                 self._add_prompt_logprobs(req, result.prompt_logprobs[req.request_id])
             if req.request_id in result.sampled:
                 self._append_token(req, group, result, now)
-        outputs = [self._make_output(g) for g in touched.values()]
+        outputs = []
         for g in touched.values():
-            if g.finished:
+            finished = g.finished
+            if finished or not g.final_only:
+                outputs.append(self._make_output(g, finished))
+            if finished:
                 self._groups.pop(g.request_id, None)
                 for c in g.children:
                     self._child_group.pop(c.request_id, None)
@@ -183,7 +221,8 @@ class LLMEngine:
             self._finish(req, "stop")
         elif not p.ignore_eos and token in self.eos_token_ids and req.num_output_tokens >= p.min_tokens:
             self._finish(req, "stop")
-        elif req.max_tokens_reached or req.num_tokens >= self.max_model_len:
+        elif (p.max_tokens is not None and req.num_output_tokens >= p.max_tokens
+              or req.num_known_tokens >= self.max_model_len):
             self._finish(req, "length")
         if req.is_finished and stop_str is None:
             detok.flush()
@@ -204,7 +243,7 @@ class LLMEngine:
         req.finish_reason = reason
         self.scheduler.remove(req)
 
-    def _make_output(self, group: _Group) -> RequestOutput:
+    def _make_output(self, group: _Group, finished: bool) -> RequestOutput:
         outs = []
         for i, (c, d) in enumerate(zip(group.children, group.detoks)):
             outs.append(CompletionOutput(
@@ -215,7 +254,7 @@ class LLMEngine:
         first = group.children[0]
         return RequestOutput(
             request_id=group.request_id, prompt=group.prompt,
-            prompt_token_ids=group.prompt_token_ids, outputs=outs, finished=group.finished,
+            prompt_token_ids=group.prompt_token_ids, outputs=outs, finished=finished,
             prompt_logprobs=first.prompt_logprobs if first.params.prompt_logprobs is not None else None,
             num_cached_tokens=first.num_cached_tokens,
             metrics={"arrival_time": group.arrival_time, "first_token_time": first.first_token_time,
@@ -238,6 +277,17 @@ class LLMEngine:
 
     def reset_prefix_cache(self) -> None:
         self.kv.reset_prefix_cache()
+
+
+def _needs_host_tokens(sched: SchedulerOutput) -> bool:
+    """Penalties and prompt logprobs read tokens on the host, so they cannot run
+    ahead of the previous step's results."""
+    for s in sched.scheduled:
+        p = s.request.params
+        if (p.prompt_logprobs is not None or p.repetition_penalty != 1
+                or p.presence_penalty or p.frequency_penalty):
+            return True
+    return False
 
 
 def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:

@@ -33,6 +33,9 @@ class Request:
     seed: int | None = None            # per-sequence seed (the parent's, mixed with the index)
 
     output_token_ids: list[int] = field(default_factory=list)
+    # Tokens sampled on the device whose ids the host has not read yet (overlapped
+    # scheduling): they count in num_tokens, and the runner feeds them from the device.
+    num_pending: int = 0
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0         # prompt tokens found in the prefix cache at first schedule
     status: RequestStatus = RequestStatus.WAITING
@@ -53,6 +56,10 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def num_known_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
@@ -79,7 +86,7 @@ class Request:
     @property
     def max_tokens_reached(self) -> bool:
         mt = self.params.max_tokens
-        return mt is not None and self.num_output_tokens >= mt
+        return mt is not None and self.num_output_tokens + self.num_pending >= mt
 
     @property
     def uses_prefix_cache(self) -> bool:

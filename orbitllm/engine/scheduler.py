@@ -39,8 +39,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int) -> None:
         self.kv = kv
+        self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: list[tuple[tuple, Request]] = []   # sorted by (priority, arrival, seq)
@@ -85,7 +87,11 @@ class Scheduler:
                 break
             if req.status != RequestStatus.RUNNING:   # preempted earlier in this loop
                 continue
+            if req.max_tokens_reached or req.num_tokens >= self.max_model_len:
+                continue   # its last token is still in flight; it finishes when that lands
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if num_new <= 0:
+                continue
             while not self.kv.allocate_slots(req, num_new):
                 victim = self._pick_victim()
                 budget += granted.pop(victim.request_id, 0)

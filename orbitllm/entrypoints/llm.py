@@ -40,7 +40,7 @@ class LLM:
         try:
             for prompt, p, prio in zip(prompts, params, prios):
                 rid = f"offline-{next(self._ids)}"
-                self.engine.add_request(rid, prompt, p or SamplingParams(), priority=prio)
+                self.engine.add_request(rid, prompt, p or SamplingParams(), priority=prio, final_only=True)
                 ids.append(rid)
         except Exception:
             for rid in ids:

@@ -6,7 +6,7 @@ arrive as plain data.
 """
 from __future__ import annotations
 
-import itertools
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -35,6 +35,53 @@ class StepResult:
         default_factory=dict)
 
 
+@dataclass
+class LaunchedStep:
+    """A step queued on the device: what it samples for, and where the result lands."""
+
+    sample_reqs: list[Request]
+    out: SamplerOutput | None = None
+    host_ids: torch.Tensor | None = None       # sampled ids, copied back without blocking
+    ready: torch.cuda.Event | None = None
+    prompt_logprobs: dict = field(default_factory=dict)
+
+    @functools.cached_property
+    def row_of(self) -> dict[str, int]:
+        return {r.request_id: i for i, r in enumerate(self.sample_reqs)}
+
+
+class Staging:
+    """Host -> device transfer of a step's index arrays: packed into one pinned
+    buffer per dtype and copied in one non-blocking transfer (two buffers used in
+    turn, so a copy still in flight is never overwritten by the next step)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._turns: dict[str, int] = {}
+
+    def upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        if self.device.type != "cuda":
+            return [torch.from_numpy(a) for a in arrays]
+        dtype = arrays[0].dtype
+        total = sum(a.size for a in arrays)
+        turn = self._turns[dtype.str] = self._turns.get(dtype.str, 1) ^ 1
+        key = (dtype.str, turn)
+        host = self._buffers.get(key)
+        if host is None or host.numel() < total:
+            host = torch.empty(max(total, 1 << 16) * 2, dtype=_TORCH_INT[dtype.str], pin_memory=True)
+            self._buffers[key] = host
+        view = host.numpy()
+        offsets = np.cumsum([0] + [a.size for a in arrays])
+        for a, off in zip(arrays, offsets):
+            view[off:off + a.size] = a.ravel()
+        dev = host[:total].to(self.device, non_blocking=True)
+        return [dev[o:o + a.size].view(a.shape) for a, o in zip(arrays, offsets.tolist())]
+
+
+_TORCH_INT = {np.dtype(np.int64).str: torch.int64, np.dtype(np.int32).str: torch.int32}
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype,
                  num_kv_blocks: int, block_size: int, seed: int, attention_backend: str,
@@ -51,6 +98,7 @@ class ModelRunner:
         spec = model.spec
         self.kv_cache = torch.zeros(spec.num_layers, 2, num_kv_blocks, block_size,
                                     spec.num_kv_heads, spec.head_dim, dtype=dtype, device=device)
+        self.staging = Staging(device)
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and not enforce_eager and getattr(self.backend, "supports_cuda_graphs", False):
             max_blocks = -(-max_model_len // block_size)
@@ -63,22 +111,45 @@ class ModelRunner:
         elem = torch.empty((), dtype=dtype).element_size()
         return spec.num_layers * 2 * block_size * spec.num_kv_heads * spec.head_dim * elem
 
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:
-        inputs = self._prepare(sched)
-        hidden = self._forward(inputs)
-        result = StepResult()
-        sample_reqs = inputs["sample_reqs"]
-        if sample_reqs:
-            logits = self.model.compute_logits(hidden[self._to_device(inputs["sample_rows"])])
-            batch = SamplingBatch.build(sample_reqs, logits.shape[-1], self.device, self.eos_token_ids)
-            out = self.sampler(logits, batch)
-            self._collect(result, sample_reqs, out)
+        """Launch a step and wait for its results."""
+        return self.finish(self.launch(sched))
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput, prev: "LaunchedStep | None" = None) -> "LaunchedStep":
+        """Queue a step's forward pass and sampling on the device without waiting.
+
+        Tokens still pending from ``prev`` (the step before, not yet read back) are
+        fed to this step's input straight from ``prev``'s device tensor.
+        """
+        inputs = self._prepare(sched, prev)
+        hidden, sample_rows = self._forward(inputs, prev)
+        step = LaunchedStep(inputs["sample_reqs"])
+        if step.sample_reqs:
+            logits = self.model.compute_logits(hidden[sample_rows])
+            batch = SamplingBatch.build(step.sample_reqs, logits.shape[-1], self.device,
+                                        self.eos_token_ids)
+            step.out = self.sampler(logits, batch)
+            step.host_ids = step.out.token_ids
+            if self.device.type == "cuda":
+                step.host_ids = torch.empty(len(step.sample_reqs), dtype=torch.int64, pin_memory=True)
+                step.host_ids.copy_(step.out.token_ids, non_blocking=True)
+                step.ready = torch.cuda.Event()
+                step.ready.record()
         for req, rows, targets in inputs["prompt_logprob_rows"]:
-            result.prompt_logprobs[req.request_id] = self._prompt_logprobs(req, hidden[rows], targets)
+            step.prompt_logprobs[req.request_id] = self._prompt_logprobs(req, hidden[rows], targets)
+        return step
+
+    def finish(self, step: "LaunchedStep") -> StepResult:
+        """Wait for a launched step and read its sampled tokens (the step's one sync)."""
+        result = StepResult(prompt_logprobs=step.prompt_logprobs)
+        if step.sample_reqs:
+            if step.ready is not None:
+                step.ready.synchronize()
+            self._collect(result, step.sample_reqs, step.out, step.host_ids.tolist())
         return result
 
-    def _prepare(self, sched: SchedulerOutput) -> dict:
+    def _prepare(self, sched: SchedulerOutput, prev: "LaunchedStep | None" = None) -> dict:
         """Flatten the step into host arrays (vectorized: the per-request work is a
         few list reads), then move them to the device in one pinned copy each."""
         scheduled = sched.scheduled
@@ -90,13 +161,20 @@ class ModelRunner:
         np.cumsum(qlens, out=qsl[1:])
         T = int(qsl[-1])
         decode_only = T == B
-        if decode_only:
-            input_ids = np.fromiter((s.request.token_range(st, st + 1)[0]
-                                     for s, st in zip(scheduled, starts.tolist())), np.int64, B)
-        else:
-            input_ids = np.fromiter(itertools.chain.from_iterable(
-                s.request.token_range(st, st + s.num_new_tokens)
-                for s, st in zip(scheduled, starts.tolist())), np.int64, T)
+        # Rows whose token is still on the device (sampled by ``prev``), and where.
+        fix_rows: list[int] = []
+        fix_src: list[int] = []
+        tokens: list[int] = []
+        for i, (s, st) in enumerate(zip(scheduled, starts.tolist())):
+            req, end = s.request, st + s.num_new_tokens
+            known = req.num_known_tokens
+            if end <= known:
+                tokens += req.token_range(st, end)
+            else:   # only the last position can be pending
+                tokens += req.token_range(st, known) + [0]
+                fix_rows.append(int(qsl[i + 1]) - 1)
+                fix_src.append(prev.row_of[req.request_id])
+        input_ids = np.asarray(tokens, dtype=np.int64)
         positions = np.repeat(starts - qsl[:-1], qlens) + np.arange(T)
         width = max(len(s.block_ids) for s in scheduled)
         table = np.zeros((B, width), np.int32)
@@ -120,6 +198,7 @@ class ModelRunner:
         seq_lens = ends.astype(np.int32)
         return {
             "decode_only": decode_only, "num_seqs": B,
+            "fix_rows": np.asarray(fix_rows, np.int64), "fix_src": np.asarray(fix_src, np.int64),
             "input_ids": input_ids, "positions": positions, "slots": slots,
             "qsl": qsl.astype(np.int32), "seq_lens": seq_lens, "block_tables": table,
             "max_query_len": int(qlens.max()), "max_seq_len": int(seq_lens.max()),
@@ -127,29 +206,27 @@ class ModelRunner:
             "prompt_logprob_rows": prompt_rows,
         }
 
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(array)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
-
-    def _forward(self, inputs: dict) -> torch.Tensor:
+    def _forward(self, inputs: dict, prev: "LaunchedStep | None") -> tuple[torch.Tensor, torch.Tensor]:
+        """Upload the step's arrays (two copies in all) and run the model; returns the
+        hidden states and the device index of the rows to sample."""
+        input_ids, positions, slots, sample_rows, fix_rows, fix_src = self.staging.upload(
+            [inputs["input_ids"], inputs["positions"], inputs["slots"], inputs["sample_rows"],
+             inputs["fix_rows"], inputs["fix_src"]])
+        if inputs["fix_rows"].size:
+            input_ids.index_copy_(0, fix_rows, prev.out.token_ids[fix_src])
+        qsl, seq_lens, tables = self.staging.upload(
+            [inputs["qsl"], inputs["seq_lens"], inputs["block_tables"]])
         n = inputs["num_seqs"]
-        dev = self._to_device
         if self.graphs is not None and inputs["decode_only"] and self.graphs.padded_size(n):
-            return self.graphs.run(n, dev(inputs["input_ids"]), dev(inputs["positions"]),
-                                   dev(inputs["slots"]), dev(inputs["seq_lens"]),
-                                   dev(inputs["block_tables"]))
+            return self.graphs.run(n, input_ids, positions, slots, seq_lens, tables), sample_rows
         meta = AttentionMetadata(
-            slot_mapping=dev(inputs["slots"]), query_start_loc=dev(inputs["qsl"]),
-            seq_lens=dev(inputs["seq_lens"]), block_tables=dev(inputs["block_tables"]),
+            slot_mapping=slots, query_start_loc=qsl, seq_lens=seq_lens, block_tables=tables,
             max_query_len=inputs["max_query_len"], max_seq_len=inputs["max_seq_len"],
             query_start_loc_cpu=inputs["qsl"].tolist(), seq_lens_cpu=inputs["seq_lens"].tolist())
-        return self.model(dev(inputs["input_ids"]), dev(inputs["positions"]), self.kv_cache,
-                          meta, self.backend)
+        return self.model(input_ids, positions, self.kv_cache, meta, self.backend), sample_rows
 
-    def _collect(self, result: StepResult, reqs: list[Request], out: SamplerOutput) -> None:
-        ids = out.token_ids.tolist()   # the one device -> host sync of the step
+    def _collect(self, result: StepResult, reqs: list[Request], out: SamplerOutput,
+                 ids: list[int]) -> None:
         lps = out.logprobs.tolist() if out.logprobs is not None else None
         ranks = out.ranks.tolist() if out.ranks is not None else None
         top_ids = out.top_ids.tolist() if out.top_ids is not None else None

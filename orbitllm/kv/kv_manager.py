@@ -59,6 +59,13 @@ class KVCacheManager:
     def allocate_slots(self, req: Request, num_new_tokens: int,
                        computed_blocks: list[KVBlock] | None = None) -> bool:
         """Reserve blocks so ``num_new_tokens`` more tokens fit; False (and no change) if not."""
+        if not computed_blocks:
+            blocks = self._blocks.get(req.request_id)
+            total = req.num_computed_tokens + num_new_tokens
+            if blocks and total <= len(blocks) * self.block_size:   # decode within the last block
+                if self.enable_prefix_caching and total % self.block_size == 0:
+                    self._cache_full_blocks(req, blocks, total)
+                return True
         computed_blocks = computed_blocks or []
         blocks = self._blocks.setdefault(req.request_id, [])
         ids = self._ids.setdefault(req.request_id, [])
@@ -82,7 +89,7 @@ class KVCacheManager:
         # Registered at allocation: a request scheduled later in the same step may hit
         # these blocks, which is safe because every layer writes all new K/V before
         # any attention reads the cache.
-        num_full = num_tokens // self.block_size
+        num_full = min(num_tokens, req.num_known_tokens) // self.block_size
         start = self._num_cached.get(req.request_id, 0)
         if num_full <= start:
             return

@@ -55,7 +55,7 @@ class SamplingBatch:
                 gens.append(None)
                 continue
             g = torch.Generator(device=device)
-            g.manual_seed((r.seed * 1_000_003 + r.num_output_tokens) & _MASK64)
+            g.manual_seed((r.seed * 1_000_003 + r.num_output_tokens + r.num_pending) & _MASK64)
             gens.append(g)
         nlp = max((p.logprobs for p in ps if p.logprobs is not None), default=-1)
         return cls(temp, torch.tensor(greedy, device=device), top_k, top_p, min_p, penalties,
@@ -79,7 +79,7 @@ def _penalty_tensors(reqs: list[Request], device: torch.device) -> tuple:
 def _banned(reqs: list[Request], eos_ids: set[int], device: torch.device) -> tuple | None:
     rows, cols = [], []
     for i, r in enumerate(reqs):
-        if r.num_output_tokens < r.params.min_tokens:
+        if r.num_output_tokens + r.num_pending < r.params.min_tokens:
             toks = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else eos_ids)
             rows += [i] * len(toks)
             cols += sorted(toks)
