@@ -12,6 +12,7 @@ if [ "$MODE" != bench ]; then
 fi
 B="python3 -m orbitllm bench throughput --random-weights --max-model-len 2048"
 run() { local name=$1; shift; echo "== $name: $*"; timeout 400 "$@" --output-json "$OUT/$name.json" 2>&1 | grep -v Warning | tail -25; }
+python3 benchmarks/profile_step.py --steps 100 2>&1 | head -45
 run q06_throughput $B --model qwen3-0.6b --num-prompts ${NP:-256}
 run q06_single $B --model qwen3-0.6b --num-prompts 1 --input-len 512 --output-len 256
 if [ "$MODE" = full ]; then
