@@ -51,35 +51,39 @@ class LaunchedStep:
 
 
 class Staging:
-    """Host -> device transfer of a step's index arrays: packed into one pinned
-    buffer per dtype and copied in one non-blocking transfer (two buffers used in
-    turn, so a copy still in flight is never overwritten by the next step)."""
+    """Host -> device transfer of a step's small arrays: packed into one pinned
+    buffer per call site and copied in one non-blocking transfer. Each site has two
+    buffers used in turn, and a buffer is refilled only after its last copy is done."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._buffers: dict[tuple[str, int], tuple[torch.Tensor, torch.cuda.Event | None]] = {}
         self._turns: dict[str, int] = {}
 
-    def upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+    def upload(self, arrays: list[np.ndarray], name: str) -> list[torch.Tensor]:
         if self.device.type != "cuda":
             return [torch.from_numpy(a) for a in arrays]
-        dtype = arrays[0].dtype
         total = sum(a.size for a in arrays)
-        turn = self._turns[dtype.str] = self._turns.get(dtype.str, 1) ^ 1
-        key = (dtype.str, turn)
-        host = self._buffers.get(key)
+        turn = self._turns[name] = self._turns.get(name, 1) ^ 1
+        host, done = self._buffers.get((name, turn), (None, None))
         if host is None or host.numel() < total:
-            host = torch.empty(max(total, 1 << 16) * 2, dtype=_TORCH_INT[dtype.str], pin_memory=True)
-            self._buffers[key] = host
+            host = torch.empty(max(total, 1 << 14) * 2, dtype=_TORCH_DTYPES[arrays[0].dtype.str],
+                               pin_memory=True)
+        elif done is not None:
+            done.synchronize()
         view = host.numpy()
-        offsets = np.cumsum([0] + [a.size for a in arrays])
+        offsets = np.cumsum([0] + [a.size for a in arrays]).tolist()
         for a, off in zip(arrays, offsets):
             view[off:off + a.size] = a.ravel()
         dev = host[:total].to(self.device, non_blocking=True)
-        return [dev[o:o + a.size].view(a.shape) for a, o in zip(arrays, offsets.tolist())]
+        event = torch.cuda.Event()
+        event.record()
+        self._buffers[(name, turn)] = (host, event)
+        return [dev[o:o + a.size].view(a.shape) for a, o in zip(arrays, offsets)]
 
 
-_TORCH_INT = {np.dtype(np.int64).str: torch.int64, np.dtype(np.int32).str: torch.int32}
+_TORCH_DTYPES = {np.dtype(np.int64).str: torch.int64, np.dtype(np.int32).str: torch.int32,
+                 np.dtype(np.float32).str: torch.float32}
 
 
 class ModelRunner:
@@ -128,7 +132,7 @@ class ModelRunner:
         if step.sample_reqs:
             logits = self.model.compute_logits(hidden[sample_rows])
             batch = SamplingBatch.build(step.sample_reqs, logits.shape[-1], self.device,
-                                        self.eos_token_ids)
+                                        self.eos_token_ids, self.staging.upload)
             step.out = self.sampler(logits, batch)
             step.host_ids = step.out.token_ids
             if self.device.type == "cuda":
@@ -211,11 +215,11 @@ class ModelRunner:
         hidden states and the device index of the rows to sample."""
         input_ids, positions, slots, sample_rows, fix_rows, fix_src = self.staging.upload(
             [inputs["input_ids"], inputs["positions"], inputs["slots"], inputs["sample_rows"],
-             inputs["fix_rows"], inputs["fix_src"]])
+             inputs["fix_rows"], inputs["fix_src"]], "inputs_i64")
         if inputs["fix_rows"].size:
             input_ids.index_copy_(0, fix_rows, prev.out.token_ids[fix_src])
         qsl, seq_lens, tables = self.staging.upload(
-            [inputs["qsl"], inputs["seq_lens"], inputs["block_tables"]])
+            [inputs["qsl"], inputs["seq_lens"], inputs["block_tables"]], "inputs_i32")
         n = inputs["num_seqs"]
         if self.graphs is not None and inputs["decode_only"] and self.graphs.padded_size(n):
             return self.graphs.run(n, input_ids, positions, slots, seq_lens, tables), sample_rows

@@ -8,7 +8,9 @@ exactly from p and lets seeded and unseeded rows share one code path.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
+import numpy as np
 import torch
 
 from orbitllm.engine.request import Request
@@ -33,22 +35,26 @@ class SamplingBatch:
 
     @classmethod
     def build(cls, reqs: list[Request], vocab_size: int, device: torch.device,
-              eos_token_ids: set[int]) -> "SamplingBatch":
+              eos_token_ids: set[int], upload: Callable | None = None) -> "SamplingBatch":
+        """``upload(arrays, name)`` moves host arrays to the device without a blocking
+        copy (a pageable ``torch.tensor(..., device=cuda)`` would wait for the step
+        in flight and undo the overlap)."""
+        upload = upload or (lambda arrays, name: [torch.from_numpy(a).to(device) for a in arrays])
         ps = [r.params for r in reqs]
-        greedy = [p.greedy for p in ps]
-        temp = torch.tensor([1.0 if g else p.temperature for p, g in zip(ps, greedy)],
-                            dtype=torch.float32, device=device)
-        top_k = top_p = min_p = None
-        if any(p.top_k > 0 for p in ps):
-            top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab_size for p in ps], device=device)
-        if any(p.top_p < 1 for p in ps):
-            top_p = torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=device)
-        if any(p.min_p > 0 for p in ps):
-            min_p = torch.tensor([p.min_p for p in ps], dtype=torch.float32, device=device)
+        greedy = np.fromiter((p.greedy for p in ps), bool, len(ps))
+        floats = np.empty((3, len(ps)), np.float32)   # temperature (0: greedy), top_p, min_p
+        floats[0] = [0.0 if g else p.temperature for p, g in zip(ps, greedy)]
+        floats[1] = [p.top_p for p in ps]
+        floats[2] = [p.min_p for p in ps]
+        top_k = np.fromiter((p.top_k if p.top_k > 0 else vocab_size for p in ps), np.int64, len(ps))
+        ban_rows, ban_cols = _banned(reqs, eos_token_ids)
+        (floats_d,) = upload([floats], "sampling_f32")
+        top_k_d, ban_rows_d, ban_cols_d = upload([top_k, ban_rows, ban_cols], "sampling_i64")
+        temp = floats_d[0]
+        is_greedy = temp == 0
         penalties = None
         if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in ps):
             penalties = _penalty_tensors(reqs, device)
-        banned = _banned(reqs, eos_token_ids, device)
         gens = []
         for r in reqs:
             if r.seed is None or r.params.greedy:
@@ -58,8 +64,13 @@ class SamplingBatch:
             g.manual_seed((r.seed * 1_000_003 + r.num_output_tokens + r.num_pending) & _MASK64)
             gens.append(g)
         nlp = max((p.logprobs for p in ps if p.logprobs is not None), default=-1)
-        return cls(temp, torch.tensor(greedy, device=device), top_k, top_p, min_p, penalties,
-                   banned, gens, nlp, all(greedy))
+        return cls(
+            temperature=torch.where(is_greedy, 1.0, temp), greedy=is_greedy,
+            top_k=top_k_d if any(p.top_k > 0 for p in ps) else None,
+            top_p=floats_d[1] if any(p.top_p < 1 for p in ps) else None,
+            min_p=floats_d[2] if any(p.min_p > 0 for p in ps) else None,
+            penalties=penalties, banned=(ban_rows_d, ban_cols_d) if ban_rows.size else None,
+            generators=gens, num_logprobs=nlp, all_greedy=bool(greedy.all()))
 
 
 def _penalty_tensors(reqs: list[Request], device: torch.device) -> tuple:
@@ -76,16 +87,15 @@ def _penalty_tensors(reqs: list[Request], device: torch.device) -> tuple:
     return tuple(t.to(device) for t in (ids, is_out, rep, pres, freq))
 
 
-def _banned(reqs: list[Request], eos_ids: set[int], device: torch.device) -> tuple | None:
+def _banned(reqs: list[Request], eos_ids: set[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(row, token) pairs masked out: EOS and stop ids of rows still under min_tokens."""
     rows, cols = [], []
     for i, r in enumerate(reqs):
         if r.num_output_tokens + r.num_pending < r.params.min_tokens:
             toks = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else eos_ids)
             rows += [i] * len(toks)
             cols += sorted(toks)
-    if not rows:
-        return None
-    return torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+    return np.asarray(rows, np.int64), np.asarray(cols, np.int64)
 
 
 def apply_penalties(logits: torch.Tensor, penalties: tuple) -> torch.Tensor:
