@@ -150,6 +150,7 @@ def main(args: argparse.Namespace, engine_config) -> int:
     requests = make_requests(args, spec.vocab_size, llm.get_tokenizer())
     # Warm-up: compile kernels and capture graphs outside the timed region.
     run(llm, requests[:2], args.temperature)
+    llm.engine.reset_prefix_cache()   # the warm-up's prompts must not be cache hits
     result = run(llm, requests, args.temperature)
     result.update(model=engine_config.model, device=str(llm.engine.runner.device),
                   dtype=str(llm.engine.runner.dtype))
