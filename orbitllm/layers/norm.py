@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from orbitllm.layers.fused import fused_ops_for
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -19,6 +21,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Without ``residual``: norm(x). With it: (norm(x + residual), x + residual)."""
+        ops = fused_ops_for(x)
+        if ops is not None:
+            return ops.rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from orbitllm.layers.fused import fused_ops_for
+
 
 def rope_parameters(config) -> tuple[float, dict]:
     """(theta, scaling dict) from a transformers config, old or new style."""
@@ -53,7 +55,11 @@ class RotaryEmbedding(nn.Module):
         self.cos_sin = torch.cat([freqs.cos(), freqs.sin()], -1).to(device)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, Hq, D], k: [T, Hk, D]; returns rotated copies."""
+        """q: [T, Hq, D], k: [T, Hk, D]; returns the rotated tensors (in place on GPU)."""
+        ops = fused_ops_for(q)
+        if ops is not None:
+            ops.apply_rotary_emb(q, k, positions, self.cos_sin)
+            return q, k
         cos, sin = self.cos_sin[positions].chunk(2, dim=-1)
         cos = torch.cat([cos, cos], -1)[:, None, :]
         sin = torch.cat([sin, sin], -1)[:, None, :]
