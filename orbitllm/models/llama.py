@@ -149,7 +149,10 @@ class LlamaForCausalLM(nn.Module):
         self.spec = spec
         rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings,
                                  spec.rope_theta, spec.rope_scaling)
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        # Given an (uninitialized) weight, Embedding skips its random init, which on the
+        # meta device imports torch._dynamo (~2 s of start-up).
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size,
+                                         _weight=torch.empty(spec.vocab_size, spec.hidden_size))
         self.rotary = rotary
         self.layers = nn.ModuleList(DecoderLayer(spec, i, rotary) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
