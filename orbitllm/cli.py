@@ -89,17 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(sub) -> None:
-    """Commands whose modules register their own flags (chat, serve, bench)."""
-    import importlib
-    for module, name in (("orbitllm.chat_cli", "chat"), ("orbitllm.server.cli", "serve"),
-                         ("orbitllm.bench.cli", "bench")):
-        try:
-            mod = importlib.import_module(module)
-        except ImportError as e:
-            if e.name is None or not module.startswith(e.name):
-                raise
-            continue
-        mod.register(sub, add_engine_args, engine_config_from_args)
+    """Commands that register their own flags; their heavy imports (server, httpx)
+    happen only when they run."""
+    from orbitllm import chat_cli
+    from orbitllm.bench import cli as bench_cli
+    from orbitllm.server import cli as serve_cli
+    for module in (chat_cli, serve_cli, bench_cli):
+        module.register(sub, add_engine_args, engine_config_from_args)
 
 
 def main(argv: list[str] | None = None) -> int:
