@@ -108,6 +108,8 @@ class TorchAttentionBackend:
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         qsl = meta.query_start_loc_cpu or meta.query_start_loc.tolist()
         seq_lens = meta.seq_lens_cpu or meta.seq_lens.tolist()
+        if meta.is_decode_only and len(seq_lens) > 1:
+            return self._decode(q, k_cache, v_cache, meta, scale, sliding_window)
         num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
         group = num_heads // num_kv_heads
         out = torch.empty_like(q)
@@ -126,6 +128,26 @@ class TorchAttentionBackend:
                 attn_mask=mask, scale=scale)
             out[start:end] = o.transpose(0, 1)
         return out
+
+
+    @staticmethod
+    def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                sliding_window: int | None) -> torch.Tensor:
+        """One query per sequence: gather every context padded to the longest and run
+        a single masked SDPA, instead of one call per sequence."""
+        num_seqs, length, page = meta.num_seqs, meta.max_seq_len, k_cache.shape[1]
+        tables = meta.block_tables[:, :-(-length // page)].long()
+        keys = k_cache[tables].flatten(1, 2)[:, :length].to(q.dtype)      # [B, L, h, d]
+        values = v_cache[tables].flatten(1, 2)[:, :length].to(q.dtype)
+        lens = meta.seq_lens.to(q.device).long()[:, None]
+        pos = torch.arange(length, device=q.device)[None, :]
+        mask = pos < lens
+        if sliding_window is not None:
+            mask &= pos > lens - 1 - sliding_window
+        out = F.scaled_dot_product_attention(
+            q.reshape(num_seqs, -1, 1, q.shape[-1]), keys.transpose(1, 2), values.transpose(1, 2),
+            attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
+        return out.view_as(q)
 
 
 def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
