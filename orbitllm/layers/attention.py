@@ -108,7 +108,7 @@ class TorchAttentionBackend:
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         qsl = meta.query_start_loc_cpu or meta.query_start_loc.tolist()
         seq_lens = meta.seq_lens_cpu or meta.seq_lens.tolist()
-        if meta.is_decode_only and len(seq_lens) > 1:
+        if meta.is_decode_only and q.shape[0] == len(seq_lens) > 1 and min(seq_lens) > 0:
             return self._decode(q, k_cache, v_cache, meta, scale, sliding_window)
         num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
         group = num_heads // num_kv_heads
@@ -133,8 +133,8 @@ class TorchAttentionBackend:
     @staticmethod
     def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                 sliding_window: int | None) -> torch.Tensor:
-        """One query per sequence: gather every context padded to the longest and run
-        a single masked SDPA, instead of one call per sequence."""
+        """Exactly one query per sequence (none idle): gather every context padded to the
+        longest and run a single masked SDPA, instead of one call per sequence."""
         num_seqs, length, page = meta.num_seqs, meta.max_seq_len, k_cache.shape[1]
         tables = meta.block_tables[:, :-(-length // page)].long()
         keys = k_cache[tables].flatten(1, 2)[:, :length].to(q.dtype)      # [B, L, h, d]
@@ -144,6 +144,10 @@ class TorchAttentionBackend:
         mask = pos < lens
         if sliding_window is not None:
             mask &= pos > lens - 1 - sliding_window
+        # Padding reads other blocks' (or never written) slots: zero them so 0 * garbage
+        # cannot leak into the weighted sum.
+        keep = mask[:, :, None, None]
+        keys, values = keys.where(keep, 0.0), values.where(keep, 0.0)
         out = F.scaled_dot_product_attention(
             q.reshape(num_seqs, -1, 1, q.shape[-1]), keys.transpose(1, 2), values.transpose(1, 2),
             attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
