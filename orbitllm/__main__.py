@@ -2,4 +2,6 @@ import sys
 
 from orbitllm.cli import main
 
-sys.exit(main())
+# Guarded: tensor-parallel workers are spawned and re-import the main module.
+if __name__ == "__main__":
+    sys.exit(main())

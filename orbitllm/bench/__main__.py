@@ -3,4 +3,6 @@ import sys
 
 from orbitllm.cli import main
 
-sys.exit(main(["bench", *sys.argv[1:]]))
+# Guarded: tensor-parallel workers are spawned and re-import the main module.
+if __name__ == "__main__":
+    sys.exit(main(["bench", *sys.argv[1:]]))

@@ -84,7 +84,7 @@ def run(llm, requests: list[BenchRequest], temperature: float) -> dict:
     engine = llm.engine
     runner = engine.runner
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
-    kv_token_bytes = runner.kv_bytes_per_block(runner.model.spec, 1, runner.kv_cache.dtype)
+    kv_token_bytes = runner.kv_bytes_per_block(runner.model, 1, runner.kv_cache.dtype)
     bw = copy_bandwidth(runner.device)
     for i, r in enumerate(requests):
         engine.add_request(f"bench-{i}", {"prompt_token_ids": r.prompt_token_ids},

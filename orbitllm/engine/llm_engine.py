@@ -54,8 +54,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, parts.max_num_batched_tokens,
                                    parts.max_model_len)
         # Overlap: schedule and launch step n+1 before reading step n's tokens (GPU only;
-        # on CPU the "device" is this thread, so there is nothing to overlap with).
-        self.overlap = config.async_scheduling and self.runner.device.type == "cuda"
+        # on CPU the "device" is this thread, so there is nothing to overlap with). Off
+        # under tensor parallelism: workers would need the driver's pending tokens.
+        self.overlap = (config.async_scheduling and self.runner.device.type == "cuda"
+                        and config.tensor_parallel_size == 1)
         self._inflight: tuple[SchedulerOutput, LaunchedStep] | None = None
         self._groups: dict[str, _Group] = {}
         self._child_group: dict[str, _Group] = {}
@@ -277,6 +279,10 @@ class LLMEngine:
 
     def reset_prefix_cache(self) -> None:
         self.kv.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        """Stop tensor-parallel workers now (otherwise at interpreter exit)."""
+        self.runner.shutdown()
 
 
 def _needs_host_tokens(sched: SchedulerOutput) -> bool:

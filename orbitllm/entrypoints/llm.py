@@ -25,6 +25,16 @@ class LLM:
         self.engine = LLMEngine(self.config)
         self._ids = itertools.count()
 
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop tensor-parallel worker processes now (otherwise at interpreter exit)."""
+        self.engine.shutdown()
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 
@@ -42,11 +52,11 @@ class LLM:
                 rid = f"offline-{next(self._ids)}"
                 self.engine.add_request(rid, prompt, p or SamplingParams(), priority=prio, final_only=True)
                 ids.append(rid)
-        except Exception:
+            return self._run(ids, use_tqdm)
+        except BaseException:   # a bad prompt, a dead worker, Ctrl-C: free the others' blocks
             for rid in ids:
                 self.engine.abort_request(rid)
             raise
-        return self._run(ids, use_tqdm)
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
              chat_template: str | None = None, add_generation_prompt: bool = True,

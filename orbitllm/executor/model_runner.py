@@ -96,12 +96,13 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = block_size
         self.num_kv_blocks = num_kv_blocks
+        self.max_model_len = max_model_len
         self.backend = get_attention_backend(attention_backend, device)
         self.sampler = Sampler(seed, device)
         self.eos_token_ids = eos_token_ids
         spec = model.spec
         self.kv_cache = torch.zeros(spec.num_layers, 2, num_kv_blocks, block_size,
-                                    spec.num_kv_heads, spec.head_dim, dtype=dtype, device=device)
+                                    model.num_kv_heads, spec.head_dim, dtype=dtype, device=device)
         self.staging = Staging(device)
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and not enforce_eager and getattr(self.backend, "supports_cuda_graphs", False):
@@ -111,9 +112,14 @@ class ModelRunner:
             self.graphs.capture()
 
     @staticmethod
-    def kv_bytes_per_block(spec, block_size: int, dtype: torch.dtype) -> int:
+    def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes of one block in this process's cache (its shard's KV heads only)."""
         elem = torch.empty((), dtype=dtype).element_size()
-        return spec.num_layers * 2 * block_size * spec.num_kv_heads * spec.head_dim * elem
+        spec = model.spec
+        return spec.num_layers * 2 * block_size * model.num_kv_heads * spec.head_dim * elem
+
+    def shutdown(self) -> None:
+        """Release what outlives the engine: nothing on one rank (see DriverRunner)."""
 
     def execute(self, sched: SchedulerOutput) -> StepResult:
         """Launch a step and wait for its results."""
@@ -143,6 +149,16 @@ class ModelRunner:
         for req, rows, targets in inputs["prompt_logprob_rows"]:
             step.prompt_logprobs[req.request_id] = self._prompt_logprobs(req, hidden[rows], targets)
         return step
+
+    @torch.inference_mode()
+    def mirror_step(self, inputs: dict) -> None:
+        """A tensor-parallel worker's half of the driver's ``launch``: the same forward
+        and the same ``compute_logits`` calls, whose gathers land on the driver."""
+        hidden, sample_rows = self._forward(inputs, None)
+        if sample_rows.numel():
+            self.model.compute_logits(hidden[sample_rows])
+        for rows in inputs["logit_rows"]:
+            self.model.compute_logits(hidden[rows])
 
     def finish(self, step: "LaunchedStep") -> StepResult:
         """Wait for a launched step and read its sampled tokens (the step's one sync)."""

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from orbitllm.config import EngineConfig
 from orbitllm.executor.model_runner import ModelRunner
 from orbitllm.kv.kv_manager import KVCacheManager
+from orbitllm.layers.tensor_parallel import Shard
 from orbitllm.models.llama import LlamaForCausalLM
 from orbitllm.models.loader import Checkpoint, build_model, open_checkpoint, open_shape
 
@@ -54,10 +56,12 @@ def resolve_dtype(name: str, config, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def instantiate(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
-    """Allocate the model on its device without initializing weights (they are loaded next)."""
+def instantiate(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
+                shard: Shard = Shard()) -> LlamaForCausalLM:
+    """Allocate the model (this rank's shard) on its device without initializing weights
+    (they are loaded next)."""
     with torch.device("meta"):
-        model = build_model(ckpt)
+        model = build_model(ckpt, shard)
     model = model.to_empty(device=device).to(dtype)
     model.rotary.build_cache(device)
     return model.eval()
@@ -75,23 +79,51 @@ def eos_ids(ckpt: Checkpoint, tokenizer) -> set[int]:
     return ids
 
 
+def open_model(cfg: EngineConfig) -> Checkpoint:
+    if cfg.load_format == "dummy":
+        if cfg.model is None:
+            raise ValueError("model: load_format='dummy' needs a model shape, config.json or folder")
+        return open_shape(cfg.model, cfg.tokenizer)
+    return open_checkpoint(cfg.model, cfg.tokenizer)
+
+
 def build_engine_parts(cfg: EngineConfig) -> EngineParts:
     device = resolve_device(cfg.device)
-    random_weights = cfg.load_format == "dummy"
-    if random_weights and cfg.model is None:
-        raise ValueError("model: load_format='dummy' needs a model shape, config.json or folder")
-    ckpt = open_shape(cfg.model, cfg.tokenizer) if random_weights else open_checkpoint(
-        cfg.model, cfg.tokenizer)
-    dtype = resolve_dtype(cfg.dtype, ckpt.config, device)
+    ckpt = open_model(cfg)
     tokenizer = ckpt.load_tokenizer()
-    model = instantiate(ckpt, device, dtype)
-    if random_weights:
-        init_random_weights(model, cfg.seed)
+    eos = eos_ids(ckpt, tokenizer)
+    if cfg.tensor_parallel_size == 1:
+        runner = build_rank_runner(cfg, Shard(), device, ckpt, eos)
     else:
+        from orbitllm.executor.tensor_parallel import start_driver
+        runner = start_driver(cfg, device, lambda shard, rank_device, make: build_rank_runner(
+            cfg, shard, rank_device, ckpt, eos, make))
+    kv = KVCacheManager(runner.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching)
+    log.info("model %s on %s (%s, %d rank(s)); %d KV blocks of %d tokens; max_model_len %d",
+             ckpt.source, runner.device, runner.dtype, cfg.tensor_parallel_size,
+             runner.num_kv_blocks, cfg.block_size, runner.max_model_len)
+    return EngineParts(tokenizer, runner, kv, runner.max_model_len,
+                       cfg.max_num_batched_tokens or 8192, runner.eos_token_ids)
+
+
+def build_rank_runner(cfg: EngineConfig, shard: Shard, device: torch.device,
+                      ckpt: Checkpoint | None = None, eos_token_ids: set[int] = frozenset(),
+                      make_runner: Callable[..., ModelRunner] = ModelRunner) -> ModelRunner:
+    """One rank's model, KV cache and runner; every tensor-parallel rank runs this,
+    and ranks agree on the number of KV blocks (the smallest any of them fits)."""
+    ckpt = ckpt or open_model(cfg)
+    dtype = resolve_dtype(cfg.dtype, ckpt.config, device)
+    model = instantiate(ckpt, device, dtype, shard)
+    if cfg.load_format == "dummy":
+        init_random_weights(model, cfg.seed)
+    elif shard.size == 1:
         model.load_weights(ckpt.iter_weights(dtype), ckpt.source)
+    else:
+        model.load_weights(ckpt.iter_shard(dtype, model.weight_slice), ckpt.source)
     spec = model.spec
-    bytes_per_block = ModelRunner.kv_bytes_per_block(spec, cfg.block_size, dtype)
+    bytes_per_block = ModelRunner.kv_bytes_per_block(model, cfg.block_size, dtype)
     num_blocks = cfg.num_kv_blocks or _auto_num_blocks(cfg, device, bytes_per_block)
+    num_blocks = shard.min_over_ranks(num_blocks, device)
     capacity = num_blocks * cfg.block_size
     max_len = cfg.max_model_len or spec.max_position_embeddings
     if cfg.max_model_len is not None and cfg.max_model_len > capacity:
@@ -101,14 +133,9 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
         raise ValueError(f"max_model_len: {cfg.max_model_len} exceeds the model's "
                          f"max_position_embeddings ({spec.max_position_embeddings})")
     max_len = min(max_len, capacity)
-    runner = ModelRunner(model, device, dtype, num_blocks, cfg.block_size, cfg.seed,
-                         cfg.attention_backend, eos_ids(ckpt, tokenizer), cfg.max_num_seqs,
-                         max_len, cfg.enforce_eager)
-    kv = KVCacheManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-    log.info("model %s on %s (%s); %d KV blocks of %d tokens; max_model_len %d",
-             ckpt.source, device, dtype, num_blocks, cfg.block_size, max_len)
-    return EngineParts(tokenizer, runner, kv, max_len, cfg.max_num_batched_tokens or 8192,
-                       runner.eos_token_ids)
+    return make_runner(model, device, dtype, num_blocks, cfg.block_size, cfg.seed,
+                       cfg.attention_backend, set(eos_token_ids), cfg.max_num_seqs, max_len,
+                       cfg.enforce_eager)
 
 
 def _auto_num_blocks(cfg: EngineConfig, device: torch.device, bytes_per_block: int) -> int:

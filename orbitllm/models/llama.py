@@ -17,6 +17,8 @@ from orbitllm.layers.attention import AttentionBackend, AttentionMetadata
 from orbitllm.layers.fused import fused_ops_for
 from orbitllm.layers.norm import RMSNorm
 from orbitllm.layers.rotary import RotaryEmbedding, rope_parameters
+from orbitllm.layers.tensor_parallel import (Shard, VocabParallelEmbedding, check_shardable,
+                                             kv_heads_per_rank)
 from orbitllm.models.errors import ModelLoadError
 
 
@@ -76,11 +78,16 @@ def _sliding_windows(config) -> list[int | None]:
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: DecoderSpec, layer: int, rotary: RotaryEmbedding) -> None:
+    """This rank's heads: QKV column-parallel, o_proj row-parallel (+ one all-reduce)."""
+
+    def __init__(self, spec: DecoderSpec, layer: int, rotary: RotaryEmbedding, shard: Shard) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        self.q_size = spec.num_heads * spec.head_dim
-        self.kv_size = spec.num_kv_heads * spec.head_dim
+        self.shard = shard
+        self.num_heads = spec.num_heads // shard.size
+        self.num_kv_heads = kv_heads_per_rank(spec.num_kv_heads, shard.size)
+        self.head_dim = spec.head_dim
+        self.q_size = self.num_heads * spec.head_dim
+        self.kv_size = self.num_kv_heads * spec.head_dim
         self.qkv_proj = nn.Linear(spec.hidden_size, self.q_size + 2 * self.kv_size, bias=spec.attention_bias)
         self.o_proj = nn.Linear(self.q_size, spec.hidden_size, bias=False)
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
@@ -98,31 +105,35 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window)
-        return self.o_proj(o.reshape(-1, self.q_size))
+        return self.shard.all_reduce(self.o_proj(o.reshape(-1, self.q_size)))
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: DecoderSpec) -> None:
+    """This rank's columns of gate/up and rows of down_proj (+ one all-reduce)."""
+
+    def __init__(self, spec: DecoderSpec, shard: Shard) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+        self.shard = shard
+        size = spec.intermediate_size // shard.size
+        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * size, bias=False)
+        self.down_proj = nn.Linear(size, spec.hidden_size, bias=False)
 
     def forward(self, x):
         gate_up = self.gate_up_proj(x)
         ops = fused_ops_for(gate_up)
         if ops is not None:
-            return self.down_proj(ops.silu_and_mul(gate_up))
+            return self.shard.all_reduce(self.down_proj(ops.silu_and_mul(gate_up)))
         gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.shard.all_reduce(self.down_proj(F.silu(gate) * up))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: DecoderSpec, layer: int, rotary: RotaryEmbedding) -> None:
+    def __init__(self, spec: DecoderSpec, layer: int, rotary: RotaryEmbedding, shard: Shard) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = Attention(spec, layer, rotary)
+        self.self_attn = Attention(spec, layer, rotary, shard)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.mlp = MLP(spec)
+        self.mlp = MLP(spec, shard)
 
     def forward(self, positions, x, residual, kv_cache, meta, backend):
         if residual is None:
@@ -136,7 +147,8 @@ class DecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """Decoder + LM head. ``forward`` returns hidden states; ``compute_logits`` the logits
-    of the rows the sampler needs, so the vocab projection runs only where used."""
+    of the rows the sampler needs, so the vocab projection runs only where used.
+    Built for one ``shard`` of a tensor-parallel group (default: the whole model)."""
 
     # HF name fragment -> (our fused parameter, shard index)
     _stacked = {
@@ -144,20 +156,22 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, spec: DecoderSpec) -> None:
+    def __init__(self, spec: DecoderSpec, shard: Shard = Shard()) -> None:
         super().__init__()
+        check_shardable(spec.num_heads, spec.num_kv_heads, spec.intermediate_size, shard.size)
         self.spec = spec
+        self.shard = shard
+        self.num_kv_heads = kv_heads_per_rank(spec.num_kv_heads, shard.size)   # in this rank's cache
         rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings,
                                  spec.rope_theta, spec.rope_scaling)
-        # Given an (uninitialized) weight, Embedding skips its random init, which on the
-        # meta device imports torch._dynamo (~2 s of start-up).
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size,
-                                         _weight=torch.empty(spec.vocab_size, spec.hidden_size))
+        # Its weight is allocated uninitialized: a random init on the meta device
+        # imports torch._dynamo (~2 s of start-up).
+        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, shard)
         self.rotary = rotary
-        self.layers = nn.ModuleList(DecoderLayer(spec, i, rotary) for i in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, rotary, shard) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = None if spec.tie_word_embeddings else nn.Linear(
-            spec.hidden_size, spec.vocab_size, bias=False)
+            spec.hidden_size, self.embed_tokens.rows, bias=False)
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata,
                 backend: AttentionBackend) -> torch.Tensor:
@@ -167,15 +181,43 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.norm(x, residual)
         return x
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits of ``hidden``'s rows. Under tensor parallelism every rank must call
+        this for the same rows; the full logits land on the driver (None elsewhere)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        logits = F.linear(hidden, weight)
+        if self.shard.size == 1:
+            return logits
+        full = self.shard.gather_last_dim(logits)
+        return None if full is None else full[:, :self.spec.vocab_size]
 
     def shard_sizes(self, fused: str) -> list[int]:
         s = self.spec
         if fused == "qkv_proj":
-            return [s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim]
-        return [s.intermediate_size, s.intermediate_size]
+            q, kv = s.num_heads // self.shard.size * s.head_dim, self.num_kv_heads * s.head_dim
+            return [q, kv, kv]
+        return [s.intermediate_size // self.shard.size] * 2
+
+    def weight_slice(self, hf_name: str, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+        """(dim, start, length) of the checkpoint tensor ``hf_name`` that this rank
+        holds; None when every rank holds all of it (norms)."""
+        s, shard = self.spec, self.shard
+        q_start, q_len = shard.split(s.num_heads * s.head_dim)
+        if ".q_proj." in hf_name:
+            return 0, q_start, q_len
+        if ".k_proj." in hf_name or ".v_proj." in hf_name:
+            first_head = shard.rank * s.num_kv_heads // shard.size
+            return 0, first_head * s.head_dim, self.num_kv_heads * s.head_dim
+        if ".o_proj." in hf_name:
+            return 1, q_start, q_len
+        if ".gate_proj." in hf_name or ".up_proj." in hf_name:
+            return 0, *shard.split(s.intermediate_size)
+        if ".down_proj." in hf_name:
+            return 1, *shard.split(s.intermediate_size)
+        if hf_name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            start = self.embed_tokens.start
+            return 0, start, max(0, min(self.embed_tokens.rows, shape[0] - start))
+        return None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
         """Copy HF-named tensors in one at a time; every parameter must be filled."""
@@ -189,7 +231,10 @@ class LlamaForCausalLM(nn.Module):
             if name not in params:
                 raise ModelLoadError(f"{source}: unexpected tensor {hf_name!r} for this architecture")
             param = params[name]
-            if shard is None:
+            if self.shard.size > 1 and name in ("embed_tokens.weight", "lm_head.weight"):
+                target = param.data[:tensor.shape[0]]   # this rank's vocab rows
+                param.data[tensor.shape[0]:].zero_()     # padding of the last rank's part
+            elif shard is None:
                 target = param.data
             else:
                 fused = name.split(".")[-2]

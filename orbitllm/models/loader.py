@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from orbitllm.layers.tensor_parallel import Shard
 from orbitllm.models.errors import ModelLoadError
 from orbitllm.models.llama import DecoderSpec, LlamaForCausalLM
 
@@ -25,6 +26,10 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 
+# (name, shape) -> (dim, start, length) of the part a tensor-parallel rank holds, or None: all.
+SlicePicker = Callable[[str, tuple[int, ...]], "tuple[int, int, int] | None"]
+
+
 @dataclass
 class Checkpoint:
     """A located model: its config, a lazy weight stream and a tokenizer loader."""
@@ -33,6 +38,15 @@ class Checkpoint:
     config: object                                            # transformers PretrainedConfig
     iter_weights: Callable[[torch.dtype], Iterator[tuple[str, torch.Tensor]]]
     load_tokenizer: Callable[[], object]
+    # Reads only each tensor's picked part from disk (safetensors); None: read all, then narrow.
+    iter_slices: Callable[[torch.dtype, SlicePicker], Iterator[tuple[str, torch.Tensor]]] | None = None
+
+    def iter_shard(self, dtype: torch.dtype, pick: SlicePicker) -> Iterator[tuple[str, torch.Tensor]]:
+        """The weights one tensor-parallel rank holds, each narrowed by ``pick``."""
+        if self.iter_slices is not None:
+            return self.iter_slices(dtype, pick)
+        return ((name, t if (part := pick(name, tuple(t.shape))) is None else t.narrow(*part))
+                for name, t in self.iter_weights(dtype))
 
 
 # Shapes that need no checkpoint, for benchmarks with random weights (load_format="dummy").
@@ -103,9 +117,9 @@ def _check_architecture(config, source: str) -> None:
                              f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
 
 
-def build_model(ckpt: Checkpoint) -> LlamaForCausalLM:
+def build_model(ckpt: Checkpoint, shard: Shard = Shard()) -> LlamaForCausalLM:
     arch = next(a for a in ckpt.config.architectures if a in SUPPORTED_ARCHITECTURES)
-    return SUPPORTED_ARCHITECTURES[arch](DecoderSpec.from_config(ckpt.config))
+    return SUPPORTED_ARCHITECTURES[arch](DecoderSpec.from_config(ckpt.config), shard)
 
 
 def _download(repo_id: str) -> Path:
@@ -132,7 +146,8 @@ def _open_hf_folder(path: Path) -> Checkpoint:
     _check_architecture(config, str(path))
     shards = _safetensors_shards(path)
     return Checkpoint(str(path), config, lambda dtype: _iter_safetensors(shards, dtype),
-                      lambda: _hf_tokenizer(path))
+                      lambda: _hf_tokenizer(path),
+                      lambda dtype, pick: _iter_safetensor_slices(shards, dtype, pick))
 
 
 def _safetensors_shards(path: Path) -> list[Path]:
@@ -156,6 +171,23 @@ def _iter_safetensors(shards: list[Path], dtype: torch.dtype) -> Iterator[tuple[
         with safe_open(str(shard), framework="pt") as f:
             for name in f.keys():
                 yield name, f.get_tensor(name).to(dtype)
+
+
+def _iter_safetensor_slices(shards: list[Path], dtype: torch.dtype,
+                            pick: SlicePicker) -> Iterator[tuple[str, torch.Tensor]]:
+    """Like ``_iter_safetensors``, but only the picked rows or columns are read."""
+    from safetensors import safe_open
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            for name in f.keys():
+                lazy = f.get_slice(name)
+                part = pick(name, tuple(lazy.get_shape()))
+                if part is None:
+                    tensor = f.get_tensor(name)
+                else:
+                    dim, start, length = part
+                    tensor = lazy[(slice(None),) * dim + (slice(start, start + length),)]
+                yield name, tensor.to(dtype)
 
 
 def _open_gguf(path: Path) -> Checkpoint:

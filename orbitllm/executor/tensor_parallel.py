@@ -1,0 +1,278 @@
+"""Tensor parallelism across processes of one host, on torch.distributed.
+
+The driver (rank 0, the engine's own process) starts ``N - 1`` worker processes,
+each holding its shard of the weights and of the KV cache. The scheduler, KV
+manager and sampler run only on the driver: each step it broadcasts the step's
+arrays (``StepChannel``), and every rank runs the same forward, whose all-reduces
+and logit gather meet in lockstep. NCCL carries the model's collectives on CUDA,
+gloo on CPU; the step broadcast always goes through a gloo group, so workers read
+it on the host and idle workers wait without a collective timeout.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from orbitllm.config import EngineConfig
+from orbitllm.executor.model_runner import LaunchedStep, ModelRunner, StepResult
+from orbitllm.engine.scheduler import SchedulerOutput
+from orbitllm.layers.tensor_parallel import Shard
+
+log = logging.getLogger(__name__)
+
+# A collective waits this long for a stuck (not dead) peer; a dead one fails at once.
+COLLECTIVE_TIMEOUT = timedelta(minutes=5)
+# Idle workers wait for the next step this long (a server may see no request for days).
+IDLE_TIMEOUT = timedelta(days=365)
+
+
+class WorkerDiedError(RuntimeError):
+    """A tensor-parallel worker process exited; the engine cannot go on."""
+
+
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    """Rank r uses the r-th GPU after the one asked for; CPU ranks share the CPU."""
+    if device.type != "cuda":
+        return device
+    return torch.device("cuda", (device.index or 0) + rank)
+
+
+def init_distributed(shard: Shard, init_method: str, device: torch.device) -> dist.ProcessGroup:
+    """Join the default group (NCCL on CUDA, gloo on CPU); returns the gloo group of
+    the step broadcast."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=init_method, rank=shard.rank,
+                            world_size=shard.size, timeout=COLLECTIVE_TIMEOUT)
+    return dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+
+
+class StepChannel:
+    """The driver's per-step broadcast: all a worker's forward needs, packed into one
+    int64 tensor (header + arrays). A step larger than the fixed buffer sends its
+    tail in a second broadcast, whose size the header announced."""
+
+    CAPACITY = 1 << 13
+    # command, tokens, seqs, block-table width, sampled rows, logit-row groups,
+    # logit rows, max query len, max seq len, decode only, total length
+    HEADER = 11
+    STEP, STOP = 1, 0
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+        self.buffer = torch.zeros(self.CAPACITY, dtype=torch.int64)
+
+    def send(self, inputs: dict) -> None:
+        groups = [rows for _, rows, _ in inputs["prompt_logprob_rows"]]
+        table = inputs["block_tables"]
+        arrays = [inputs["input_ids"], inputs["positions"], inputs["slots"], inputs["qsl"],
+                  inputs["seq_lens"], table.ravel(), inputs["sample_rows"],
+                  np.asarray([len(g) for g in groups], np.int64),
+                  np.asarray([r for g in groups for r in g], np.int64)]
+        total = self.HEADER + sum(a.size for a in arrays)
+        header = np.asarray([self.STEP, len(inputs["input_ids"]), inputs["num_seqs"],
+                             table.shape[1], len(inputs["sample_rows"]), len(groups),
+                             arrays[-1].size, inputs["max_query_len"], inputs["max_seq_len"],
+                             inputs["decode_only"], total], np.int64)
+        packed = np.concatenate([header] + [a.astype(np.int64, copy=False) for a in arrays])
+        self._broadcast(packed)
+
+    def send_stop(self) -> None:
+        self._broadcast(np.asarray([self.STOP] + [0] * (self.HEADER - 2) + [self.HEADER], np.int64))
+
+    def _broadcast(self, packed: np.ndarray) -> None:
+        head = min(packed.size, self.CAPACITY)
+        self.buffer.numpy()[:head] = packed[:head]
+        dist.broadcast(self.buffer, 0, group=self.group)
+        if packed.size > self.CAPACITY:
+            dist.broadcast(torch.from_numpy(packed[self.CAPACITY:]), 0, group=self.group)
+
+    def recv(self) -> dict | None:
+        """The next step's inputs, or None when the driver stops."""
+        dist.broadcast(self.buffer, 0, group=self.group)
+        packed = self.buffer.numpy()
+        cmd, T, B, W, S, G, P, max_q, max_s, decode_only, total = packed[:self.HEADER].tolist()
+        if cmd == self.STOP:
+            return None
+        if total > self.CAPACITY:
+            tail = torch.empty(total - self.CAPACITY, dtype=torch.int64)
+            dist.broadcast(tail, 0, group=self.group)
+            packed = np.concatenate([packed, tail.numpy()])
+        sizes = [T, T, T, B + 1, B, B * W, S, G, P]
+        ids, pos, slots, qsl, seq_lens, table, sample_rows, group_lens, rows = np.split(
+            packed[self.HEADER:total].copy(), np.cumsum(sizes)[:-1])
+        bounds = np.cumsum([0] + group_lens.tolist()).tolist()
+        empty = np.zeros(0, np.int64)
+        return {
+            "decode_only": bool(decode_only), "num_seqs": B, "fix_rows": empty, "fix_src": empty,
+            "input_ids": ids, "positions": pos, "slots": slots, "qsl": qsl.astype(np.int32),
+            "seq_lens": seq_lens.astype(np.int32), "block_tables": table.astype(np.int32).reshape(B, W),
+            "max_query_len": max_q, "max_seq_len": max_s, "sample_rows": sample_rows,
+            "logit_rows": [rows[a:b].tolist() for a, b in zip(bounds, bounds[1:])],
+        }
+
+
+class WorkerProcesses:
+    """The driver's ``N - 1`` worker processes: started, watched and stopped by it."""
+
+    def __init__(self, cfg: EngineConfig) -> None:
+        ctx = mp.get_context("spawn")
+        size = cfg.tensor_parallel_size
+        self.init_method = f"tcp://127.0.0.1:{_free_port()}"
+        self.procs = [ctx.Process(target=worker_main, name=f"orbitllm-tp{rank}", daemon=True,
+                                  args=(cfg, Shard(rank, size), self.init_method, os.getpid()))
+                      for rank in range(1, size)]
+        for p in self.procs:
+            p.start()
+
+    def raise_if_dead(self, wait: float = 0.0) -> None:
+        """Raise WorkerDiedError if a worker has exited, waiting up to ``wait`` seconds
+        for one that is on its way out (its sockets close before it is reaped)."""
+        deadline = time.monotonic() + wait
+        while True:
+            dead = [p for p in self.procs if p.exitcode is not None]
+            if dead:
+                p = dead[0]
+                raise WorkerDiedError(
+                    f"tensor-parallel worker {p.name} (pid {p.pid}) exited with code {p.exitcode}; "
+                    "the engine cannot continue and must be recreated")
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.05)
+
+    def stop(self, channel: StepChannel | None) -> None:
+        """Ask the workers to exit (if the channel is usable), then make sure they do."""
+        if channel is not None and all(p.is_alive() for p in self.procs):
+            try:
+                channel.send_stop()
+            except RuntimeError:   # a peer is gone: terminate below
+                pass
+        for p in self.procs:
+            p.join(timeout=5)
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DriverRunner(ModelRunner):
+    """Rank 0's runner: broadcasts each step to the workers before its own forward,
+    turns a broken collective into WorkerDiedError, and stops the workers at
+    shutdown (explicit, or at interpreter exit)."""
+
+    def __init__(self, *args, workers: WorkerProcesses, channel: StepChannel, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.workers, self.channel = workers, channel
+        self._stopped = False
+        atexit.register(self.shutdown)
+        if self.device.type == "cuda":   # NCCL does not notice a dead peer: abort for it
+            threading.Thread(target=self._abort_on_worker_death, daemon=True).start()
+
+    def launch(self, sched: SchedulerOutput, prev: LaunchedStep | None = None) -> LaunchedStep:
+        if self._stopped:
+            raise RuntimeError("the engine has been shut down")
+        self.workers.raise_if_dead()
+        try:
+            return super().launch(sched, prev)
+        except RuntimeError:   # a collective failed: most likely a worker died
+            self.workers.raise_if_dead(wait=3.0)
+            raise
+
+    def finish(self, step: LaunchedStep) -> StepResult:
+        try:
+            return super().finish(step)
+        except RuntimeError:   # on CUDA, the wait for a step whose NCCL peer died
+            self.workers.raise_if_dead(wait=3.0)
+            raise
+
+    def _forward(self, inputs: dict, prev: LaunchedStep | None):
+        assert not inputs["fix_rows"].size, "overlapped scheduling is off under tensor parallelism"
+        self.channel.send(inputs)
+        return super()._forward(inputs, prev)
+
+    def _abort_on_worker_death(self) -> None:
+        while not self._stopped:
+            if any(p.exitcode is not None for p in self.workers.procs):
+                log.error("a tensor-parallel worker died; aborting the NCCL communicator")
+                dist.distributed_c10d._abort_process_group()
+                return
+            time.sleep(0.5)
+
+    def shutdown(self) -> None:
+        if self._stopped:
+            return
+        atexit.unregister(self.shutdown)
+        self._stopped = True
+        self.workers.stop(self.channel)
+        dist.destroy_process_group()
+
+
+def start_driver(cfg: EngineConfig, device: torch.device, build_runner) -> DriverRunner:
+    """Start the workers, join them, and build rank 0's runner with
+    ``build_runner(shard, device, make_runner)`` (the same builder the workers run)."""
+    if dist.is_initialized():
+        raise RuntimeError("tensor_parallel_size: torch.distributed is already initialized in "
+                           "this process (one tensor-parallel engine per process)")
+    device = rank_device(device, 0)
+    workers = WorkerProcesses(cfg)
+    channel = None
+    try:
+        channel = StepChannel(init_distributed(Shard(0, cfg.tensor_parallel_size),
+                                               workers.init_method, device))
+        make = functools.partial(DriverRunner, workers=workers, channel=channel)
+        return build_runner(Shard(0, cfg.tensor_parallel_size), device, make)
+    except BaseException:
+        workers.stop(None)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+
+
+def worker_main(cfg: EngineConfig, shard: Shard, init_method: str, parent_pid: int) -> None:
+    """A worker process: build this rank's shard, then mirror the driver's steps
+    until it says stop. Exits with its parent, however the parent ends."""
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+    from orbitllm.executor.setup import build_rank_runner, resolve_device
+    try:
+        device = rank_device(resolve_device(cfg.device), shard.rank)
+        if device.type == "cpu":   # ranks share the cores; oversubscribed threads spin
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // shard.size))
+        channel = StepChannel(init_distributed(shard, init_method, device))
+        runner = build_rank_runner(cfg, shard, device)
+        while (inputs := channel.recv()) is not None:
+            runner.mirror_step(inputs)
+    except KeyboardInterrupt:   # Ctrl-C reaches the whole process group; the driver handles it
+        pass
+    except Exception:
+        if os.getppid() == parent_pid:   # an orphan's broken sockets are not news
+            traceback.print_exc()
+        os._exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """SIGKILL or SIGTERM of the driver skips its clean-up: leave no orphan behind."""
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(0)
