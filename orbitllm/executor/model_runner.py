@@ -121,10 +121,6 @@ class ModelRunner:
     def shutdown(self) -> None:
         """Release what outlives the engine: nothing on one rank (see DriverRunner)."""
 
-    def execute(self, sched: SchedulerOutput) -> StepResult:
-        """Launch a step and wait for its results."""
-        return self.finish(self.launch(sched))
-
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, prev: "LaunchedStep | None" = None) -> "LaunchedStep":
         """Queue a step's forward pass and sampling on the device without waiting.
