@@ -6,11 +6,8 @@ detokenizes, checks stop conditions and frees finished requests' blocks.
 """
 from __future__ import annotations
 
-import logging
 import time
-from dataclasses import dataclass, field
-
-import torch
+from dataclasses import dataclass, field, replace
 
 from orbitllm.config import EngineConfig
 from orbitllm.engine.detokenizer import IncrementalDetokenizer
@@ -20,8 +17,6 @@ from orbitllm.executor.model_runner import LaunchedStep, ModelRunner, StepResult
 from orbitllm.executor.setup import EngineParts, build_engine_parts
 from orbitllm.outputs import CompletionOutput, Logprob, RequestOutput
 from orbitllm.sampling_params import SamplingParams
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,11 +43,11 @@ class LLMEngine:
         self.tokenizer = parts.tokenizer
         self.runner: ModelRunner = parts.runner
         self.kv = parts.kv
-        self.max_model_len = parts.max_model_len
-        self.eos_token_ids = parts.eos_token_ids
-        self.vocab_size = parts.runner.model.spec.vocab_size
+        self.max_model_len = self.runner.max_model_len
+        self.eos_token_ids = self.runner.eos_token_ids
+        self.vocab_size = self.runner.model.spec.vocab_size
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, parts.max_num_batched_tokens,
-                                   parts.max_model_len)
+                                   self.max_model_len)
         # Overlap: schedule and launch step n+1 before reading step n's tokens (GPU only;
         # on CPU the "device" is this thread, so there is nothing to overlap with). Off
         # under tensor parallelism: workers would need the driver's pending tokens.
@@ -61,8 +56,6 @@ class LLMEngine:
         self._inflight: tuple[SchedulerOutput, LaunchedStep] | None = None
         self._groups: dict[str, _Group] = {}
         self._child_group: dict[str, _Group] = {}
-        self.num_generated_tokens = 0
-        self.num_prompt_tokens = 0
         self.last_scheduled = None   # the last step's SchedulerOutput, for stats
 
     # ---- requests in -------------------------------------------------------------
@@ -202,10 +195,8 @@ class LLMEngine:
     def _append_token(self, req: Request, group: _Group, result: StepResult, now: float) -> None:
         token = result.sampled[req.request_id]
         req.output_token_ids.append(token)
-        self.num_generated_tokens += 1
         if req.first_token_time is None:
             req.first_token_time = now
-            self.num_prompt_tokens += req.num_prompt_tokens
         if req.request_id in result.logprobs:
             lp, rank, tops = result.logprobs[req.request_id]
             req.cumulative_logprob += lp
@@ -297,5 +288,4 @@ def _needs_host_tokens(sched: SchedulerOutput) -> bool:
 
 
 def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
-    from dataclasses import replace
     return replace(params, max_tokens=max_tokens)

@@ -7,7 +7,6 @@ arrive as plain data.
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,8 +18,6 @@ from orbitllm.executor.cuda_graph import DecodeGraphs
 from orbitllm.layers.attention import AttentionMetadata, get_attention_backend
 from orbitllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from orbitllm.models.llama import LlamaForCausalLM
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -25,9 +25,7 @@ class EngineParts:
     tokenizer: object
     runner: ModelRunner
     kv: KVCacheManager
-    max_model_len: int
     max_num_batched_tokens: int
-    eos_token_ids: set[int]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -102,8 +100,7 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
     log.info("model %s on %s (%s, %d rank(s)); %d KV blocks of %d tokens; max_model_len %d",
              ckpt.source, runner.device, runner.dtype, cfg.tensor_parallel_size,
              runner.num_kv_blocks, cfg.block_size, runner.max_model_len)
-    return EngineParts(tokenizer, runner, kv, runner.max_model_len,
-                       cfg.max_num_batched_tokens or 8192, runner.eos_token_ids)
+    return EngineParts(tokenizer, runner, kv, cfg.max_num_batched_tokens or 8192)
 
 
 def build_rank_runner(cfg: EngineConfig, shard: Shard, device: torch.device,

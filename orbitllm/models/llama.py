@@ -7,7 +7,7 @@ serves all four. Q/K/V and gate/up projections are fused into one matmul each.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 from torch import nn
