@@ -38,14 +38,20 @@ class IncrementalDetokenizer:
         if self.tokenizer is None:   # engine built without a tokenizer: token ids only
             return None
         self._ids.append(token_id)
+        old_len = len(self.text)
+        if not self._advance(final=False):
+            return None
+        return self._check_stop(old_len)
+
+    def _advance(self, final: bool) -> bool:
+        """Append the window's new text; unless ``final``, wait while it ends mid-character."""
         prefix_text = self._decode(self._ids[self._prefix:self._read])
         full_text = self._decode(self._ids[self._prefix:])
-        if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
-            return None
-        old_len = len(self.text)
+        if len(full_text) <= len(prefix_text) or (not final and full_text.endswith("\ufffd")):
+            return False
         self.text += full_text[len(prefix_text):]
         self._prefix, self._read = self._read, len(self._ids)
-        return self._check_stop(old_len)
+        return True
 
     def _check_stop(self, old_len: int) -> str | None:
         if not self.stop_strings:
@@ -63,13 +69,8 @@ class IncrementalDetokenizer:
 
     def flush(self) -> None:
         """At the end, emit what was held back waiting for more bytes."""
-        if self.tokenizer is None:
-            return
-        rest = self._decode(self._ids[self._prefix:])
-        prefix_text = self._decode(self._ids[self._prefix:self._read])
-        if len(rest) > len(prefix_text):
-            self.text += rest[len(prefix_text):]
-            self._prefix = self._read = len(self._ids)
+        if self.tokenizer is not None:
+            self._advance(final=True)
 
     def stream_text(self, finished: bool) -> str:
         """Text safe to show while streaming: a suffix that could still become the
