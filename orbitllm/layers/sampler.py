@@ -155,7 +155,8 @@ class Sampler:
         logits = logits.float()
         raw_logprobs = logits.log_softmax(-1) if batch.num_logprobs >= 0 else None
         if batch.banned is not None:
-            logits = logits.index_put(batch.banned, torch.tensor(float("-inf"), device=logits.device))
+            # new_full fills on the device: a host tensor here would be a blocking copy.
+            logits = logits.index_put(batch.banned, logits.new_full((), float("-inf")))
         if batch.penalties is not None:
             logits = apply_penalties(logits, batch.penalties)
         greedy_ids = logits.argmax(-1)
