@@ -90,6 +90,27 @@ def test_chunked_prefill_preemption_and_large_steps(tiny_models):
         assert_all_blocks_free(llm)
 
 
+def test_overlapped_scheduling_matches_one_rank(tiny_models):
+    """Overlap (GPU-only, forced on here): step n+1 is launched before step n's tokens
+    are read, so workers fill the pending tokens from the driver's broadcast of the
+    sampled ids, through mixed prefill/decode steps, chunks and preemption."""
+    path = tiny_models["llama"]
+    prompts = _prompts(_vocab(path), (3, 17, 33, 58, 9, 41))
+    with LLM(path, num_kv_blocks=64) as one:
+        expected = _tokens(one, prompts)
+    for blocks, budget, preempts in ((64, 64, False), (7, 20, True)):
+        with LLM(path, num_kv_blocks=blocks, max_num_batched_tokens=budget,
+                 tensor_parallel_size=2) as llm:
+            llm.engine.overlap = True
+            channel, pending = llm.engine.runner.channel, []
+            send = channel.send
+            channel.send = lambda inputs: (pending.append(inputs["fix_rows"].size), send(inputs))
+            assert _tokens(llm, prompts) == expected
+            assert sum(pending) > 0   # rows whose input token was still on the device
+            assert (llm.engine.scheduler.num_preemptions > 0) == preempts
+            assert_all_blocks_free(llm)
+
+
 def test_seeded_sampling_and_logprobs_do_not_depend_on_ranks(tiny_models):
     path = tiny_models["qwen2"]
     prompts = _prompts(_vocab(path))

@@ -49,10 +49,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, parts.max_num_batched_tokens,
                                    self.max_model_len)
         # Overlap: schedule and launch step n+1 before reading step n's tokens (GPU only;
-        # on CPU the "device" is this thread, so there is nothing to overlap with). Off
-        # under tensor parallelism: workers would need the driver's pending tokens.
-        self.overlap = (config.async_scheduling and self.runner.device.type == "cuda"
-                        and config.tensor_parallel_size == 1)
+        # on CPU the "device" is this thread, so there is nothing to overlap with).
+        self.overlap = config.async_scheduling and self.runner.device.type == "cuda"
         self._inflight: tuple[SchedulerOutput, LaunchedStep] | None = None
         self._groups: dict[str, _Group] = {}
         self._child_group: dict[str, _Group] = {}

@@ -101,12 +101,34 @@ class ModelRunner:
         self.kv_cache = torch.zeros(spec.num_layers, 2, num_kv_blocks, block_size,
                                     model.num_kv_heads, spec.head_dim, dtype=dtype, device=device)
         self.staging = Staging(device)
+        self._prev_tokens: torch.Tensor | None = None   # a worker's copy of the last sampled ids
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" and not enforce_eager and getattr(self.backend, "supports_cuda_graphs", False):
             max_blocks = -(-max_model_len // block_size)
             self.graphs = DecodeGraphs(model, self.backend, self.kv_cache, max_num_seqs,
                                        max_blocks, max_model_len)
             self.graphs.capture()
+        if device.type == "cuda":
+            self._compile_prefill_path()
+
+    @torch.inference_mode()
+    def _compile_prefill_path(self) -> None:
+        """Run one dummy prefill now, so its kernels compile at start-up rather than in
+        the first request's step (seconds on a machine whose kernel cache is empty).
+        Called on every tensor-parallel rank alike; slots of -1 write no KV."""
+        T = min(2 * self.block_size, self.max_model_len)
+        if T < 2:
+            return
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.full((T,), -1, dtype=torch.int64, device=dev),
+            query_start_loc=torch.tensor([0, T], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([T], dtype=torch.int32, device=dev),
+            block_tables=torch.zeros((1, 2), dtype=torch.int32, device=dev),
+            max_query_len=T, max_seq_len=T, query_start_loc_cpu=[0, T], seq_lens_cpu=[T])
+        hidden = self.model(torch.zeros(T, dtype=torch.int64, device=dev),
+                            torch.arange(T, device=dev), self.kv_cache, meta, self.backend)
+        self.model.compute_logits(hidden[-1:])
 
     @staticmethod
     def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -126,13 +148,15 @@ class ModelRunner:
         fed to this step's input straight from ``prev``'s device tensor.
         """
         inputs = self._prepare(sched, prev)
-        hidden, sample_rows = self._forward(inputs, prev)
+        prev_tokens = prev.out.token_ids if inputs["fix_rows"].size else None
+        hidden, sample_rows = self._forward(inputs, prev_tokens)
         step = LaunchedStep(inputs["sample_reqs"])
         if step.sample_reqs:
             logits = self.model.compute_logits(hidden[sample_rows])
             batch = SamplingBatch.build(step.sample_reqs, logits.shape[-1], self.device,
                                         self.eos_token_ids, self.staging.upload)
             step.out = self.sampler(logits, batch)
+            self.model.shard.broadcast(step.out.token_ids)   # for the workers' next step
             step.host_ids = step.out.token_ids
             if self.device.type == "cuda":
                 step.host_ids = torch.empty(len(step.sample_reqs), dtype=torch.int64, pin_memory=True)
@@ -146,10 +170,14 @@ class ModelRunner:
     @torch.inference_mode()
     def mirror_step(self, inputs: dict) -> None:
         """A tensor-parallel worker's half of the driver's ``launch``: the same forward
-        and the same ``compute_logits`` calls, whose gathers land on the driver."""
-        hidden, sample_rows = self._forward(inputs, None)
+        and the same collectives in the same order (``compute_logits`` gathers land on
+        the driver; the sampled ids come back, to fill the next step's pending tokens)."""
+        hidden, sample_rows = self._forward(inputs, self._prev_tokens)
+        self._prev_tokens = None
         if sample_rows.numel():
             self.model.compute_logits(hidden[sample_rows])
+            self._prev_tokens = self.model.shard.broadcast(
+                torch.empty(sample_rows.numel(), dtype=torch.int64, device=self.device))
         for rows in inputs["logit_rows"]:
             self.model.compute_logits(hidden[rows])
 
@@ -219,14 +247,16 @@ class ModelRunner:
             "prompt_logprob_rows": prompt_rows,
         }
 
-    def _forward(self, inputs: dict, prev: "LaunchedStep | None") -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, inputs: dict,
+                 prev_tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Upload the step's arrays (two copies in all) and run the model; returns the
-        hidden states and the device index of the rows to sample."""
+        hidden states and the device index of the rows to sample. ``prev_tokens``: the
+        previous step's sampled ids, still on the device, for the rows in ``fix_rows``."""
         input_ids, positions, slots, sample_rows, fix_rows, fix_src = self.staging.upload(
             [inputs["input_ids"], inputs["positions"], inputs["slots"], inputs["sample_rows"],
              inputs["fix_rows"], inputs["fix_src"]], "inputs_i64")
         if inputs["fix_rows"].size:
-            input_ids.index_copy_(0, fix_rows, prev.out.token_ids[fix_src])
+            input_ids.index_copy_(0, fix_rows, prev_tokens[fix_src])
         qsl, seq_lens, tables = self.staging.upload(
             [inputs["qsl"], inputs["seq_lens"], inputs["block_tables"]], "inputs_i32")
         n = inputs["num_seqs"]

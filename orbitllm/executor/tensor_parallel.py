@@ -7,6 +7,11 @@ arrays (``StepChannel``), and every rank runs the same forward, whose all-reduce
 and logit gather meet in lockstep. NCCL carries the model's collectives on CUDA,
 gloo on CPU; the step broadcast always goes through a gloo group, so workers read
 it on the host and idle workers wait without a collective timeout.
+
+Overlapped scheduling launches step n+1 before the driver has read step n's sampled
+tokens: the driver broadcasts each step's sampled ids on the device right after
+sampling, and the rows of step n+1 that need them (``fix_rows``, ``fix_src``) travel
+with the step, so every rank fills them in from its own device copy.
 """
 from __future__ import annotations
 
@@ -67,8 +72,8 @@ class StepChannel:
 
     CAPACITY = 1 << 13
     # command, tokens, seqs, block-table width, sampled rows, logit-row groups,
-    # logit rows, max query len, max seq len, decode only, total length
-    HEADER = 11
+    # logit rows, pending-token rows, max query len, max seq len, decode only, total length
+    HEADER = 12
     STEP, STOP = 1, 0
 
     def __init__(self, group: dist.ProcessGroup) -> None:
@@ -76,17 +81,18 @@ class StepChannel:
         self.buffer = torch.zeros(self.CAPACITY, dtype=torch.int64)
 
     def send(self, inputs: dict) -> None:
-        groups = [rows for _, rows, _ in inputs["prompt_logprob_rows"]]
+        groups = [g for _, g, _ in inputs["prompt_logprob_rows"]]
+        rows = np.asarray([r for g in groups for r in g], np.int64)
         table = inputs["block_tables"]
         arrays = [inputs["input_ids"], inputs["positions"], inputs["slots"], inputs["qsl"],
                   inputs["seq_lens"], table.ravel(), inputs["sample_rows"],
-                  np.asarray([len(g) for g in groups], np.int64),
-                  np.asarray([r for g in groups for r in g], np.int64)]
+                  np.asarray([len(g) for g in groups], np.int64), rows,
+                  inputs["fix_rows"], inputs["fix_src"]]
         total = self.HEADER + sum(a.size for a in arrays)
         header = np.asarray([self.STEP, len(inputs["input_ids"]), inputs["num_seqs"],
                              table.shape[1], len(inputs["sample_rows"]), len(groups),
-                             arrays[-1].size, inputs["max_query_len"], inputs["max_seq_len"],
-                             inputs["decode_only"], total], np.int64)
+                             rows.size, len(inputs["fix_rows"]), inputs["max_query_len"],
+                             inputs["max_seq_len"], inputs["decode_only"], total], np.int64)
         packed = np.concatenate([header] + [a.astype(np.int64, copy=False) for a in arrays])
         self._broadcast(packed)
 
@@ -104,20 +110,19 @@ class StepChannel:
         """The next step's inputs, or None when the driver stops."""
         dist.broadcast(self.buffer, 0, group=self.group)
         packed = self.buffer.numpy()
-        cmd, T, B, W, S, G, P, max_q, max_s, decode_only, total = packed[:self.HEADER].tolist()
+        cmd, T, B, W, S, G, P, F, max_q, max_s, decode_only, total = packed[:self.HEADER].tolist()
         if cmd == self.STOP:
             return None
         if total > self.CAPACITY:
             tail = torch.empty(total - self.CAPACITY, dtype=torch.int64)
             dist.broadcast(tail, 0, group=self.group)
             packed = np.concatenate([packed, tail.numpy()])
-        sizes = [T, T, T, B + 1, B, B * W, S, G, P]
-        ids, pos, slots, qsl, seq_lens, table, sample_rows, group_lens, rows = np.split(
-            packed[self.HEADER:total].copy(), np.cumsum(sizes)[:-1])
+        sizes = [T, T, T, B + 1, B, B * W, S, G, P, F, F]
+        ids, pos, slots, qsl, seq_lens, table, sample_rows, group_lens, rows, fix_rows, fix_src = (
+            np.split(packed[self.HEADER:total].copy(), np.cumsum(sizes)[:-1]))
         bounds = np.cumsum([0] + group_lens.tolist()).tolist()
-        empty = np.zeros(0, np.int64)
         return {
-            "decode_only": bool(decode_only), "num_seqs": B, "fix_rows": empty, "fix_src": empty,
+            "decode_only": bool(decode_only), "num_seqs": B, "fix_rows": fix_rows, "fix_src": fix_src,
             "input_ids": ids, "positions": pos, "slots": slots, "qsl": qsl.astype(np.int32),
             "seq_lens": seq_lens.astype(np.int32), "block_tables": table.astype(np.int32).reshape(B, W),
             "max_query_len": max_q, "max_seq_len": max_s, "sample_rows": sample_rows,
@@ -204,10 +209,9 @@ class DriverRunner(ModelRunner):
             self.workers.raise_if_dead(wait=3.0)
             raise
 
-    def _forward(self, inputs: dict, prev: LaunchedStep | None):
-        assert not inputs["fix_rows"].size, "overlapped scheduling is off under tensor parallelism"
+    def _forward(self, inputs: dict, prev_tokens: torch.Tensor | None):
         self.channel.send(inputs)
-        return super()._forward(inputs, prev)
+        return super()._forward(inputs, prev_tokens)
 
     def _abort_on_worker_death(self) -> None:
         while not self._stopped:

@@ -5,8 +5,9 @@ Column-parallel layers (QKV, gate/up) split their outputs by heads or by columns
 and need no communication; row-parallel layers (o_proj, down_proj) split their
 inputs and end in one all-reduce each. The vocabulary is split in even chunks
 (the last padded), for the embedding (masked lookup + all-reduce) and the LM
-head (logits gathered on the driver, rank 0). With one rank nothing here
-communicates, so the single-process model runs exactly as before.
+head (logits gathered on the driver, rank 0; the tokens it samples are broadcast
+back for overlapped steps). With one rank nothing here communicates, so the
+single-process model runs exactly as before.
 """
 from __future__ import annotations
 
@@ -42,6 +43,13 @@ class Shard:
         parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
         dist.gather(x.contiguous(), parts, dst=0)
         return torch.cat(parts, dim=-1) if parts is not None else None
+
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """The driver's ``x`` on every rank (in place: other ranks pass a buffer of its
+        shape). On CUDA it is queued on the stream, without a host sync."""
+        if self.size > 1:
+            dist.broadcast(x, 0)
+        return x
 
     def min_over_ranks(self, value: int, device: torch.device) -> int:
         """The smallest ``value`` of all ranks (so every rank sizes its KV cache alike)."""
