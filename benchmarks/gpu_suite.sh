@@ -4,9 +4,15 @@
 #   A       Qwen3-0.6B: orbitllm and the transformers anchor on the same workload;
 #           Llama-3.1-8B: orbitllm throughput, single request, 8k prefill
 #   B       Llama-3.1-8B: the transformers anchor (with orbitllm again in the same run)
+#   check   Qwen3-0.6B figures, 8B single request, step profile, GPU tests, 0.6B anchor
+#   C       from an empty Triton cache: Qwen3-0.6B twice, 8B throughput, 8k prefill,
+#           single requests, 8B anchor
+#   tp      (two GPUs) Llama-3.1-8B single request N=1 / N=2, 8B throughput N=1,
+#           Llama-3.1-70B throughput N=2
 set -uo pipefail
 MODE=${1:-tests}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 python3 benchmarks/matmul_peak.py 2>&1 | tee -a "$OUT/gpu.txt"
@@ -14,7 +20,30 @@ B="python3 -m orbitllm bench throughput --random-weights --max-model-len 2048"
 run() { local name=$1; shift; echo "== $name: $*"; timeout 400 "$@" --output-json "$OUT/$name.json" 2>&1 | grep -v Warning | tail -22; }
 anchor() { echo "== anchor $1"; timeout 500 python3 benchmarks/anchor_hf.py --model "$1" --num-prompts ${NP:-256} \
   --orbitllm-json "$OUT/$2.json" --output-json "$OUT/anchor_$2.json" 2>&1 | grep -v Warning | tail -8; }
+S8="$B --model llama3.1-8b --num-prompts 1 --input-len 512 --output-len 256"
 case "$MODE" in
+  check)
+    run q06_throughput $B --model qwen3-0.6b --num-prompts ${NP:-256}
+    run q06_single $B --model qwen3-0.6b --num-prompts 1 --input-len 512 --output-len 256
+    run l8_single $S8
+    timeout 100 python3 benchmarks/profile_step.py --steps 100 2>&1 | head -30
+    timeout 150 python3 -m pytest -q -x -m gpu tests/test_kernels.py tests/test_gpu_engine.py 2>&1 | tail -8
+    anchor qwen3-0.6b q06_throughput ;;
+  C)
+    rm -rf ~/.triton/cache
+    run q06_throughput $B --model qwen3-0.6b --num-prompts ${NP:-256}
+    run q06_throughput_warm $B --model qwen3-0.6b --num-prompts ${NP:-256}
+    run l8_throughput $B --model llama3.1-8b --num-prompts ${NP:-256}
+    run l8_prefill8k python3 -m orbitllm bench throughput --random-weights --max-model-len 8192 \
+      --model llama3.1-8b --num-prompts 1 --input-len 8000 --output-len 1
+    run q06_single $B --model qwen3-0.6b --num-prompts 1 --input-len 512 --output-len 256
+    run l8_single $S8
+    anchor llama3.1-8b l8_throughput ;;
+  tp)
+    run l8_single $S8
+    run l8_single_tp2 $S8 --tensor-parallel-size 2
+    run l8_throughput $B --model llama3.1-8b --num-prompts ${NP:-256}
+    run l70_throughput_tp2 $B --model llama3.1-70b --num-prompts ${NP:-256} --tensor-parallel-size 2 ;;
   tests)
     timeout 300 python3 -m pytest -q -x -m gpu tests/test_kernels.py tests/test_gpu_engine.py 2>&1 | tail -15
     python3 benchmarks/profile_step.py --steps 100 2>&1 | head -30

@@ -64,3 +64,20 @@ def test_greedy_matches_transformers(tiny_models, references, family, mode):
     outs2 = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs2] == expected
     assert_all_blocks_free(llm)
+
+
+def test_start_up_prefill_warm_up_writes_no_kv(tiny_models):
+    """The dummy prefill that compiles the kernels at start-up (CUDA) must leave the
+    KV cache untouched and the engine's output unchanged; run it here on CPU."""
+    from orbitllm import LLM, SamplingParams
+    llm = LLM(tiny_models["llama"], device="cpu", dtype="float32", num_kv_blocks=64)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    before = llm.generate([[5, 6, 7, 8, 9]], params)[0].outputs[0].token_ids
+    runner = llm.engine.runner
+    cache = runner.kv_cache.clone()
+    runner._compile_prefill_path()
+    assert torch.equal(runner.kv_cache, cache)
+    llm.engine.reset_prefix_cache()
+    after = llm.generate([[5, 6, 7, 8, 9]], params)[0].outputs[0].token_ids
+    assert after == before
+    assert_all_blocks_free(llm)

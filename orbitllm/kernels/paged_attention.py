@@ -163,7 +163,11 @@ def _attend_tile(
 # ----------------------------------------------------------------------------- prefill
 
 
-@triton.jit
+# Triton compiles one variant per divisibility class (== 1, % 16 == 0, other) of each
+# integer argument. The block-table width and split count change from step to step,
+# so they are left unspecialized: otherwise a new variant compiles mid-run (seconds
+# of stall on a fresh machine) whenever the width first hits a multiple of 16.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
@@ -289,7 +293,7 @@ def paged_prefill_attention(
 # ----------------------------------------------------------------------------- decode
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
@@ -355,7 +359,7 @@ def _decode_kernel(
         tl.store(part_lse_ptr + part_row, m_i + tl.math.log2(l_i), mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, query_start_loc_ptr,
     num_heads, num_splits, stride_ot, stride_oh,

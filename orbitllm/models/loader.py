@@ -64,6 +64,14 @@ BUILTIN_SHAPES = {
                                       "high_freq_factor": 4.0,
                                       "original_max_position_embeddings": 8192},
                         tie_word_embeddings=False, torch_dtype="bfloat16", eos_token_id=128001),
+    "llama3.1-70b": dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256,
+                         hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                         num_attention_heads=64, num_key_value_heads=8,
+                         max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192},
+                         tie_word_embeddings=False, torch_dtype="bfloat16", eos_token_id=128001),
 }
 
 
