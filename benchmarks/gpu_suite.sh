@@ -7,6 +7,7 @@
 #   check   Qwen3-0.6B figures, 8B single request, step profile, GPU tests, 0.6B anchor
 #   C       from an empty Triton cache: Qwen3-0.6B twice, 8B throughput, 8k prefill,
 #           single requests, 8B anchor
+#   D       from an empty Triton cache: Qwen3-0.6B and 8B throughput, 0.6B again, GPU tests
 #   tp      (two GPUs) Llama-3.1-8B single request N=1 / N=2, 8B throughput N=1,
 #           Llama-3.1-70B throughput N=2
 set -uo pipefail
@@ -39,6 +40,12 @@ case "$MODE" in
     run q06_single $B --model qwen3-0.6b --num-prompts 1 --input-len 512 --output-len 256
     run l8_single $S8
     anchor llama3.1-8b l8_throughput ;;
+  D)
+    rm -rf ~/.triton/cache
+    run q06_throughput $B --model qwen3-0.6b --num-prompts ${NP:-256}
+    run l8_throughput $B --model llama3.1-8b --num-prompts ${NP:-256}
+    run q06_throughput_warm $B --model qwen3-0.6b --num-prompts ${NP:-256}
+    timeout 200 python3 -m pytest -q -x -m gpu tests/test_gpu_engine.py tests/test_kernels.py 2>&1 | tail -4 ;;
   tp)
     run l8_single $S8
     run l8_single_tp2 $S8 --tensor-parallel-size 2

@@ -60,7 +60,13 @@ class Staging:
     def upload(self, arrays: list[np.ndarray], name: str) -> list[torch.Tensor]:
         if self.device.type != "cuda":
             return [torch.from_numpy(a) for a in arrays]
-        total = sum(a.size for a in arrays)
+        # Each array starts 16-byte aligned: Triton compiles a kernel variant per
+        # pointer alignment, which would otherwise change with the arrays' lengths.
+        align = 16 // arrays[0].itemsize
+        offsets = [0]
+        for a in arrays:
+            offsets.append(offsets[-1] + -(-a.size // align) * align)
+        total = offsets[-1]
         turn = self._turns[name] = self._turns.get(name, 1) ^ 1
         host, done = self._buffers.get((name, turn), (None, None))
         if host is None or host.numel() < total:
@@ -69,7 +75,6 @@ class Staging:
         elif done is not None:
             done.synchronize()
         view = host.numpy()
-        offsets = np.cumsum([0] + [a.size for a in arrays]).tolist()
         for a, off in zip(arrays, offsets):
             view[off:off + a.size] = a.ravel()
         dev = host[:total].to(self.device, non_blocking=True)
