@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 python3 benchmarks/matmul_peak.py 2>&1 | tee -a "$OUT/gpu.txt"
 B="python3 -m orbitllm bench throughput --random-weights --max-model-len 2048"
-run() { local name=$1; shift; echo "== $name: $*"; timeout 400 "$@" --output-json "$OUT/$name.json" 2>&1 | grep -v Warning | tail -22; }
+run() { local name=$1; shift; echo "== $name: $*"; timeout ${T:-400} "$@" --output-json "$OUT/$name.json" 2>&1 | grep -v Warning | tail -22; }
 anchor() { echo "== anchor $1"; timeout 500 python3 benchmarks/anchor_hf.py --model "$1" --num-prompts ${NP:-256} \
   --orbitllm-json "$OUT/$2.json" --output-json "$OUT/anchor_$2.json" 2>&1 | grep -v Warning | tail -8; }
 S8="$B --model llama3.1-8b --num-prompts 1 --input-len 512 --output-len 256"
@@ -47,24 +47,10 @@ case "$MODE" in
     run q06_throughput_warm $B --model qwen3-0.6b --num-prompts ${NP:-256}
     timeout 200 python3 -m pytest -q -x -m gpu tests/test_gpu_engine.py tests/test_kernels.py 2>&1 | tail -4 ;;
   tp)
-    run l8_single $S8
-    run l8_single_tp2 $S8 --tensor-parallel-size 2
-    run l8_throughput $B --model llama3.1-8b --num-prompts ${NP:-256}
-    run l70_throughput_tp2 $B --model llama3.1-70b --num-prompts ${NP:-256} --tensor-parallel-size 2 ;;
-  tests)
-    timeout 300 python3 -m pytest -q -x -m gpu tests/test_kernels.py tests/test_gpu_engine.py 2>&1 | tail -15
-    python3 benchmarks/profile_step.py --steps 100 2>&1 | head -30
-    run q06_throughput $B --model qwen3-0.6b --num-prompts ${NP:-256}
-    run q06_single $B --model qwen3-0.6b --num-prompts 1 --input-len 512 --output-len 256 ;;
-  A)
-    run q06_throughput $B --model qwen3-0.6b --num-prompts ${NP:-256}
-    run q06_single $B --model qwen3-0.6b --num-prompts 1 --input-len 512 --output-len 256
-    anchor qwen3-0.6b q06_throughput
-    run l8_throughput $B --model llama3.1-8b --num-prompts ${NP:-256}
-    run l8_single $B --model llama3.1-8b --num-prompts 1 --input-len 512 --output-len 256
-    run l8_prefill8k python3 -m orbitllm bench throughput --random-weights --max-model-len 8192 \
-      --model llama3.1-8b --num-prompts 1 --input-len 8000 --output-len 1 ;;
-  B)
-    run l8_throughput $B --model llama3.1-8b --num-prompts ${NP:-256}
-    anchor llama3.1-8b l8_throughput ;;
+    nvidia-smi topo -m
+    T=80 run l8_single $S8
+    T=120 run l8_single_tp2 $S8 --tensor-parallel-size 2
+    [ -f "$OUT/l8_single_tp2.json" ] || T=90 run l8_single_tp2_eager $S8 --tensor-parallel-size 2 --enforce-eager
+    T=200 run l70_throughput_tp2 $B --model llama3.1-70b --num-prompts ${NP:-256} --tensor-parallel-size 2
+    T=80 run l8_throughput $B --model llama3.1-8b --num-prompts ${NP:-256} ;;
 esac
