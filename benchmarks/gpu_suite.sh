@@ -46,6 +46,8 @@ case "$MODE" in
     run l8_throughput $B --model llama3.1-8b --num-prompts ${NP:-256}
     run q06_throughput_warm $B --model qwen3-0.6b --num-prompts ${NP:-256}
     timeout 200 python3 -m pytest -q -x -m gpu tests/test_gpu_engine.py tests/test_kernels.py 2>&1 | tail -4 ;;
+  tp70)
+    T=300 run l70_throughput_tp2 $B --model llama3.1-70b --num-prompts ${NP:-256} --tensor-parallel-size 2 ;;
   tp)
     nvidia-smi topo -m
     T=80 run l8_single $S8

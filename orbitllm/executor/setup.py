@@ -60,7 +60,9 @@ def instantiate(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
     (they are loaded next)."""
     with torch.device("meta"):
         model = build_model(ckpt, shard)
-    model = model.to_empty(device=device).to(dtype)
+    # Cast on the meta device first: allocating in float32 and casting after would
+    # take twice the weights' memory at once (a 70B shard would not fit).
+    model = model.to(dtype).to_empty(device=device)
     model.rotary.build_cache(device)
     return model.eval()
 
@@ -137,6 +139,7 @@ def build_rank_runner(cfg: EngineConfig, shard: Shard, device: torch.device,
 
 def _auto_num_blocks(cfg: EngineConfig, device: torch.device, bytes_per_block: int) -> int:
     if device.type == "cuda":
+        torch.cuda.empty_cache()   # blocks the allocator caches count as used
         free, total = torch.cuda.mem_get_info(device)
         # Leave room for activations: what is free after the weights, minus the
         # part of the card the user keeps for others, minus 1 GiB of headroom.
