@@ -199,3 +199,51 @@ def test_sigterm_leaves_no_worker(tiny_models):
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=30)
     assert _gone(pids, within=5)
+
+
+TORCHRUN_SCRIPT = """
+import json, sys
+from orbitllm import LLM, SamplingParams
+path, out, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+llm = LLM(path, device="cpu", dtype="float32", num_kv_blocks=64, tensor_parallel_size=2)
+params = SamplingParams(max_tokens=%d, temperature=0.0, ignore_eos=True)
+outs = llm.generate(prompts, params, use_tqdm=False)
+with open(out, "w") as f:
+    json.dump([o.outputs[0].token_ids for o in outs], f)
+llm.shutdown()
+""" % MAX_NEW
+
+
+def test_torchrun_launch_matches_one_rank(tiny_models, tmp_path):
+    """The same program under ``torchrun --nproc-per-node 2``: rank 0 drives, rank 1
+    becomes a worker inside LLM(...) and exits when the driver stops; tokens equal N=1."""
+    import json
+    path = tiny_models["llama"]
+    prompts = _prompts(_vocab(path), lens=(5, 21, 40))
+    script, out = tmp_path / "prog.py", tmp_path / "tokens.json"
+    script.write_text(TORCHRUN_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_"))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(script), path, str(out), json.dumps(prompts)],
+        env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with LLM(path, device="cpu", dtype="float32", num_kv_blocks=64) as llm:
+        assert json.loads(out.read_text()) == _tokens(llm, prompts)
+        assert_all_blocks_free(llm)
+
+
+def test_torchrun_world_size_must_match(monkeypatch):
+    from orbitllm.config import EngineConfig
+    from orbitllm.executor.tensor_parallel import torchrun_shard
+    cfg = EngineConfig(model="x", tensor_parallel_size=2)
+    assert torchrun_shard(cfg) is None or "TORCHELASTIC_RUN_ID" in os.environ
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "t")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        torchrun_shard(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    shard, local = torchrun_shard(cfg)
+    assert (shard.rank, shard.size, local) == (1, 2, 1)

@@ -1,7 +1,9 @@
-"""Tensor parallelism across processes of one host, on torch.distributed.
+"""Tensor parallelism across processes, on torch.distributed.
 
-The driver (rank 0, the engine's own process) starts ``N - 1`` worker processes,
-each holding its shard of the weights and of the KV cache. The scheduler, KV
+The driver (rank 0, the engine's own process) starts ``N - 1`` worker processes on
+its host, each holding its shard of the weights and of the KV cache. Under
+``torchrun`` (one or several hosts) every rank runs the user's program instead:
+rank 0 becomes the driver and the others turn into workers inside ``LLM(...)``. The scheduler, KV
 manager and sampler run only on the driver: each step it broadcasts the step's
 arrays (``StepChannel``), and every rank runs the same forward, whose all-reduces
 and logit gather meet in lockstep. NCCL carries the model's collectives on CUDA,
@@ -47,11 +49,23 @@ class WorkerDiedError(RuntimeError):
     """A tensor-parallel worker process exited; the engine cannot go on."""
 
 
-def rank_device(device: torch.device, rank: int) -> torch.device:
-    """Rank r uses the r-th GPU after the one asked for; CPU ranks share the CPU."""
+def rank_device(device: torch.device, local_rank: int) -> torch.device:
+    """Rank r of a host uses the r-th GPU after the one asked for; CPU ranks share the CPU."""
     if device.type != "cuda":
         return device
-    return torch.device("cuda", (device.index or 0) + rank)
+    return torch.device("cuda", (device.index or 0) + local_rank)
+
+
+def torchrun_shard(cfg: EngineConfig) -> tuple[Shard, int] | None:
+    """(this process's shard, its rank on this host) when ``torchrun`` started it,
+    else None. Every rank runs the user's program; the ranks after 0 become workers."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if size != cfg.tensor_parallel_size:
+        raise ValueError(f"tensor_parallel_size: {cfg.tensor_parallel_size} does not match "
+                         f"torchrun's world size {size}")
+    return Shard(rank, size), int(os.environ.get("LOCAL_RANK", rank))
 
 
 def init_distributed(shard: Shard, init_method: str, device: torch.device) -> dist.ProcessGroup:
@@ -173,6 +187,20 @@ class WorkerProcesses:
                 p.join()
 
 
+class TorchrunRanks:
+    """The workers when ``torchrun`` started every rank: nothing to spawn or watch here
+    (torchrun's agent stops all ranks when one fails); stopping them is the STOP step."""
+
+    procs: list = []
+
+    def raise_if_dead(self, wait: float = 0.0) -> None:
+        return None
+
+    def stop(self, channel: StepChannel | None) -> None:
+        if channel is not None:
+            channel.send_stop()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -189,7 +217,7 @@ class DriverRunner(ModelRunner):
         self.workers, self.channel = workers, channel
         self._stopped = False
         atexit.register(self.shutdown)
-        if self.device.type == "cuda":   # NCCL does not notice a dead peer: abort for it
+        if self.device.type == "cuda" and workers.procs:   # NCCL does not notice a dead peer
             threading.Thread(target=self._abort_on_worker_death, daemon=True).start()
 
     def launch(self, sched: SchedulerOutput, prev: LaunchedStep | None = None) -> LaunchedStep:
@@ -236,12 +264,26 @@ def start_driver(cfg: EngineConfig, device: torch.device, build_runner) -> Drive
     if dist.is_initialized():
         raise RuntimeError("tensor_parallel_size: torch.distributed is already initialized in "
                            "this process (one tensor-parallel engine per process)")
-    device = rank_device(device, 0)
-    workers = WorkerProcesses(cfg)
+    launched = torchrun_shard(cfg)
+    if launched is not None and launched[0].rank > 0:
+        shard, local_rank = launched
+        try:
+            run_worker(cfg, shard, "env://", rank_device(device, local_rank))
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        raise SystemExit(0)   # this rank's part of the program ends with the driver
+    if launched is not None:
+        device = rank_device(device, launched[1])
+        workers, init_method = TorchrunRanks(), "env://"
+    else:
+        device = rank_device(device, 0)
+        workers = WorkerProcesses(cfg)
+        init_method = workers.init_method
     channel = None
     try:
         channel = StepChannel(init_distributed(Shard(0, cfg.tensor_parallel_size),
-                                               workers.init_method, device))
+                                               init_method, device))
         make = functools.partial(DriverRunner, workers=workers, channel=channel)
         return build_runner(Shard(0, cfg.tensor_parallel_size), device, make)
     except BaseException:
@@ -255,15 +297,9 @@ def worker_main(cfg: EngineConfig, shard: Shard, init_method: str, parent_pid: i
     """A worker process: build this rank's shard, then mirror the driver's steps
     until it says stop. Exits with its parent, however the parent ends."""
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
-    from orbitllm.executor.setup import build_rank_runner, resolve_device
+    from orbitllm.executor.setup import resolve_device
     try:
-        device = rank_device(resolve_device(cfg.device), shard.rank)
-        if device.type == "cpu":   # ranks share the cores; oversubscribed threads spin
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // shard.size))
-        channel = StepChannel(init_distributed(shard, init_method, device))
-        runner = build_rank_runner(cfg, shard, device)
-        while (inputs := channel.recv()) is not None:
-            runner.mirror_step(inputs)
+        run_worker(cfg, shard, init_method, rank_device(resolve_device(cfg.device), shard.rank))
     except KeyboardInterrupt:   # Ctrl-C reaches the whole process group; the driver handles it
         pass
     except Exception:
@@ -273,6 +309,18 @@ def worker_main(cfg: EngineConfig, shard: Shard, init_method: str, parent_pid: i
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def run_worker(cfg: EngineConfig, shard: Shard, init_method: str, device: torch.device) -> None:
+    """A worker rank: join the group, build this rank's shard, mirror the driver's
+    steps until it says stop."""
+    from orbitllm.executor.setup import build_rank_runner
+    if device.type == "cpu":   # ranks share the cores; oversubscribed threads spin
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // shard.size))
+    channel = StepChannel(init_distributed(shard, init_method, device))
+    runner = build_rank_runner(cfg, shard, device)
+    while (inputs := channel.recv()) is not None:
+        runner.mirror_step(inputs)
 
 
 def _exit_with_parent(parent_pid: int) -> None:
