@@ -50,28 +50,22 @@ class Checkpoint:
 
 
 # Shapes that need no checkpoint, for benchmarks with random weights (load_format="dummy").
+_LLAMA31_COMMON = dict(
+    model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256,
+    num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    tie_word_embeddings=False, torch_dtype="bfloat16", eos_token_id=128001)
 BUILTIN_SHAPES = {
     "qwen3-0.6b": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], vocab_size=151936,
                        hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                        num_attention_heads=16, num_key_value_heads=8, head_dim=128,
                        max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
                        tie_word_embeddings=True, torch_dtype="bfloat16", eos_token_id=151645),
-    "llama3.1-8b": dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256,
-                        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                        num_attention_heads=32, num_key_value_heads=8,
-                        max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
-                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                      "high_freq_factor": 4.0,
-                                      "original_max_position_embeddings": 8192},
-                        tie_word_embeddings=False, torch_dtype="bfloat16", eos_token_id=128001),
-    "llama3.1-70b": dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256,
-                         hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                         num_attention_heads=64, num_key_value_heads=8,
-                         max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
-                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                       "high_freq_factor": 4.0,
-                                       "original_max_position_embeddings": 8192},
-                         tie_word_embeddings=False, torch_dtype="bfloat16", eos_token_id=128001),
+    "llama3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, **_LLAMA31_COMMON),
+    "llama3.1-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                         num_attention_heads=64, **_LLAMA31_COMMON),
 }
 
 
