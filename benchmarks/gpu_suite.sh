@@ -8,6 +8,8 @@
 #   C       from an empty Triton cache: Qwen3-0.6B twice, 8B throughput, 8k prefill,
 #           single requests, 8B anchor
 #   D       from an empty Triton cache: Qwen3-0.6B and 8B throughput, 0.6B again, GPU tests
+#   tp2     (two GPUs) GPU TP tests; 8B single request N=1, N=2 (NCCL), N=2 (symm_mem all-reduce);
+#           70B throughput N=2 with symm_mem
 #   tp      (two GPUs) Llama-3.1-8B single request N=1 / N=2, 8B throughput N=1,
 #           Llama-3.1-70B throughput N=2
 set -uo pipefail
@@ -48,6 +50,13 @@ case "$MODE" in
     timeout 200 python3 -m pytest -q -x -m gpu tests/test_gpu_engine.py tests/test_kernels.py 2>&1 | tail -4 ;;
   tp70)
     T=300 run l70_throughput_tp2 $B --model llama3.1-70b --num-prompts ${NP:-256} --tensor-parallel-size 2 ;;
+  tp2)
+    timeout 200 python3 -m pytest -q -x -m gpu tests/test_gpu_engine.py -k tensor_parallel 2>&1 | tail -4
+    T=80 run l8_single $S8
+    T=120 run l8_single_tp2 $S8 --tensor-parallel-size 2
+    T=120 run l8_single_tp2_symm $S8 --tensor-parallel-size 2 --tp-all-reduce symm_mem
+    T=200 run l70_throughput_tp2_symm $B --model llama3.1-70b --num-prompts ${NP:-256} \
+      --tensor-parallel-size 2 --tp-all-reduce symm_mem ;;
   tp)
     nvidia-smi topo -m
     T=80 run l8_single $S8

@@ -32,3 +32,22 @@ def test_triton_matches_torch_backend(tiny_models, family):
     assert results["triton_eager"] == results["torch"]
     assert results["triton_graphs"] == results["torch"]
     assert results["triton_chunked"] == results["torch"]
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available()
+                    or __import__("torch").cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_tensor_parallel_on_gpus_matches_one_gpu(tiny_models, family):
+    """N=2 over NCCL (all-reduce captured in the CUDA graphs) and with the symmetric-
+    memory all-reduce give N=1's greedy tokens."""
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    results = {}
+    for name, kwargs in {"n1": {}, "n2_nccl": dict(tensor_parallel_size=2),
+                         "n2_symm_mem": dict(tensor_parallel_size=2, tp_all_reduce="symm_mem")}.items():
+        with LLM(tiny_models[family], dtype="float32", num_kv_blocks=128, max_model_len=1024,
+                 max_num_seqs=8, **kwargs) as llm:
+            outs = llm.generate(_prompts(), params, use_tqdm=False)
+            results[name] = [o.outputs[0].token_ids for o in outs]
+            assert_all_blocks_free(llm)
+    assert results["n2_nccl"] == results["n1"]
+    assert results["n2_symm_mem"] == results["n1"]

@@ -247,3 +247,10 @@ def test_torchrun_world_size_must_match(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     shard, local = torchrun_shard(cfg)
     assert (shard.rank, shard.size, local) == (1, 2, 1)
+
+
+def test_symm_mem_all_reduce_needs_cuda(tiny_models):
+    with pytest.raises(ValueError, match="tp_all_reduce"):
+        LLM(tiny_models["llama"], device="cpu", tensor_parallel_size=2, tp_all_reduce="symm_mem")
+    with pytest.raises(ValueError, match="tp_all_reduce"):
+        LLM(tiny_models["llama"], device="cpu", tp_all_reduce="ring")

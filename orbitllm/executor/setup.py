@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -10,7 +10,7 @@ import torch
 from orbitllm.config import EngineConfig
 from orbitllm.executor.model_runner import ModelRunner
 from orbitllm.kv.kv_manager import KVCacheManager
-from orbitllm.layers.tensor_parallel import Shard
+from orbitllm.layers.tensor_parallel import Shard, SymmMemAllReduce
 from orbitllm.models.llama import LlamaForCausalLM
 from orbitllm.models.loader import Checkpoint, build_model, open_checkpoint, open_shape
 
@@ -89,6 +89,8 @@ def open_model(cfg: EngineConfig) -> Checkpoint:
 
 def build_engine_parts(cfg: EngineConfig) -> EngineParts:
     device = resolve_device(cfg.device)
+    if cfg.tp_all_reduce == "symm_mem" and cfg.tensor_parallel_size > 1 and device.type != "cuda":
+        raise ValueError("tp_all_reduce: symm_mem needs CUDA devices; use nccl (gloo on CPU)")
     ckpt = open_model(cfg)
     tokenizer = ckpt.load_tokenizer()
     eos = eos_ids(ckpt, tokenizer)
@@ -112,6 +114,10 @@ def build_rank_runner(cfg: EngineConfig, shard: Shard, device: torch.device,
     and ranks agree on the number of KV blocks (the smallest any of them fits)."""
     ckpt = ckpt or open_model(cfg)
     dtype = resolve_dtype(cfg.dtype, ckpt.config, device)
+    if cfg.tp_all_reduce == "symm_mem" and shard.size > 1:
+        rows = cfg.max_num_seqs   # a decode step's all-reduce; larger ones go through NCCL
+        shard = replace(shard, fast_all_reduce=SymmMemAllReduce(
+            rows * ckpt.config.hidden_size, dtype, device))
     model = instantiate(ckpt, device, dtype, shard)
     if cfg.load_format == "dummy":
         init_random_weights(model, cfg.seed)
