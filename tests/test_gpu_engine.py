@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from conftest import FAMILIES, assert_all_blocks_free
 from orbitllm import LLM, SamplingParams
@@ -34,8 +35,7 @@ def test_triton_matches_torch_backend(tiny_models, family):
     assert results["triton_chunked"] == results["torch"]
 
 
-@pytest.mark.skipif(not __import__("torch").cuda.is_available()
-                    or __import__("torch").cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_tensor_parallel_on_gpus_matches_one_gpu(tiny_models, family):
     """N=2 over NCCL (all-reduce captured in the CUDA graphs) and with the symmetric-
