@@ -3,10 +3,10 @@
 The driver (rank 0, the engine's own process) starts ``N - 1`` worker processes on
 its host, each holding its shard of the weights and of the KV cache. Under
 ``torchrun`` (one or several hosts) every rank runs the user's program instead:
-rank 0 becomes the driver and the others turn into workers inside ``LLM(...)``. The scheduler, KV
-manager and sampler run only on the driver: each step it broadcasts the step's
-arrays (``StepChannel``), and every rank runs the same forward, whose all-reduces
-and logit gather meet in lockstep. NCCL carries the model's collectives on CUDA,
+rank 0 becomes the driver and the others turn into workers inside ``LLM(...)``.
+The scheduler, KV manager and sampler run only on the driver: each step it
+broadcasts the step's arrays (``StepChannel``), and every rank runs the same
+forward, whose all-reduces and logit gather meet in lockstep. NCCL carries the model's collectives on CUDA,
 gloo on CPU; the step broadcast always goes through a gloo group, so workers read
 it on the host and idle workers wait without a collective timeout.
 
@@ -26,6 +26,7 @@ import threading
 import time
 import traceback
 from datetime import timedelta
+from typing import Callable
 
 import numpy as np
 import torch
@@ -268,7 +269,9 @@ def start_driver(cfg: EngineConfig, device: torch.device, build_runner) -> Drive
     if launched is not None and launched[0].rank > 0:
         shard, local_rank = launched
         try:
-            run_worker(cfg, shard, "env://", rank_device(device, local_rank))
+            # The driver's builder: reuses the checkpoint this process already opened.
+            run_worker(shard, "env://", rank_device(device, local_rank),
+                       lambda s, d: build_runner(s, d, ModelRunner))
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
@@ -297,9 +300,10 @@ def worker_main(cfg: EngineConfig, shard: Shard, init_method: str, parent_pid: i
     """A worker process: build this rank's shard, then mirror the driver's steps
     until it says stop. Exits with its parent, however the parent ends."""
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
-    from orbitllm.executor.setup import resolve_device
+    from orbitllm.executor.setup import build_rank_runner, resolve_device
     try:
-        run_worker(cfg, shard, init_method, rank_device(resolve_device(cfg.device), shard.rank))
+        run_worker(shard, init_method, rank_device(resolve_device(cfg.device), shard.rank),
+                   functools.partial(build_rank_runner, cfg))
     except KeyboardInterrupt:   # Ctrl-C reaches the whole process group; the driver handles it
         pass
     except Exception:
@@ -311,14 +315,14 @@ def worker_main(cfg: EngineConfig, shard: Shard, init_method: str, parent_pid: i
             dist.destroy_process_group()
 
 
-def run_worker(cfg: EngineConfig, shard: Shard, init_method: str, device: torch.device) -> None:
-    """A worker rank: join the group, build this rank's shard, mirror the driver's
-    steps until it says stop."""
-    from orbitllm.executor.setup import build_rank_runner
+def run_worker(shard: Shard, init_method: str, device: torch.device,
+               build: Callable[[Shard, torch.device], ModelRunner]) -> None:
+    """A worker rank: join the group, build this rank's shard with ``build(shard,
+    device)``, mirror the driver's steps until it says stop."""
     if device.type == "cpu":   # ranks share the cores; oversubscribed threads spin
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // shard.size))
     channel = StepChannel(init_distributed(shard, init_method, device))
-    runner = build_rank_runner(cfg, shard, device)
+    runner = build(shard, device)
     while (inputs := channel.recv()) is not None:
         runner.mirror_step(inputs)
 
