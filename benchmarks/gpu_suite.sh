@@ -10,6 +10,9 @@
 #   D       from an empty Triton cache: Qwen3-0.6B and 8B throughput, 0.6B again, GPU tests
 #   tp2     (two GPUs) GPU TP tests; 8B single request N=1, N=2 (NCCL), N=2 (symm_mem all-reduce);
 #           70B throughput N=2 with symm_mem
+#   tp3     (two GPUs) peer-reduce kernel + GPU TP tests; 8B single request N=1, N=2 (NCCL),
+#           N=2 (--tp-all-reduce symm_mem: fused peer-memory all-reduce + add + RMSNorm);
+#           kernel profile of the N=2 symm_mem decode step
 #   tp      (two GPUs) Llama-3.1-8B single request N=1 / N=2, 8B throughput N=1,
 #           Llama-3.1-70B throughput N=2
 set -uo pipefail
@@ -57,6 +60,15 @@ case "$MODE" in
     T=120 run l8_single_tp2_symm $S8 --tensor-parallel-size 2 --tp-all-reduce symm_mem
     T=200 run l70_throughput_tp2_symm $B --model llama3.1-70b --num-prompts ${NP:-256} \
       --tensor-parallel-size 2 --tp-all-reduce symm_mem ;;
+  tp3)
+    timeout 240 python3 -m pytest -q -x tests/test_kernels.py -k peer_reduce > "$OUT/tests.txt" 2>&1
+    timeout 240 python3 -m pytest -q -x tests/test_gpu_engine.py -k tensor_parallel >> "$OUT/tests.txt" 2>&1
+    tail -15 "$OUT/tests.txt"
+    T=80 run l8_single $S8
+    T=120 run l8_single_tp2 $S8 --tensor-parallel-size 2
+    T=120 run l8_single_tp2_symm $S8 --tensor-parallel-size 2 --tp-all-reduce symm_mem
+    timeout 150 python3 benchmarks/profile_tp.py --tp 2 --tp-all-reduce symm_mem 2>&1 \
+      | grep -v "Warning\|warn\|USDT" | cut -c1-72,170-215 | head -36 ;;
   tp)
     nvidia-smi topo -m
     T=80 run l8_single $S8

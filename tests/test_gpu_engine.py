@@ -38,8 +38,9 @@ def test_triton_matches_torch_backend(tiny_models, family):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_tensor_parallel_on_gpus_matches_one_gpu(tiny_models, family):
-    """N=2 over NCCL (all-reduce captured in the CUDA graphs) and with the symmetric-
-    memory all-reduce give N=1's greedy tokens."""
+    """N=2 over NCCL (all-reduce captured in the CUDA graphs) and with the fused
+    peer-memory all-reduce + add + RMSNorm (decode steps; prefill steps of more than
+    max_num_seqs rows fall back to NCCL) give N=1's greedy tokens."""
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     results = {}
     for name, kwargs in {"n1": {}, "n2_nccl": dict(tensor_parallel_size=2),

@@ -10,7 +10,7 @@ import torch
 from orbitllm.config import EngineConfig
 from orbitllm.executor.model_runner import ModelRunner
 from orbitllm.kv.kv_manager import KVCacheManager
-from orbitllm.layers.tensor_parallel import Shard, SymmMemAllReduce
+from orbitllm.layers.tensor_parallel import PeerAllReduce, Shard
 from orbitllm.models.llama import LlamaForCausalLM
 from orbitllm.models.loader import Checkpoint, build_model, open_checkpoint, open_shape
 
@@ -115,9 +115,9 @@ def build_rank_runner(cfg: EngineConfig, shard: Shard, device: torch.device,
     ckpt = ckpt or open_model(cfg)
     dtype = resolve_dtype(cfg.dtype, ckpt.config, device)
     if cfg.tp_all_reduce == "symm_mem" and shard.size > 1:
-        rows = cfg.max_num_seqs   # a decode step's all-reduce; larger ones go through NCCL
-        shard = replace(shard, fast_all_reduce=SymmMemAllReduce(
-            rows * ckpt.config.hidden_size, dtype, device))
+        # Steps of up to max_num_seqs rows (decode); larger ones (prefill) use NCCL.
+        shard = replace(shard, peer_reduce=PeerAllReduce(
+            cfg.max_num_seqs, ckpt.config.hidden_size, dtype, device))
     model = instantiate(ckpt, device, dtype, shard)
     if cfg.load_format == "dummy":
         init_random_weights(model, cfg.seed)

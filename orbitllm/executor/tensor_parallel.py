@@ -246,6 +246,8 @@ class DriverRunner(ModelRunner):
         while not self._stopped:
             if any(p.exitcode is not None for p in self.workers.procs):
                 log.error("a tensor-parallel worker died; aborting the NCCL communicator")
+                if self.model.shard.peer_reduce is not None:   # a kernel may wait for it
+                    self.model.shard.peer_reduce.release()
                 dist.distributed_c10d._abort_process_group()
                 return
             time.sleep(0.5)

@@ -3,7 +3,8 @@ the collectives that put the slices back together.
 
 Column-parallel layers (QKV, gate/up) split their outputs by heads or by columns
 and need no communication; row-parallel layers (o_proj, down_proj) split their
-inputs and end in one all-reduce each. The vocabulary is split in even chunks
+inputs, and their partial outputs are summed over the ranks together with the
+residual add + RMSNorm that follows (``Shard.reduce_norm``). The vocabulary is split in even chunks
 (the last padded), for the embedding (masked lookup + all-reduce) and the LM
 head (logits gathered on the driver, rank 0; the tokens it samples are broadcast
 back for overlapped steps). With one rank nothing here communicates, so the
@@ -26,8 +27,8 @@ class Shard:
 
     rank: int = 0
     size: int = 1
-    # A faster path for the small all-reduces of decode steps (SymmMemAllReduce), or None.
-    fast_all_reduce: "SymmMemAllReduce | None" = field(default=None, compare=False, repr=False)
+    # Fused peer-memory all-reduce + add + RMSNorm for decode-sized steps, or None.
+    peer_reduce: "PeerAllReduce | None" = field(default=None, compare=False, repr=False)
 
     def split(self, n: int) -> tuple[int, int]:
         """(start, length) of this rank's even part of ``n``."""
@@ -35,10 +36,27 @@ class Shard:
         return self.rank * part, part
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum the partial results of a row-parallel layer (in place)."""
-        if self.size > 1 and not (self.fast_all_reduce is not None and self.fast_all_reduce(x)):
+        """Sum the partial results of all ranks (in place)."""
+        if self.size > 1:
             dist.all_reduce(x)
         return x
+
+    def row_parallel(self, x: torch.Tensor, weight: torch.Tensor, slot: int) -> torch.Tensor:
+        """This rank's partial ``x @ weight.T`` of a row-parallel layer (sum it with
+        ``reduce_norm``). Written straight into the peer-read buffer ``slot`` when the
+        fused path takes the step."""
+        out = self.peer_reduce.output(x.shape[0], slot) if self.peer_reduce is not None else None
+        if out is None:
+            return F.linear(x, weight)
+        return torch.mm(x, weight.t(), out=out)
+
+    def reduce_norm(self, partial: torch.Tensor, residual: torch.Tensor, norm: nn.Module,
+                    slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``norm(sum over ranks of partial, residual)``: (normed, new residual)."""
+        fast = self.peer_reduce
+        if fast is not None and fast.holds(partial, slot):
+            return fast.reduce_add_norm(partial.shape[0], slot, residual, norm.weight, norm.eps)
+        return norm(self.all_reduce(partial), residual)
 
     def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor | None:
         """Concatenate every rank's ``x`` along the last dim on the driver; None elsewhere."""
@@ -62,31 +80,55 @@ class Shard:
         return int(t.item())
 
 
-class SymmMemAllReduce:
-    """One-shot all-reduce through torch symmetric memory: each rank stages its partial
-    sum in a buffer that every GPU of the group maps, and each GPU reads its peers'
-    copies directly over NVLink. For the few rows of a decode step that is one small
-    kernel, where NCCL's ring protocol takes tens of µs; messages larger than the
-    buffer (prefill) go through NCCL. No multicast (NVLS) is used."""
+class PeerAllReduce:
+    """The all-reduces of steps of up to ``max_rows`` rows, fused with the add + RMSNorm
+    after them (``kernels/peer_reduce.py``): each rank's row-parallel matmul writes
+    into its slot of a torch symmetric-memory buffer, which every GPU of the group
+    maps, and one kernel per call syncs the ranks, sums the slots over NVLink and
+    normalizes. Larger steps (prefill) go through NCCL. No multicast (NVLS) is used."""
 
-    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device) -> None:
+    SLOTS = 2   # 0: attention outputs, 1: MLP outputs (they alternate)
+
+    def __init__(self, max_rows: int, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
         import torch.distributed._symmetric_memory as symm_mem
-        self.group_name = dist.group.WORLD.group_name
-        self.buffer = symm_mem.empty(numel, dtype=dtype, device=device)
-        symm_mem.rendezvous(self.buffer, self.group_name)
+        self.max_rows, self.hidden = max_rows, hidden
+        self.slot_numel = max_rows * hidden
+        self.buffer = symm_mem.empty(self.SLOTS * self.slot_numel, dtype=dtype, device=device)
+        self.handle = symm_mem.rendezvous(self.buffer, dist.group.WORLD.group_name)
+        self.rank, self.world = self.handle.rank, self.handle.world_size
+        flags = max_rows * self.world
+        if self.handle.signal_pad_size < 4 * flags:
+            raise ValueError(f"max_num_seqs: {max_rows} rows need {4 * flags} bytes of signal "
+                             f"pad, symmetric memory has {self.handle.signal_pad_size}")
+        self.handle.get_signal_pad(self.rank, (flags,), dtype=torch.int32).zero_()
+        self.epochs = torch.zeros(max_rows, dtype=torch.int32, device=device)
+        torch.cuda.synchronize(device)
+        dist.barrier()   # every pad is cleared before any rank signals
 
-    def __call__(self, x: torch.Tensor) -> bool:
-        """Sum ``x`` over the ranks in place; False (nothing done) if it does not fit.
-        Every rank decides alike, since all see the same shapes."""
-        n = x.numel()
-        if n > self.buffer.numel() or x.dtype != self.buffer.dtype or not x.is_contiguous():
-            return False
-        staged = self.buffer[:n]
-        staged.copy_(x.view(-1))
-        # The kernel's closing barrier keeps the buffer from being refilled before
-        # every peer has read it.
-        torch.ops.symm_mem.one_shot_all_reduce_out(staged, "sum", self.group_name, x.view(-1))
-        return True
+    def output(self, rows: int, slot: int) -> torch.Tensor | None:
+        """Where this rank's partial of ``rows`` rows goes, or None (too many: NCCL)."""
+        if rows > self.max_rows:
+            return None
+        start = slot * self.slot_numel
+        return self.buffer[start:start + rows * self.hidden].view(rows, self.hidden)
+
+    def holds(self, partial: torch.Tensor, slot: int) -> bool:
+        return (partial.shape[0] <= self.max_rows and partial.data_ptr() ==
+                self.buffer.data_ptr() + slot * self.slot_numel * self.buffer.element_size())
+
+    def reduce_add_norm(self, rows: int, slot: int, residual: torch.Tensor, weight: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        from orbitllm.kernels.peer_reduce import peer_reduce_add_norm
+        return peer_reduce_add_norm(self.handle.buffer_ptrs_dev, self.handle.signal_pad_ptrs_dev,
+                                    self.epochs, self.rank, self.world, slot * self.slot_numel,
+                                    rows, residual, weight, eps)
+
+    def release(self) -> None:
+        """Let this rank's waits pass for good (a peer died and will never signal), so
+        the engine reaches its next NCCL collective and reports the dead rank."""
+        pad = self.handle.get_signal_pad(self.rank, (self.max_rows * self.world,), dtype=torch.int32)
+        with torch.cuda.stream(torch.cuda.Stream(pad.device)):   # beside the waiting kernel
+            pad.fill_(1 << 30)
 
 
 def kv_heads_per_rank(num_kv_heads: int, size: int) -> int:

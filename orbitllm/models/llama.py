@@ -77,8 +77,13 @@ def _sliding_windows(config) -> list[int | None]:
     return [window] * config.num_hidden_layers
 
 
+# The buffer slots of the fused all-reduce (PeerAllReduce): attention and MLP outputs alternate.
+ATTN_SLOT, MLP_SLOT = 0, 1
+
+
 class Attention(nn.Module):
-    """This rank's heads: QKV column-parallel, o_proj row-parallel (+ one all-reduce)."""
+    """This rank's heads: QKV column-parallel, o_proj row-parallel (returns this rank's
+    partial sum)."""
 
     def __init__(self, spec: DecoderSpec, layer: int, rotary: RotaryEmbedding, shard: Shard) -> None:
         super().__init__()
@@ -105,11 +110,11 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window)
-        return self.shard.all_reduce(self.o_proj(o.reshape(-1, self.q_size)))
+        return self.shard.row_parallel(o.reshape(-1, self.q_size), self.o_proj.weight, ATTN_SLOT)
 
 
 class MLP(nn.Module):
-    """This rank's columns of gate/up and rows of down_proj (+ one all-reduce)."""
+    """This rank's columns of gate/up and rows of down_proj (returns this rank's partial sum)."""
 
     def __init__(self, spec: DecoderSpec, shard: Shard) -> None:
         super().__init__()
@@ -122,9 +127,11 @@ class MLP(nn.Module):
         gate_up = self.gate_up_proj(x)
         ops = fused_ops_for(gate_up)
         if ops is not None:
-            return self.shard.all_reduce(self.down_proj(ops.silu_and_mul(gate_up)))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.shard.all_reduce(self.down_proj(F.silu(gate) * up))
+            act = ops.silu_and_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        return self.shard.row_parallel(act, self.down_proj.weight, MLP_SLOT)
 
 
 class DecoderLayer(nn.Module):
@@ -134,14 +141,17 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(spec, layer, rotary, shard)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec, shard)
+        self.shard = shard
 
     def forward(self, positions, x, residual, kv_cache, meta, backend):
+        """``x``: the embedding (first layer, ``residual`` None) or the previous layer's
+        MLP partial sum. Returns this layer's MLP partial sum and the residual stream."""
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
-            x, residual = self.input_layernorm(x, residual)
+            x, residual = self.shard.reduce_norm(x, residual, self.input_layernorm, MLP_SLOT)
         x = self.self_attn(positions, x, kv_cache, meta, backend)
-        x, residual = self.post_attention_layernorm(x, residual)
+        x, residual = self.shard.reduce_norm(x, residual, self.post_attention_layernorm, ATTN_SLOT)
         return self.mlp(x), residual
 
 
@@ -178,7 +188,7 @@ class LlamaForCausalLM(nn.Module):
         x, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(positions, x, residual, kv_cache, meta, backend)
-        x, _ = self.norm(x, residual)
+        x, _ = self.shard.reduce_norm(x, residual, self.norm, MLP_SLOT)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:

@@ -1,0 +1,69 @@
+"""Where a single request's decode step goes, with or without tensor parallelism:
+wall time per step, the driver's device time per step, and the kernels of 30 steps
+(torch.profiler on the driver, rank 0).
+
+    python benchmarks/profile_tp.py --model llama3.1-8b --tp 2 --tp-all-reduce symm_mem
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from orbitllm import LLM, SamplingParams
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="llama3.1-8b")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--tp-all-reduce", default="nccl")
+    p.add_argument("--input-len", type=int, default=512)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--rows", type=int, default=28, help="kernel table rows")
+    args = p.parse_args()
+    llm = LLM(args.model, load_format="dummy", max_model_len=2048, tensor_parallel_size=args.tp,
+              tp_all_reduce=args.tp_all_reduce)
+    eng = llm.engine
+    rng = random.Random(0)
+    prompt = [rng.randrange(10, eng.vocab_size - 10) for _ in range(args.input_len)]
+    eng.add_request("p0", {"prompt_token_ids": prompt},
+                    SamplingParams(max_tokens=4 * args.steps + 100, temperature=0, ignore_eos=True),
+                    final_only=True)
+    for _ in range(10):
+        eng.step()
+    sync()
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        eng.step()
+    sync()
+    wall = (time.perf_counter() - t) / args.steps * 1e3
+    tag = f"{args.model} tp={args.tp} all_reduce={args.tp_all_reduce}"
+    print(f"[{tag}] wall {wall:.3f} ms/step over {args.steps} decode steps")
+
+    steps = 30
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            eng.step()
+        sync()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in kernels) / steps / 1e3
+    if kernels:
+        span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels))
+        print(f"[{tag}] device kernels: {len(kernels) / steps:.0f} per step, busy {busy:.3f} ms/step, "
+              f"span {span / steps / 1e3:.3f} ms/step")
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=args.rows,
+                                      max_name_column_width=70)
+    print(table)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
