@@ -174,12 +174,14 @@ class WorkerProcesses:
             time.sleep(0.05)
 
     def stop(self, channel: StepChannel | None) -> None:
-        """Ask the workers to exit (if the channel is usable), then make sure they do."""
+        """Ask the workers to exit (if the channel is usable), leave the process group
+        alongside them, then make sure they exit."""
         if channel is not None and all(p.is_alive() for p in self.procs):
             try:
                 channel.send_stop()
             except RuntimeError:   # a peer is gone: terminate below
                 pass
+        close_process_group()
         for p in self.procs:
             p.join(timeout=5)
         for p in self.procs:
@@ -200,6 +202,26 @@ class TorchrunRanks:
     def stop(self, channel: StepChannel | None) -> None:
         if channel is not None:
             channel.send_stop()
+        close_process_group()
+
+
+def close_process_group(timeout: float = 10.0) -> None:
+    """Leave torch.distributed. NCCL's teardown can be collective (a rank waits for
+    its peers' teardown), so the driver leaves right after STOP, alongside the workers,
+    never after waiting for them to exit; a peer that never comes (dead or killed)
+    would block it forever, so after ``timeout`` the communicators are aborted."""
+    if not dist.is_initialized():
+        return
+    done = threading.Event()
+
+    def destroy() -> None:
+        dist.destroy_process_group()
+        done.set()
+
+    threading.Thread(target=destroy, name="orbitllm-tp-teardown", daemon=True).start()
+    if not done.wait(timeout):
+        log.warning("tensor-parallel teardown blocked by a peer for %.0f s; aborting", timeout)
+        dist.distributed_c10d._abort_process_group()
 
 
 def _free_port() -> int:
@@ -258,7 +280,6 @@ class DriverRunner(ModelRunner):
         atexit.unregister(self.shutdown)
         self._stopped = True
         self.workers.stop(self.channel)
-        dist.destroy_process_group()
 
 
 def start_driver(cfg: EngineConfig, device: torch.device, build_runner) -> DriverRunner:
@@ -275,8 +296,7 @@ def start_driver(cfg: EngineConfig, device: torch.device, build_runner) -> Drive
             run_worker(shard, "env://", rank_device(device, local_rank),
                        lambda s, d: build_runner(s, d, ModelRunner))
         finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            close_process_group()
         raise SystemExit(0)   # this rank's part of the program ends with the driver
     if launched is not None:
         device = rank_device(device, launched[1])
@@ -293,8 +313,6 @@ def start_driver(cfg: EngineConfig, device: torch.device, build_runner) -> Drive
         return build_runner(Shard(0, cfg.tensor_parallel_size), device, make)
     except BaseException:
         workers.stop(None)
-        if dist.is_initialized():
-            dist.destroy_process_group()
         raise
 
 
@@ -313,8 +331,7 @@ def worker_main(cfg: EngineConfig, shard: Shard, init_method: str, parent_pid: i
             traceback.print_exc()
         os._exit(1)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        close_process_group()
 
 
 def run_worker(shard: Shard, init_method: str, device: torch.device,
