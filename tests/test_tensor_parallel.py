@@ -255,3 +255,34 @@ def test_symm_mem_all_reduce_needs_cuda(tiny_models):
         LLM(tiny_models["llama"], device="cpu", tensor_parallel_size=2, tp_all_reduce="symm_mem")
     with pytest.raises(ValueError, match="tp_all_reduce"):
         LLM(tiny_models["llama"], device="cpu", tp_all_reduce="ring")
+
+
+class _ThreadAtExit:
+    """A thread as Python >= 3.12 makes one during interpreter exit: it cannot start."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def start(self) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+
+def test_teardown_never_hangs_on_a_peer_that_never_comes(monkeypatch):
+    """NCCL's teardown can wait for the peers' teardown: when one never comes (killed),
+    the communicators are aborted after the timeout instead of blocking forever; and at
+    interpreter exit, where no thread starts, the teardown runs inline."""
+    import torch.distributed as dist
+    from orbitllm.executor import tensor_parallel as tp
+    calls: list[str] = []
+    never = threading.Event()
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", never.wait)
+    monkeypatch.setattr(dist.distributed_c10d, "_abort_process_group", lambda: calls.append("abort"))
+    start = time.monotonic()
+    tp.close_process_group(timeout=0.3)
+    assert calls == ["abort"] and time.monotonic() - start < 5
+    never.set()
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    monkeypatch.setattr(tp.threading, "Thread", _ThreadAtExit)
+    tp.close_process_group(timeout=0.3)
+    assert calls == ["abort", "destroy"]

@@ -218,7 +218,10 @@ def close_process_group(timeout: float = 10.0) -> None:
         dist.destroy_process_group()
         done.set()
 
-    threading.Thread(target=destroy, name="orbitllm-tp-teardown", daemon=True).start()
+    try:
+        threading.Thread(target=destroy, name="orbitllm-tp-teardown", daemon=True).start()
+    except RuntimeError:   # at interpreter exit (Python >= 3.12 starts no new threads)
+        destroy()
     if not done.wait(timeout):
         log.warning("tensor-parallel teardown blocked by a peer for %.0f s; aborting", timeout)
         dist.distributed_c10d._abort_process_group()
