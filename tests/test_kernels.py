@@ -296,20 +296,20 @@ def test_rotary_in_place_on_fused_qkv_view(rotary_dim: int) -> None:
     not CUDA, reason="Triton's interpreter truncates float32 -> bfloat16 instead of rounding"))])
 def test_peer_reduce_add_norm_as_one_rank_of_three(dtype: torch.dtype) -> None:
     """Rank 1 of a world of three simulated in one process: the peers' buffers and
-    signal pads are plain tensors whose addresses the kernel reads, the peers have
+    flag arrays are plain tensors whose addresses the kernel reads, the peers have
     already signalled call 1, so the wait passes. The sum, add and norm must match
     the reference, and rank 1 must have signalled every rank for each row."""
     world, rank, max_rows, hidden, rows, slot = 3, 1, 6, 96, 4, 1
     bufs = [torch.randn(2 * max_rows * hidden, device=DEVICE).to(dtype) for _ in range(world)]
-    pads = [torch.zeros(max_rows * world, dtype=torch.int32, device=DEVICE) for _ in range(world)]
-    pads[rank].view(max_rows, world)[:rows] = 1             # every peer reached call 1
-    pads[rank].view(max_rows, world)[:rows, rank] = 0       # (rank 1 signals itself)
+    flags = [torch.zeros(max_rows * world, dtype=torch.int32, device=DEVICE) for _ in range(world)]
+    flags[rank].view(max_rows, world)[:rows] = 1             # every peer reached call 1
+    flags[rank].view(max_rows, world)[:rows, rank] = 0       # (rank 1 signals itself)
     buf_addrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64, device=DEVICE)
-    pad_addrs = torch.tensor([p.data_ptr() for p in pads], dtype=torch.int64, device=DEVICE)
+    flag_addrs = torch.tensor([f.data_ptr() for f in flags], dtype=torch.int64, device=DEVICE)
     epochs = torch.zeros(max_rows, dtype=torch.int32, device=DEVICE)
     residual = torch.randn(rows, hidden, device=DEVICE).to(dtype)
     weight = torch.randn(hidden, device=DEVICE).to(dtype)
-    out, new_res = peer_reduce_add_norm(buf_addrs.data_ptr(), pad_addrs.data_ptr(), epochs, rank,
+    out, new_res = peer_reduce_add_norm(buf_addrs.data_ptr(), flag_addrs.data_ptr(), epochs, rank,
                                         world, slot * max_rows * hidden, rows, residual, weight, 1e-6)
     partials = [b[slot * max_rows * hidden:][:rows * hidden].view(rows, hidden) for b in bufs]
     ref_out, ref_res = peer_reduce_add_norm_ref(partials, residual, weight, 1e-6)
@@ -317,8 +317,8 @@ def test_peer_reduce_add_norm_as_one_rank_of_three(dtype: torch.dtype) -> None:
     torch.testing.assert_close(new_res, ref_res, **tol)
     torch.testing.assert_close(out, ref_out, **tol)
     assert epochs.tolist() == [1] * rows + [0] * (max_rows - rows)
-    for p in pads:   # rank 1's announcement of call 1 reached every rank, for its rows only
-        assert p.view(max_rows, world)[:, rank].tolist() == [1] * rows + [0] * (max_rows - rows)
+    for f in flags:   # rank 1's announcement of call 1 reached every rank, for its rows only
+        assert f.view(max_rows, world)[:, rank].tolist() == [1] * rows + [0] * (max_rows - rows)
 
 
 def rope_cache(rotary_dim: int, max_position: int, theta: float = 10000.0) -> torch.Tensor:

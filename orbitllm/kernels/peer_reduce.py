@@ -27,7 +27,7 @@ MAX_POLLS = 1 << 26
 
 @triton.jit
 def _peer_reduce_norm_kernel(
-    buf_addrs, pad_addrs, epoch_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
+    buf_addrs, flag_addrs, epoch_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     slot_offset, n_cols, eps, rank, max_polls,
     WORLD: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -36,18 +36,18 @@ def _peer_reduce_norm_kernel(
     # written by the matmul before this kernel, is visible to whoever sees it).
     epoch = tl.load(epoch_ptr + row) + 1
     tl.store(epoch_ptr + row, epoch)
-    pads = pad_addrs.to(tl.pointer_type(tl.int64))
+    flags = flag_addrs.to(tl.pointer_type(tl.int64))
     for p in tl.static_range(WORLD):
-        peer_pad = tl.load(pads + p).to(tl.pointer_type(tl.int32))
-        tl.atomic_xchg(peer_pad + row * WORLD + rank, epoch, sem="release", scope="sys")
+        peer_flags = tl.load(flags + p).to(tl.pointer_type(tl.int32))
+        tl.atomic_xchg(peer_flags + row * WORLD + rank, epoch, sem="release", scope="sys")
     # (2) Wait for every rank's announcement (int32 differences survive wrap-around;
     # a peer is never more than one call ahead).
-    own_pad = tl.load(pads + rank).to(tl.pointer_type(tl.int32))
+    own_flags = tl.load(flags + rank).to(tl.pointer_type(tl.int32))
     for p in tl.static_range(WORLD):
-        seen = tl.atomic_add(own_pad + row * WORLD + p, 0, sem="acquire", scope="sys")
+        seen = tl.atomic_add(own_flags + row * WORLD + p, 0, sem="acquire", scope="sys")
         polls = 0
         while (seen - epoch < 0) & (polls < max_polls):
-            seen = tl.atomic_add(own_pad + row * WORLD + p, 0, sem="acquire", scope="sys")
+            seen = tl.atomic_add(own_flags + row * WORLD + p, 0, sem="acquire", scope="sys")
             polls += 1
     # (3) Sum in rank order (every rank gets the same bits), round like an all-reduce
     # in the model dtype, then the residual add and RMSNorm of ``rms_norm``.
@@ -70,13 +70,13 @@ def _peer_reduce_norm_kernel(
     tl.store(out_ptr + row * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def peer_reduce_add_norm(buf_addrs: int, pad_addrs: int, epochs: torch.Tensor, rank: int,
+def peer_reduce_add_norm(buf_addrs: int, flag_addrs: int, epochs: torch.Tensor, rank: int,
                          world: int, slot_offset: int, rows: int, residual: torch.Tensor,
                          weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(norm(sum_r partial_r + residual), sum_r partial_r + residual)`` for ``rows`` rows.
 
-    ``buf_addrs``/``pad_addrs``: device addresses of arrays holding every rank's
-    buffer and signal-pad address; rank r's partial starts ``slot_offset`` elements
+    ``buf_addrs``/``flag_addrs``: device addresses of arrays holding every rank's
+    buffer and arrival-flag array; rank r's partial starts ``slot_offset`` elements
     into its buffer, rows of ``residual.shape[-1]`` contiguous elements. ``epochs``:
     int32 per-row call counters, kept by the caller across calls.
     """
@@ -88,7 +88,7 @@ def peer_reduce_add_norm(buf_addrs: int, pad_addrs: int, epochs: torch.Tensor, r
     if rows:
         block = triton.next_power_of_2(hidden)
         _peer_reduce_norm_kernel[(rows,)](
-            buf_addrs, pad_addrs, epochs, residual, weight, out, res_out,
+            buf_addrs, flag_addrs, epochs, residual, weight, out, res_out,
             slot_offset, hidden, eps, rank, MAX_POLLS,
             WORLD=world, BLOCK=block, num_warps=max(1, min(16, block // 512)))
     return out, res_out

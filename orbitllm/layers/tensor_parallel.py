@@ -96,14 +96,14 @@ class PeerAllReduce:
         self.buffer = symm_mem.empty(self.SLOTS * self.slot_numel, dtype=dtype, device=device)
         self.handle = symm_mem.rendezvous(self.buffer, dist.group.WORLD.group_name)
         self.rank, self.world = self.handle.rank, self.handle.world_size
-        flags = max_rows * self.world
-        if self.handle.signal_pad_size < 4 * flags:
-            raise ValueError(f"max_num_seqs: {max_rows} rows need {4 * flags} bytes of signal "
-                             f"pad, symmetric memory has {self.handle.signal_pad_size}")
-        self.handle.get_signal_pad(self.rank, (flags,), dtype=torch.int32).zero_()
+        # Per-row arrival flags, one per rank, in their own symmetric tensor (the
+        # handle's signal pad is small and fixed in size).
+        self.flags = symm_mem.empty(max_rows * self.world, dtype=torch.int32, device=device)
+        self.flags_handle = symm_mem.rendezvous(self.flags, dist.group.WORLD.group_name)
+        self.flags.zero_()
         self.epochs = torch.zeros(max_rows, dtype=torch.int32, device=device)
         torch.cuda.synchronize(device)
-        dist.barrier()   # every pad is cleared before any rank signals
+        dist.barrier()   # every rank's flags are cleared before any rank signals
 
     def output(self, rows: int, slot: int) -> torch.Tensor | None:
         """Where this rank's partial of ``rows`` rows goes, or None (too many: NCCL)."""
@@ -119,16 +119,15 @@ class PeerAllReduce:
     def reduce_add_norm(self, rows: int, slot: int, residual: torch.Tensor, weight: torch.Tensor,
                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         from orbitllm.kernels.peer_reduce import peer_reduce_add_norm
-        return peer_reduce_add_norm(self.handle.buffer_ptrs_dev, self.handle.signal_pad_ptrs_dev,
+        return peer_reduce_add_norm(self.handle.buffer_ptrs_dev, self.flags_handle.buffer_ptrs_dev,
                                     self.epochs, self.rank, self.world, slot * self.slot_numel,
                                     rows, residual, weight, eps)
 
     def release(self) -> None:
         """Let this rank's waits pass for good (a peer died and will never signal), so
         the engine reaches its next NCCL collective and reports the dead rank."""
-        pad = self.handle.get_signal_pad(self.rank, (self.max_rows * self.world,), dtype=torch.int32)
-        with torch.cuda.stream(torch.cuda.Stream(pad.device)):   # beside the waiting kernel
-            pad.fill_(1 << 30)
+        with torch.cuda.stream(torch.cuda.Stream(self.flags.device)):   # beside the waiting kernel
+            self.flags.fill_(1 << 30)
 
 
 def kv_heads_per_rank(num_kv_heads: int, size: int) -> int:
