@@ -111,3 +111,24 @@ def test_min_tokens_bans_eos_and_stop_ids():
     batch = SamplingBatch.build(reqs, 8, torch.device("cpu"), eos_token_ids={3})
     logits = torch.tensor([[0.0, 0, 0, 9, 8, 1, 0, 0]])
     assert Sampler(0, torch.device("cpu"))(logits, batch).token_ids.item() == 5
+
+
+@pytest.mark.parametrize("greedy_rows", [(0, 2), ()])
+def test_greedy_rows_beside_sampled_rows(greedy_rows):
+    """Greedy rows take the argmax in a batch whose other rows sample (and a batch
+    without greedy rows skips the argmax pass but still samples every row)."""
+    cpu = torch.device("cpu")
+    logits = torch.zeros(4, 16)
+    logits[:, 5] = 0.5   # the argmax, but far from certain when sampling
+    reqs = [Request(str(i), [1], SamplingParams(temperature=0 if i in greedy_rows else 1.0))
+            for i in range(4)]
+    batch = SamplingBatch.build(reqs, 16, cpu, eos_token_ids=set())
+    assert batch.any_greedy == bool(greedy_rows) and not batch.all_greedy
+    sampler = Sampler(0, cpu)
+    draws = [sampler(logits.clone(), batch).token_ids.tolist() for _ in range(60)]
+    for row in range(4):
+        seen = {d[row] for d in draws}
+        if row in greedy_rows:
+            assert seen == {5}
+        else:
+            assert len(seen) > 5   # 60 draws over 16 near-uniform tokens

@@ -32,6 +32,7 @@ class SamplingBatch:
     generators: list[torch.Generator | None]
     num_logprobs: int                # max top-N asked (-1: none)
     all_greedy: bool
+    any_greedy: bool
 
     @classmethod
     def build(cls, reqs: list[Request], vocab_size: int, device: torch.device,
@@ -70,7 +71,8 @@ class SamplingBatch:
             top_p=floats_d[1] if any(p.top_p < 1 for p in ps) else None,
             min_p=floats_d[2] if any(p.min_p > 0 for p in ps) else None,
             penalties=penalties, banned=(ban_rows_d, ban_cols_d) if ban_rows.size else None,
-            generators=gens, num_logprobs=nlp, all_greedy=bool(greedy.all()))
+            generators=gens, num_logprobs=nlp, all_greedy=bool(greedy.all()),
+            any_greedy=bool(greedy.any()))
 
 
 def _penalty_tensors(reqs: list[Request], device: torch.device) -> tuple:
@@ -159,10 +161,10 @@ class Sampler:
             logits = logits.index_put(batch.banned, logits.new_full((), float("-inf")))
         if batch.penalties is not None:
             logits = apply_penalties(logits, batch.penalties)
-        greedy_ids = logits.argmax(-1)
         if batch.all_greedy:
-            token_ids = greedy_ids
+            token_ids = logits.argmax(-1)
         else:
+            greedy_ids = logits.argmax(-1) if batch.any_greedy else None   # a full-vocab pass
             logits = logits / batch.temperature[:, None]
             logits = apply_top_k_top_p_min_p(logits, batch.top_k, batch.top_p, batch.min_p)
             probs = logits.softmax(-1)
@@ -171,7 +173,7 @@ class Sampler:
                 if g is not None:
                     noise[i].exponential_(generator=g)
             sampled = (probs / noise).argmax(-1)
-            token_ids = torch.where(batch.greedy, greedy_ids, sampled)
+            token_ids = sampled if greedy_ids is None else torch.where(batch.greedy, greedy_ids, sampled)
         out = SamplerOutput(token_ids)
         if raw_logprobs is not None:
             out.logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
