@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from orbitllm.kernels.fused_ops import _warps_for, rms_norm_ref
+
 # A peer that never arrives (it died) releases the wait after this many polls: the
 # engine's next NCCL collective then reports the dead rank.
 MAX_POLLS = 1 << 26
@@ -90,7 +92,7 @@ def peer_reduce_add_norm(buf_addrs: int, flag_addrs: int, epochs: torch.Tensor, 
         _peer_reduce_norm_kernel[(rows,)](
             buf_addrs, flag_addrs, epochs, residual, weight, out, res_out,
             slot_offset, hidden, eps, rank, MAX_POLLS,
-            WORLD=world, BLOCK=block, num_warps=max(1, min(16, block // 512)))
+            WORLD=world, BLOCK=block, num_warps=_warps_for(block))
     return out, res_out
 
 
@@ -101,7 +103,4 @@ def peer_reduce_add_norm_ref(partials: list[torch.Tensor], residual: torch.Tenso
     total = partials[0].float()
     for p in partials[1:]:   # in rank order, as the kernel adds
         total = total + p.float()
-    x = total.to(residual.dtype) + residual
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype), x
+    return rms_norm_ref(total.to(residual.dtype), weight, eps, residual)
