@@ -584,3 +584,29 @@ def test_import_orbitllm_stays_light():
             "if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ---- tensor parallelism ----------------------------------------------------------------
+
+def test_tensor_parallel_server_matches_offline_and_stops_its_workers(model_path, llm, tmp_path):
+    """``serve --tensor-parallel-size 2`` (gloo ranks on CPU) answers with one rank's
+    greedy text, and SIGTERM takes the worker processes down with the server."""
+    psutil = pytest.importorskip("psutil")
+    srv = ServerProcess(model_path, tmp_path, "--tensor-parallel-size", "2").wait_ready()
+    try:
+        children = psutil.Process(srv.proc.pid).children(recursive=True)
+        assert children, "no worker process started"
+        client = openai.OpenAI(base_url=srv.v1, api_key="unused", max_retries=0)
+        for prompt in PROMPTS[:3]:
+            got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+            want = _offline(llm, prompt, max_tokens=12, temperature=0).outputs[0].text
+            assert got.choices[0].text == want
+    finally:
+        srv.stop()
+
+    def running(p) -> bool:
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+    _wait_for(lambda: not any(running(c) for c in children), 10)
