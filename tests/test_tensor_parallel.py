@@ -214,20 +214,34 @@ llm.shutdown()
 """ % MAX_NEW
 
 
-def test_torchrun_launch_matches_one_rank(tiny_models, tmp_path):
-    """The same program under ``torchrun --nproc-per-node 2``: rank 0 drives, rank 1
-    becomes a worker inside LLM(...) and exits when the driver stops; tokens equal N=1."""
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_torchrun_launch_matches_one_rank(tiny_models, tmp_path, nodes):
+    """The same program under ``torchrun``: rank 0 drives, rank 1 becomes a worker inside
+    LLM(...) and exits when the driver stops; tokens equal N=1. ``nodes=2`` launches as
+    on two hosts (one torchrun agent per node, static rendezvous at node 0's address),
+    here both on 127.0.0.1: the step broadcast then crosses "hosts" over TCP."""
     import json
+    import socket
     path = tiny_models["llama"]
     prompts = _prompts(_vocab(path), lens=(5, 21, 40))
     script, out = tmp_path / "prog.py", tmp_path / "tokens.json"
     script.write_text(TORCHRUN_SCRIPT)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "MASTER_"))}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(script), path, str(out), json.dumps(prompts)],
-        env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    if nodes == 1:
+        launches = [["--standalone", "--nproc-per-node", "2"]]
+    else:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        launches = [["--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
+                     "--master-addr", "127.0.0.1", "--master-port", str(port)] for node in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *args, str(script), path,
+                               str(out), json.dumps(prompts)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for args in launches]
+    for proc in procs:
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-3000:]
     with LLM(path, device="cpu", dtype="float32", num_kv_blocks=64) as llm:
         assert json.loads(out.read_text()) == _tokens(llm, prompts)
         assert_all_blocks_free(llm)
