@@ -5,7 +5,9 @@ uniform in [100, 1024], random token ids, seed 0, EOS ignored. Reports output
 and total tokens/s, requests/s, wall time, peak KV usage, and the fraction of
 the memory-bandwidth floor reached: every step must at least read the weights
 once and the KV of every scheduled sequence's context, at the measured
-device-to-device copy bandwidth.
+device-to-device copy bandwidth. The roofline floor also counts compute: each step
+takes at least the longer of its reads and its matmul FLOPs at the measured matmul
+rate, which matters where prefill dominates (long prompts, large models).
 """
 from __future__ import annotations
 
@@ -74,6 +76,50 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * n * reps / (time.perf_counter() - t)
 
 
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matmul in the model's dtype (the compute ceiling)."""
+    n, reps = (8192, 10) if device.type == "cuda" else (512, 3)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+@dataclass
+class StepFlops:
+    """Matmul FLOPs of one step on one rank, from the rank's own weights (so a
+    tensor-parallel shard counts its part): dense layers per token, causal attention
+    per (query, key) pair, and the LM head once per scheduled sequence (an upper bound:
+    a partial prefill chunk samples nothing)."""
+
+    dense_per_token: float
+    attn_per_pair: float
+    head_per_row: float
+
+    @classmethod
+    def of(cls, model) -> "StepFlops":
+        dense = sum(p.numel() for p in model.layers.parameters() if p.dim() == 2)
+        head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+        q_dim = model.layers[0].self_attn.q_size
+        # QK^T and PV: 2 FLOPs per multiply-add each, per layer.
+        return cls(2 * dense, 4 * q_dim * len(model.layers), 2 * head.numel())
+
+    def step(self, scheduled) -> float:
+        total = 0.0
+        for s in scheduled:
+            new, end = s.num_new_tokens, s.request.num_computed_tokens
+            # query i of the chunk (position end - new + i) sees end - new + i + 1 keys
+            pairs = new * (end - new) + new * (new + 1) / 2
+            total += self.dense_per_token * new + self.attn_per_pair * pairs + self.head_per_row
+        return total
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -86,13 +132,15 @@ def run(llm, requests: list[BenchRequest], temperature: float) -> dict:
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     kv_token_bytes = runner.kv_bytes_per_block(runner.model, 1, runner.kv_cache.dtype)
     bw = copy_bandwidth(runner.device)
+    rate = matmul_rate(runner.device, runner.dtype)
+    flops = StepFlops.of(runner.model)
     for i, r in enumerate(requests):
         engine.add_request(f"bench-{i}", {"prompt_token_ids": r.prompt_token_ids},
                            SamplingParams(max_tokens=r.output_len, temperature=temperature,
                                           ignore_eos=True), final_only=True)
     _sync(runner.device)
     start = time.monotonic()
-    peak_kv, floor_bytes, steps, out_tokens = 0.0, 0, 0, 0
+    peak_kv, floor_bytes, steps, out_tokens, roofline_s = 0.0, 0, 0, 0, 0.0
     ttfts: list[float] = []
     tpots: list[float] = []
     while engine.has_unfinished_requests():
@@ -101,8 +149,10 @@ def run(llm, requests: list[BenchRequest], temperature: float) -> dict:
         steps += 1
         sched = engine.last_scheduled
         peak_kv = max(peak_kv, engine.kv_usage())
-        floor_bytes += weight_bytes + kv_token_bytes * sum(
+        step_bytes = weight_bytes + kv_token_bytes * sum(
             s.request.num_computed_tokens for s in sched.scheduled)
+        floor_bytes += step_bytes
+        roofline_s += max(step_bytes / bw, flops.step(sched.scheduled) / rate)
         for o in outputs:
             n = len(o.outputs[0].token_ids)
             out_tokens += n
@@ -121,7 +171,8 @@ def run(llm, requests: list[BenchRequest], temperature: float) -> dict:
         "requests_s": len(requests) / wall, "peak_kv_usage": peak_kv,
         "copy_bandwidth_gb_s": bw / 1e9, "bandwidth_floor_s": floor_s,
         "floor_output_tok_s": out_tokens / floor_s, "fraction_of_floor": floor_s / wall,
-        "weight_gb": weight_bytes / 1e9,
+        "weight_gb": weight_bytes / 1e9, "matmul_tflop_s": rate / 1e12,
+        "roofline_floor_s": roofline_s, "fraction_of_roofline": roofline_s / wall,
         "mean_ttft_s": sum(ttfts) / len(ttfts) if ttfts else 0.0,
         "mean_tpot_ms": 1e3 * sum(tpots) / len(tpots) if tpots else 0.0,
         "prefill_tflop_s": _forward_flops(runner.model.spec, requests) / wall / 1e12,
