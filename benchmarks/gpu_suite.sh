@@ -61,13 +61,14 @@ case "$MODE" in
     T=200 run l70_throughput_tp2_symm $B --model llama3.1-70b --num-prompts ${NP:-256} \
       --tensor-parallel-size 2 --tp-all-reduce symm_mem ;;
   tp3)
-    timeout 240 python3 -m pytest -q -x tests/test_kernels.py -k peer_reduce > "$OUT/tests.txt" 2>&1
-    timeout 240 python3 -m pytest -q -x tests/test_gpu_engine.py -k tensor_parallel >> "$OUT/tests.txt" 2>&1
-    tail -15 "$OUT/tests.txt"
     T=80 run l8_single $S8
-    T=120 run l8_single_tp2 $S8 --tensor-parallel-size 2
-    T=120 run l8_single_tp2_symm $S8 --tensor-parallel-size 2 --tp-all-reduce symm_mem
-    timeout 150 python3 benchmarks/profile_tp.py --tp 2 --tp-all-reduce symm_mem 2>&1 \
+    T=100 run l8_single_tp2 $S8 --tensor-parallel-size 2
+    T=100 run l8_single_tp2_symm $S8 --tensor-parallel-size 2 --tp-all-reduce symm_mem
+    timeout 60 python3 -m pytest -q -x tests/test_kernels.py -k peer_reduce > "$OUT/tests.txt" 2>&1
+    timeout 200 python3 -m pytest -q -x tests/test_gpu_engine.py -k tensor_parallel --durations=3 \
+      -o faulthandler_timeout=170 >> "$OUT/tests.txt" 2>&1
+    grep -v "_pytest\|pluggy" "$OUT/tests.txt" | tail -40
+    timeout 120 python3 benchmarks/profile_tp.py --tp 2 --tp-all-reduce symm_mem 2>&1 \
       | grep -v "Warning\|warn\|USDT" | cut -c1-72,170-215 | head -36 ;;
   tp)
     nvidia-smi topo -m
