@@ -213,8 +213,12 @@ def close_process_group(timeout: float = 10.0) -> None:
     if not dist.is_initialized():
         return
     done = threading.Event()
+    # A new thread starts on GPU 0; a worker rank tears down on its own GPU.
+    gpu = torch.cuda.current_device() if torch.cuda.is_initialized() else None
 
     def destroy() -> None:
+        if gpu is not None:
+            torch.cuda.set_device(gpu)
         dist.destroy_process_group()
         done.set()
 
