@@ -26,7 +26,7 @@ class EngineConfig:
     cpu_kv_cache_gib: float = 2.0       # KV pool size on CPU when num_kv_blocks is not given
     load_format: str = "auto"           # auto | dummy: random weights with the checkpoint's shapes
     tensor_parallel_size: int = 1       # N > 1: the model split over N processes (GPUs)
-    tp_all_reduce: str = "nccl"         # nccl | symm_mem: small all-reduces through peer-mapped GPU buffers
+    tp_all_reduce: str = "nccl"         # nccl | symm_mem: decode all-reduces fused with add + RMSNorm, read from peer GPUs
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -92,29 +92,24 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
     if cfg.tp_all_reduce == "symm_mem" and cfg.tensor_parallel_size > 1 and device.type != "cuda":
         raise ValueError("tp_all_reduce: symm_mem needs CUDA devices; use nccl (gloo on CPU)")
     ckpt = open_model(cfg)
+    launched = None   # (shard, local rank) when torchrun started this process
+    if cfg.tensor_parallel_size > 1:
+        from orbitllm.executor.tensor_parallel import start_driver, torchrun_shard
+        launched = torchrun_shard(cfg)
     # A torchrun worker rank (rank > 0) turns into a worker inside start_driver: it
     # neither samples nor detokenizes, so it needs no tokenizer.
-    tokenizer = None if _torchrun_worker(cfg) else ckpt.load_tokenizer()
+    tokenizer = None if launched is not None and launched[0].rank > 0 else ckpt.load_tokenizer()
     eos = eos_ids(ckpt, tokenizer)
     if cfg.tensor_parallel_size == 1:
         runner = build_rank_runner(cfg, Shard(), device, ckpt, eos)
     else:
-        from orbitllm.executor.tensor_parallel import start_driver
-        runner = start_driver(cfg, device, lambda shard, rank_device, make: build_rank_runner(
+        runner = start_driver(cfg, device, launched, lambda shard, rank_device, make: build_rank_runner(
             cfg, shard, rank_device, ckpt, eos, make))
     kv = KVCacheManager(runner.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching)
     log.info("model %s on %s (%s, %d rank(s)); %d KV blocks of %d tokens; max_model_len %d",
              ckpt.source, runner.device, runner.dtype, cfg.tensor_parallel_size,
              runner.num_kv_blocks, cfg.block_size, runner.max_model_len)
     return EngineParts(tokenizer, runner, kv, cfg.max_num_batched_tokens or 8192)
-
-
-def _torchrun_worker(cfg: EngineConfig) -> bool:
-    if cfg.tensor_parallel_size == 1:
-        return False
-    from orbitllm.executor.tensor_parallel import torchrun_shard
-    launched = torchrun_shard(cfg)
-    return launched is not None and launched[0].rank > 0
 
 
 def build_rank_runner(cfg: EngineConfig, shard: Shard, device: torch.device,

@@ -289,13 +289,14 @@ class DriverRunner(ModelRunner):
         self.workers.stop(self.channel)
 
 
-def start_driver(cfg: EngineConfig, device: torch.device, build_runner) -> DriverRunner:
+def start_driver(cfg: EngineConfig, device: torch.device, launched: tuple[Shard, int] | None,
+                 build_runner) -> DriverRunner:
     """Start the workers, join them, and build rank 0's runner with
-    ``build_runner(shard, device, make_runner)`` (the same builder the workers run)."""
+    ``build_runner(shard, device, make_runner)`` (the same builder the workers run).
+    ``launched``: ``torchrun_shard(cfg)``, when torchrun started every rank."""
     if dist.is_initialized():
         raise RuntimeError("tensor_parallel_size: torch.distributed is already initialized in "
                            "this process (one tensor-parallel engine per process)")
-    launched = torchrun_shard(cfg)
     if launched is not None and launched[0].rank > 0:
         shard, local_rank = launched
         try:
