@@ -57,6 +57,16 @@ class DecodeGraphs:
             self.graphs[bs] = graph
         torch.cuda.synchronize()
 
+    def release(self) -> None:
+        """Free the graphs. Graphs that captured NCCL collectives must go before the
+        process group does: ``destroy_process_group`` hangs while they live
+        (pytorch/pytorch#115388)."""
+        torch.cuda.synchronize()
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.outputs.clear()
+
     def padded_size(self, n: int) -> int | None:
         return next((s for s in self.sizes if s >= n), None)
 

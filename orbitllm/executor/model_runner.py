@@ -143,7 +143,11 @@ class ModelRunner:
         return spec.num_layers * 2 * block_size * model.num_kv_heads * spec.head_dim * elem
 
     def shutdown(self) -> None:
-        """Release what outlives the engine: nothing on one rank (see DriverRunner)."""
+        """Release the CUDA graphs (they hold the KV cache's and NCCL's resources);
+        DriverRunner also stops the workers."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
 
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, prev: "LaunchedStep | None" = None) -> "LaunchedStep":

@@ -212,23 +212,32 @@ def close_process_group(timeout: float = 10.0) -> None:
     would block it forever, so after ``timeout`` the communicators are aborted."""
     if not dist.is_initialized():
         return
+    if _bounded(dist.destroy_process_group, timeout):
+        return
+    log.warning("tensor-parallel teardown blocked by a peer for %.0f s; aborting", timeout)
+    if not _bounded(dist.distributed_c10d._abort_process_group, timeout):
+        log.error("tensor-parallel teardown: the abort blocked too; this process keeps "
+                  "its process group (a new tensor-parallel engine here will fail)")
+
+
+def _bounded(fn: Callable[[], None], timeout: float) -> bool:
+    """Run ``fn`` in a daemon thread on this rank's GPU; False if it did not finish
+    within ``timeout`` seconds. At interpreter exit (Python >= 3.12 starts no new
+    threads) it runs inline instead."""
     done = threading.Event()
-    # A new thread starts on GPU 0; a worker rank tears down on its own GPU.
     gpu = torch.cuda.current_device() if torch.cuda.is_initialized() else None
 
-    def destroy() -> None:
-        if gpu is not None:
+    def run() -> None:
+        if gpu is not None:   # a new thread starts on GPU 0
             torch.cuda.set_device(gpu)
-        dist.destroy_process_group()
+        fn()
         done.set()
 
     try:
-        threading.Thread(target=destroy, name="orbitllm-tp-teardown", daemon=True).start()
-    except RuntimeError:   # at interpreter exit (Python >= 3.12 starts no new threads)
-        destroy()
-    if not done.wait(timeout):
-        log.warning("tensor-parallel teardown blocked by a peer for %.0f s; aborting", timeout)
-        dist.distributed_c10d._abort_process_group()
+        threading.Thread(target=run, name="orbitllm-tp-teardown", daemon=True).start()
+    except RuntimeError:
+        run()
+    return done.wait(timeout)
 
 
 def _free_port() -> int:
@@ -286,6 +295,9 @@ class DriverRunner(ModelRunner):
             return
         atexit.unregister(self.shutdown)
         self._stopped = True
+        if not any(p.exitcode is not None for p in self.workers.procs):
+            super().shutdown()   # the graphs go before the process group; not if a
+            # dead peer may have left a captured collective waiting forever
         self.workers.stop(self.channel)
 
 
@@ -352,6 +364,7 @@ def run_worker(shard: Shard, init_method: str, device: torch.device,
     runner = build(shard, device)
     while (inputs := channel.recv()) is not None:
         runner.mirror_step(inputs)
+    runner.shutdown()   # its graphs go before the process group (close_process_group)
 
 
 def _exit_with_parent(parent_pid: int) -> None:
