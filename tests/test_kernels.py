@@ -27,6 +27,7 @@ from orbitllm.kernels import (  # noqa: E402
     rms_norm_ref,
     silu_and_mul,
     silu_and_mul_ref,
+    rotary_store_kv_cache,
     store_kv_cache,
 )
 from orbitllm.kernels.peer_reduce import peer_reduce_add_norm, peer_reduce_add_norm_ref  # noqa: E402
@@ -163,6 +164,34 @@ def test_store_kv_cache(block_size: int, cache_dtype: torch.dtype) -> None:
     untouched = torch.ones(flat_k.shape[0], dtype=torch.bool, device=DEVICE)
     untouched[slots[valid]] = False
     assert flat_k[untouched].isnan().all() and flat_v[untouched].isnan().all()
+
+
+@pytest.mark.parametrize("rotary_dim", [64, 32])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_rotary_store_kv_cache_matches_rotary_then_store(rotary_dim: int, cache_dtype) -> None:
+    """The fused kernel writes what ``apply_rotary_emb`` then ``store_kv_cache`` would:
+    q rotated in place, rotated k (all dims, partial rotary too) and v in their slots,
+    padding slots skipped, k itself unchanged."""
+    tokens, hq, hk, d, block_size, num_blocks = 12, 4, 2, 64, 16, 4
+    qkv = torch.randn(tokens, (hq + 2 * hk) * d, device=DEVICE)
+    q = qkv[:, :hq * d].view(tokens, hq, d)
+    k = qkv[:, hq * d:(hq + hk) * d].view(tokens, hk, d)
+    v = qkv[:, (hq + hk) * d:].view(tokens, hk, d)
+    k_before = k.clone()
+    cache = rope_cache(rotary_dim, 100)
+    positions = torch.randint(0, 100, (tokens,), device=DEVICE)
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:tokens]
+    slots[::5] = -1
+    ref_q, ref_k = apply_rotary_emb_ref(q, k, positions, cache)
+    k_cache = torch.full((num_blocks, block_size, hk, d), float("nan"), dtype=cache_dtype, device=DEVICE)
+    v_cache = k_cache.clone()
+    ref_k_cache, ref_v_cache = k_cache.clone(), v_cache.clone()
+    store_kv_cache(ref_k, v, ref_k_cache, ref_v_cache, slots)
+    rotary_store_kv_cache(q, k, v, k_cache, v_cache, slots, positions, cache)
+    torch.testing.assert_close(q, ref_q, **FP32_TOL)
+    assert torch.equal(k, k_before)
+    torch.testing.assert_close(k_cache, ref_k_cache, equal_nan=True, **FP32_TOL)
+    assert torch.equal(v_cache.nan_to_num(7.0), ref_v_cache.nan_to_num(7.0))
 
 
 # ----------------------------------------------------------------------------- prefill
@@ -424,3 +453,25 @@ def test_gpu_fused_ops_bf16() -> None:
     apply_rotary_emb(q, k, positions, cache)
     torch.testing.assert_close(q, ref_q, rtol=1.6e-2, atol=2e-2)
     torch.testing.assert_close(k, ref_k, rtol=1.6e-2, atol=2e-2)
+
+
+# ----------------------------------------------------------------------------- whole model
+
+
+@pytest.mark.skipif(CUDA, reason="test_gpu_engine.py covers the model on GPUs")
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_triton_backend_model_matches_torch_backend(tiny_models, family: str) -> None:
+    """The model on the Triton backend (rotary fused into the KV write, prefill and
+    decode kernels) in the interpreter gives the PyTorch backend's greedy tokens."""
+    from conftest import assert_all_blocks_free
+    from orbitllm import LLM, SamplingParams
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 19)]
+    tokens = {}
+    for backend in ("torch", "triton"):
+        with LLM(tiny_models[family], dtype="float32", num_kv_blocks=32, max_model_len=256,
+                 attention_backend=backend, enforce_eager=True) as llm:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            tokens[backend] = [o.outputs[0].token_ids for o in outs]
+            assert_all_blocks_free(llm)
+    assert tokens["triton"] == tokens["torch"]

@@ -13,11 +13,13 @@ from orbitllm.kernels.paged_attention import (
     choose_num_splits,
     paged_decode_attention,
     paged_prefill_attention,
+    rotary_store_kv_cache,
     store_kv_cache,
 )
 
 __all__ = [
     "DecodeConfig", "PrefillConfig", "apply_rotary_emb", "apply_rotary_emb_ref", "choose_num_splits",
     "paged_decode_attention", "paged_prefill_attention", "rms_norm", "rms_norm_ref",
+    "rotary_store_kv_cache",
     "silu_and_mul", "silu_and_mul_ref", "store_kv_cache",
 ]

@@ -6,6 +6,7 @@ import torch
 from orbitllm.kernels.paged_attention import (
     paged_decode_attention,
     paged_prefill_attention,
+    rotary_store_kv_cache,
     store_kv_cache,
 )
 from orbitllm.layers.attention import AttentionMetadata
@@ -22,11 +23,18 @@ class TritonAttentionBackend:
     """
 
     supports_cuda_graphs = True
+    fuses_rotary = True   # forward takes ``rope`` and rotates q/k itself, with the KV write
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                scale: float, sliding_window: int | None) -> torch.Tensor:
-        store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+                scale: float, sliding_window: int | None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``rope``: (positions, cos/sin cache) when q and k still need the rotary
+        embedding; ``k`` is then left unrotated (only the cache holds rotated keys)."""
+        if rope is not None:
+            rotary_store_kv_cache(q, k, v, k_cache, v_cache, meta.slot_mapping, *rope)
+        else:
+            store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.max_query_len == 1:
             return paged_decode_attention(
                 q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,

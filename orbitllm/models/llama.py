@@ -108,8 +108,12 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window)
+        if getattr(backend, "fuses_rotary", False):   # rotated with the KV write
+            o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale,
+                                self.sliding_window, rope=(positions, self.rotary.cos_sin))
+        else:
+            q, k = self.rotary(positions, q, k)
+            o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window)
         return self.shard.row_parallel(o.reshape(-1, self.q_size), self.o_proj.weight, ATTN_SLOT)
 
 
