@@ -13,6 +13,8 @@
 #   tp3     (two GPUs) peer-reduce kernel + GPU TP tests; 8B single request N=1, N=2 (NCCL),
 #           N=2 (--tp-all-reduce symm_mem: fused peer-memory all-reduce + add + RMSNorm);
 #           kernel profile of the N=2 symm_mem decode step
+#   gemv    (two GPUs) GEMV sweep; new-kernel + GPU engine tests (TP with faulthandler);
+#           8B single request N=1 and N=2 symm_mem, each with the Triton GEMV and with cuBLAS
 #   tp      (two GPUs) Llama-3.1-8B single request N=1 / N=2, 8B throughput N=1,
 #           Llama-3.1-70B throughput N=2
 set -uo pipefail
@@ -70,6 +72,16 @@ case "$MODE" in
     grep -v "_pytest\|pluggy" "$OUT/tests.txt" | tail -40
     timeout 120 python3 benchmarks/profile_tp.py --tp 2 --tp-all-reduce symm_mem 2>&1 \
       | grep -v "Warning\|warn\|USDT" | cut -c1-72,170-215 | head -36 ;;
+  gemv)
+    timeout 150 python3 benchmarks/gemv_bench.py 2>&1 | grep -v Warning | tee "$OUT/gemv.txt"
+    timeout 60 python3 -m pytest -q -x tests/test_kernels.py -k "gemv or rotary" > "$OUT/tests.txt" 2>&1
+    timeout 170 python3 -m pytest -q -x tests/test_gpu_engine.py --durations=4 \
+      -o faulthandler_timeout=140 >> "$OUT/tests.txt" 2>&1
+    grep -v "_pytest\|pluggy" "$OUT/tests.txt" | tail -30
+    T=80 run l8_single $S8
+    ORBITLLM_GEMV=cublas T=80 run l8_single_cublas $S8
+    T=100 run l8_single_tp2_symm $S8 --tensor-parallel-size 2 --tp-all-reduce symm_mem
+    ORBITLLM_GEMV=cublas T=100 run l8_single_tp2_symm_cublas $S8 --tensor-parallel-size 2 --tp-all-reduce symm_mem ;;
   tp)
     nvidia-smi topo -m
     T=80 run l8_single $S8

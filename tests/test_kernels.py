@@ -30,6 +30,7 @@ from orbitllm.kernels import (  # noqa: E402
     rotary_store_kv_cache,
     store_kv_cache,
 )
+from orbitllm.kernels.gemv import GemvConfig, gemv  # noqa: E402
 from orbitllm.kernels.peer_reduce import peer_reduce_add_norm, peer_reduce_add_norm_ref  # noqa: E402
 from orbitllm.layers.attention import AttentionMetadata, TorchAttentionBackend  # noqa: E402
 from orbitllm.layers.triton_attention import TritonAttentionBackend  # noqa: E402
@@ -350,6 +351,20 @@ def test_peer_reduce_add_norm_as_one_rank_of_three(dtype: torch.dtype) -> None:
         assert f.view(max_rows, world)[:, rank].tolist() == [1] * rows + [0] * (max_rows - rows)
 
 
+@pytest.mark.parametrize("n,k,bias,config", [
+    (64, 256, False, GemvConfig(8, 64, 4, 1)),     # even: unmasked loads
+    (37, 200, True, GemvConfig(4, 64, 2, 2)),      # ragged rows and chunks, bias
+    (16, 96, False, None),                          # default config, chunk wider than K
+])
+def test_gemv_matches_linear(n: int, k: int, bias: bool, config) -> None:
+    x = torch.randn(1, k, device=DEVICE)
+    w = torch.randn(n, k, device=DEVICE)
+    b = torch.randn(n, device=DEVICE) if bias else None
+    out = torch.full((1, n), float("nan"), device=DEVICE)
+    assert gemv(x, w, b, out=out, config=config) is out
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), rtol=1e-4, atol=1e-4)
+
+
 def rope_cache(rotary_dim: int, max_position: int, theta: float = 10000.0) -> torch.Tensor:
     inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, device=DEVICE).float() / rotary_dim)
     freqs = torch.outer(torch.arange(max_position, device=DEVICE).float(), inv_freq)
@@ -475,3 +490,15 @@ def test_triton_backend_model_matches_torch_backend(tiny_models, family: str) ->
             tokens[backend] = [o.outputs[0].token_ids for o in outs]
             assert_all_blocks_free(llm)
     assert tokens["triton"] == tokens["torch"]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("n,k", [(3072, 4096), (4096, 2048), (28672, 4096), (4096, 14336), (4100, 1000)])
+def test_gemv_bf16_shapes_of_an_8b_model(n: int, k: int) -> None:
+    """Llama-8B's projections, whole and halved, plus a ragged one: within bf16
+    rounding of a float32 product of the same bf16 inputs."""
+    x = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) / k ** 0.5
+    ref = (x.float() @ w.float().t()).to(torch.bfloat16)
+    torch.testing.assert_close(gemv(x, w), ref, rtol=1.6e-2, atol=1e-2)

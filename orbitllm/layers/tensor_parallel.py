@@ -19,6 +19,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from orbitllm.layers.linear import linear
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -46,9 +48,7 @@ class Shard:
         ``reduce_norm``). Written straight into the peer-read buffer ``slot`` when the
         fused path takes the step."""
         out = self.peer_reduce.output(x.shape[0], slot) if self.peer_reduce is not None else None
-        if out is None:
-            return F.linear(x, weight)
-        return torch.mm(x, weight.t(), out=out)
+        return linear(x, weight, out=out)
 
     def reduce_norm(self, partial: torch.Tensor, residual: torch.Tensor, norm: nn.Module,
                     slot: int) -> tuple[torch.Tensor, torch.Tensor]:

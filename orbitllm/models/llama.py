@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from orbitllm.layers.attention import AttentionBackend, AttentionMetadata
 from orbitllm.layers.fused import fused_ops_for
+from orbitllm.layers.linear import linear
 from orbitllm.layers.norm import RMSNorm
 from orbitllm.layers.rotary import RotaryEmbedding, rope_parameters
 from orbitllm.layers.tensor_parallel import (Shard, VocabParallelEmbedding, check_shardable,
@@ -102,7 +103,8 @@ class Attention(nn.Module):
         self.sliding_window = spec.sliding_windows[layer]
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata, backend: AttentionBackend):
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -128,7 +130,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(size, spec.hidden_size, bias=False)
 
     def forward(self, x):
-        gate_up = self.gate_up_proj(x)
+        gate_up = linear(x, self.gate_up_proj.weight)
         ops = fused_ops_for(gate_up)
         if ops is not None:
             act = ops.silu_and_mul(gate_up)
