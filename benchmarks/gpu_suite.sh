@@ -15,6 +15,8 @@
 #           kernel profile of the N=2 symm_mem decode step
 #   gemv    (two GPUs) GEMV sweep; new-kernel + GPU engine tests (TP with faulthandler);
 #           8B single request N=1 and N=2 symm_mem, each with the Triton GEMV and with cuBLAS
+#   final   (two GPUs) GEMV GPU tests and the qwen3 TP test; 8B single request N=1, N=2 (NCCL),
+#           N=2 (symm_mem); kernel profile of the N=2 symm_mem decode step
 #   tp      (two GPUs) Llama-3.1-8B single request N=1 / N=2, 8B throughput N=1,
 #           Llama-3.1-70B throughput N=2
 set -uo pipefail
@@ -82,6 +84,16 @@ case "$MODE" in
     ORBITLLM_GEMV=cublas T=80 run l8_single_cublas $S8
     T=100 run l8_single_tp2_symm $S8 --tensor-parallel-size 2 --tp-all-reduce symm_mem
     ORBITLLM_GEMV=cublas T=100 run l8_single_tp2_symm_cublas $S8 --tensor-parallel-size 2 --tp-all-reduce symm_mem ;;
+  final)
+    timeout 40 python3 -m pytest -q -x tests/test_kernels.py -k gemv > "$OUT/tests.txt" 2>&1
+    timeout 150 python3 -m pytest -q -x tests/test_gpu_engine.py -k "tensor_parallel and qwen3" \
+      --durations=2 -o faulthandler_timeout=120 >> "$OUT/tests.txt" 2>&1
+    grep -v "_pytest\|pluggy" "$OUT/tests.txt" | tail -20
+    T=80 run l8_single $S8
+    T=100 run l8_single_tp2 $S8 --tensor-parallel-size 2
+    T=100 run l8_single_tp2_symm $S8 --tensor-parallel-size 2 --tp-all-reduce symm_mem
+    timeout 100 python3 benchmarks/profile_tp.py --tp 2 --tp-all-reduce symm_mem 2>&1 \
+      | grep -v "Warning\|warn\|USDT" | cut -c1-72,170-215 | head -30 ;;
   tp)
     nvidia-smi topo -m
     T=80 run l8_single $S8

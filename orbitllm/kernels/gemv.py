@@ -52,8 +52,15 @@ def _gemv_kernel(
 
 
 def default_gemv_config(n: int, k: int) -> GemvConfig:
-    """Programs of 8 rows (4 for matrices under 4096 rows), 512-wide chunks."""
-    return GemvConfig(block_n=8 if n >= 4096 else 4, block_k=512, num_warps=4, num_stages=3)
+    """The best of ``benchmarks/gemv_bench.py``'s sweep on an H200 (2026-11-30) for
+    Llama-8B's shapes, whole and halved: wide matrices (gate/up) in tall narrow tiles,
+    long rows (down) in 16 x 1024 tiles, the small ones (QKV, o_proj) in 4-row programs
+    so that enough of them fill the GPU."""
+    if n >= 8192:
+        return GemvConfig(block_n=16, block_k=256, num_warps=4, num_stages=1)
+    if k >= 7168:
+        return GemvConfig(block_n=16, block_k=1024, num_warps=8, num_stages=1)
+    return GemvConfig(block_n=4, block_k=1024 if k >= 4096 else 512, num_warps=4, num_stages=3)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
