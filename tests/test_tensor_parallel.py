@@ -12,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+from dataclasses import replace
 
 import psutil
 import pytest
@@ -19,6 +20,7 @@ import torch
 
 from conftest import FAMILIES, assert_all_blocks_free
 from orbitllm import LLM, SamplingParams
+from orbitllm.config import EngineConfig
 from orbitllm.executor.tensor_parallel import WorkerDiedError
 
 MAX_NEW = 20
@@ -269,6 +271,27 @@ def test_symm_mem_all_reduce_needs_cuda(tiny_models):
         LLM(tiny_models["llama"], device="cpu", tensor_parallel_size=2, tp_all_reduce="symm_mem")
     with pytest.raises(ValueError, match="tp_all_reduce"):
         LLM(tiny_models["llama"], device="cpu", tp_all_reduce="ring")
+
+
+def test_tp_all_reduce_auto_picks_peer_memory_only_on_one_host_of_peer_gpus(monkeypatch):
+    """auto: NCCL (gloo) on CPU and across hosts; symm_mem when the ranks' GPUs all map
+    each other's memory; explicit choices are kept."""
+    import orbitllm.executor.setup as setup
+    cuda = torch.device("cuda")
+    cfg = EngineConfig(model="x", tensor_parallel_size=2)
+    assert setup.resolve_tp_all_reduce(cfg, torch.device("cpu")) == "nccl"
+    assert setup.resolve_tp_all_reduce(replace(cfg, tensor_parallel_size=1), cuda) == "nccl"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    links = {(0, 1): True, (1, 0): True}
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: links[(a, b)])
+    assert setup.resolve_tp_all_reduce(cfg, cuda) == "symm_mem"
+    assert setup.resolve_tp_all_reduce(replace(cfg, tp_all_reduce="nccl"), cuda) == "nccl"
+    assert setup.resolve_tp_all_reduce(replace(cfg, tensor_parallel_size=4), cuda) == "nccl"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")   # torchrun, one rank per host
+    assert setup.resolve_tp_all_reduce(cfg, cuda) == "nccl"
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    links[(1, 0)] = False
+    assert setup.resolve_tp_all_reduce(cfg, cuda) == "nccl"
 
 
 class _ThreadAtExit:

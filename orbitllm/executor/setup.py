@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -87,10 +88,30 @@ def open_model(cfg: EngineConfig) -> Checkpoint:
     return open_checkpoint(cfg.model, cfg.tokenizer)
 
 
+def resolve_tp_all_reduce(cfg: EngineConfig, device: torch.device) -> str:
+    """``auto``: the fused peer-memory path when every rank is on this host and each
+    pair of the ranks' GPUs can map each other's memory (NVLink or P2P), else NCCL.
+    Every rank computes the same answer from the same facts."""
+    size = cfg.tensor_parallel_size
+    if cfg.tp_all_reduce == "symm_mem" and size > 1 and device.type != "cuda":
+        raise ValueError("tp_all_reduce: symm_mem needs CUDA devices; use nccl (gloo on CPU)")
+    if cfg.tp_all_reduce != "auto":
+        return cfg.tp_all_reduce
+    if size == 1 or device.type != "cuda":
+        return "nccl"
+    if int(os.environ.get("LOCAL_WORLD_SIZE", size)) < size:   # torchrun over several hosts
+        return "nccl"
+    first = device.index or 0
+    gpus = range(first, first + size)
+    if gpus.stop > torch.cuda.device_count():
+        return "nccl"   # start-up reports the missing GPUs
+    peers = all(torch.cuda.can_device_access_peer(a, b) for a in gpus for b in gpus if a != b)
+    return "symm_mem" if peers else "nccl"
+
+
 def build_engine_parts(cfg: EngineConfig) -> EngineParts:
     device = resolve_device(cfg.device)
-    if cfg.tp_all_reduce == "symm_mem" and cfg.tensor_parallel_size > 1 and device.type != "cuda":
-        raise ValueError("tp_all_reduce: symm_mem needs CUDA devices; use nccl (gloo on CPU)")
+    cfg = replace(cfg, tp_all_reduce=resolve_tp_all_reduce(cfg, device))
     ckpt = open_model(cfg)
     launched = None   # (shard, local rank) when torchrun started this process
     if cfg.tensor_parallel_size > 1:
