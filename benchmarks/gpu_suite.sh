@@ -16,7 +16,7 @@
 #   gemv    (two GPUs) GEMV sweep; new-kernel + GPU engine tests (TP with faulthandler);
 #           8B single request N=1 and N=2 symm_mem, each with the Triton GEMV and with cuBLAS
 #   final   (two GPUs) GEMV GPU tests and the qwen3 TP test; 8B single request N=1, N=2 (NCCL),
-#           N=2 (symm_mem); kernel profile of the N=2 symm_mem decode step
+#           N=2 (default all-reduce: auto = symm_mem here); kernel profile of the N=2 symm_mem decode step
 #   tp      (two GPUs) Llama-3.1-8B single request N=1 / N=2, 8B throughput N=1,
 #           Llama-3.1-70B throughput N=2
 set -uo pipefail
@@ -90,8 +90,8 @@ case "$MODE" in
       --durations=2 -o faulthandler_timeout=120 >> "$OUT/tests.txt" 2>&1
     grep -v "_pytest\|pluggy" "$OUT/tests.txt" | tail -20
     T=80 run l8_single $S8
-    T=100 run l8_single_tp2 $S8 --tensor-parallel-size 2
-    T=100 run l8_single_tp2_symm $S8 --tensor-parallel-size 2 --tp-all-reduce symm_mem
+    T=100 run l8_single_tp2 $S8 --tensor-parallel-size 2 --tp-all-reduce nccl
+    T=100 run l8_single_tp2_auto $S8 --tensor-parallel-size 2
     timeout 100 python3 benchmarks/profile_tp.py --tp 2 --tp-all-reduce symm_mem 2>&1 \
       | grep -v "Warning\|warn\|USDT" | cut -c1-72,170-215 | head -30 ;;
   tp)

@@ -43,7 +43,7 @@ def test_tensor_parallel_on_gpus_matches_one_gpu(tiny_models, family):
     max_num_seqs rows fall back to NCCL) give N=1's greedy tokens."""
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     results = {}
-    for name, kwargs in {"n1": {}, "n2_nccl": dict(tensor_parallel_size=2),
+    for name, kwargs in {"n1": {}, "n2_nccl": dict(tensor_parallel_size=2, tp_all_reduce="nccl"),
                          "n2_symm_mem": dict(tensor_parallel_size=2, tp_all_reduce="symm_mem")}.items():
         with LLM(tiny_models[family], dtype="float32", num_kv_blocks=128, max_model_len=1024,
                  max_num_seqs=8, **kwargs) as llm:
