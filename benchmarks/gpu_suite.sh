@@ -17,6 +17,8 @@
 #           8B single request N=1 and N=2 symm_mem, each with the Triton GEMV and with cuBLAS
 #   final   (two GPUs) GEMV GPU tests and the qwen3 TP test; 8B single request N=1, N=2 (NCCL),
 #           N=2 (default all-reduce: auto = symm_mem here); kernel profile of the N=2 symm_mem decode step
+#   push    (two GPUs) all-reduce + add + RMSNorm microbenchmark: NCCL, pull kernel (the
+#           engine's), push kernel (not used by the engine yet); kernel tests of both
 #   tp      (two GPUs) Llama-3.1-8B single request N=1 / N=2, 8B throughput N=1,
 #           Llama-3.1-70B throughput N=2
 set -uo pipefail
@@ -94,6 +96,10 @@ case "$MODE" in
     T=100 run l8_single_tp2_auto $S8 --tensor-parallel-size 2
     timeout 100 python3 benchmarks/profile_tp.py --tp 2 --tp-all-reduce symm_mem 2>&1 \
       | grep -v "Warning\|warn\|USDT" | cut -c1-72,170-215 | head -30 ;;
+  push)
+    timeout 60 python3 -m pytest -q -x tests/test_kernels.py -k "push or peer" 2>&1 | tail -3
+    timeout 150 python3 benchmarks/peer_reduce_bench.py --rows 1 2 4 8 16 2>&1 | grep -v Warning | tee "$OUT/peer_reduce.txt"
+    timeout 100 python3 benchmarks/peer_reduce_bench.py --hidden 8192 --rows 1 16 2>&1 | grep -v Warning | tee -a "$OUT/peer_reduce.txt" ;;
   tp)
     nvidia-smi topo -m
     T=80 run l8_single $S8
