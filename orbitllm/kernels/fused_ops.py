@@ -125,6 +125,16 @@ def _rotate_heads(x_ptr, t, stride_t, stride_h, num_heads, cos, sin,
 
 
 @triton.jit
+def _cos_sin(cache_ptr, pos_ptr, t, stride_c, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """cos and sin ``[1, BLOCK_HALF]`` (float32) at token ``t``'s position."""
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    j = tl.arange(0, BLOCK_HALF)[None, :]
+    cos = tl.load(cache_ptr + pos * stride_c + j, mask=j < HALF, other=0.0).to(tl.float32)
+    sin = tl.load(cache_ptr + pos * stride_c + HALF + j, mask=j < HALF, other=0.0).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
 def _rotary_kernel(
     q_ptr, k_ptr, pos_ptr, cache_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_c,
@@ -133,10 +143,7 @@ def _rotary_kernel(
 ):
     """One program per token: look up cos/sin at its position once, rotate q and k."""
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    j = tl.arange(0, BLOCK_HALF)[None, :]
-    cos = tl.load(cache_ptr + pos * stride_c + j, mask=j < HALF, other=0.0).to(tl.float32)
-    sin = tl.load(cache_ptr + pos * stride_c + HALF + j, mask=j < HALF, other=0.0).to(tl.float32)
+    cos, sin = _cos_sin(cache_ptr, pos_ptr, t, stride_c, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr, t, stride_qt, stride_qh, num_q_heads, cos, sin, HALF, BLOCK_QH, BLOCK_HALF)
     _rotate_heads(k_ptr, t, stride_kt, stride_kh, num_k_heads, cos, sin, HALF, BLOCK_KH, BLOCK_HALF)
 

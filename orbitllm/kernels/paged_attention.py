@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from orbitllm.kernels.fused_ops import _rotate_heads, _warps_for
+from orbitllm.kernels.fused_ops import _cos_sin, _rotate_heads, _warps_for
 
 LOG2E = 1.4426950408889634
 
@@ -114,14 +114,12 @@ def _rotary_store_kv_kernel(
     and its v to cache slot ``slot`` (skip if < 0). k itself is left as it was: the
     attention kernels read keys from the cache only."""
     t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
-    j = tl.arange(0, BLOCK_HALF)[None, :]
-    cos = tl.load(cos_sin_ptr + pos * stride_c + j, mask=j < HALF, other=0.0).to(tl.float32)
-    sin = tl.load(cos_sin_ptr + pos * stride_c + HALF + j, mask=j < HALF, other=0.0).to(tl.float32)
+    cos, sin = _cos_sin(cos_sin_ptr, pos_ptr, t, stride_c, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr, t, stride_qt, stride_qh, num_q_heads, cos, sin, HALF, BLOCK_QH, BLOCK_HALF)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
         h = tl.arange(0, BLOCK_H)[:, None]
+        j = tl.arange(0, BLOCK_HALF)[None, :]
         dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + h * stride_ch
         mask = (h < num_kv_heads) & (j < HALF)
         src = k_ptr + t * stride_kt + h * stride_kh + j

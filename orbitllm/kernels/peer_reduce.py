@@ -28,6 +28,21 @@ MAX_POLLS = 1 << 26
 
 
 @triton.jit
+def _add_norm_store(acc, row, cols, mask, n_cols, eps, res_ptr, w_ptr, out_ptr, res_out_ptr):
+    """Round the reduced row like an all-reduce in the model dtype, then the residual
+    add and RMSNorm of ``rms_norm``; store both."""
+    x = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+    x += tl.load(res_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    x = x.to(res_out_ptr.dtype.element_ty)
+    tl.store(res_out_ptr + row * n_cols + cols, x, mask=mask)
+    x = x.to(tl.float32)
+    inv_rms = tl.math.rsqrt(tl.sum(x * x, 0) / n_cols + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    y = (x * inv_rms).to(out_ptr.dtype.element_ty).to(tl.float32) * w
+    tl.store(out_ptr + row * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _peer_reduce_norm_kernel(
     buf_addrs, flag_addrs, epoch_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     slot_offset, n_cols, eps, rank, max_polls,
@@ -51,8 +66,7 @@ def _peer_reduce_norm_kernel(
         while (seen - epoch < 0) & (polls < max_polls):
             seen = tl.atomic_add(own_flags + row * WORLD + p, 0, sem="acquire", scope="sys")
             polls += 1
-    # (3) Sum in rank order (every rank gets the same bits), round like an all-reduce
-    # in the model dtype, then the residual add and RMSNorm of ``rms_norm``.
+    # (3) Sum in rank order (every rank gets the same bits), then add + norm.
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     bufs = buf_addrs.to(tl.pointer_type(tl.int64))
@@ -61,15 +75,7 @@ def _peer_reduce_norm_kernel(
         part = tl.load(bufs + p).to(tl.pointer_type(out_ptr.dtype.element_ty))
         acc += tl.load(part + slot_offset + row * n_cols + cols, mask=mask, other=0.0,
                        volatile=True).to(tl.float32)
-    x = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
-    x += tl.load(res_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    x = x.to(res_out_ptr.dtype.element_ty)
-    tl.store(res_out_ptr + row * n_cols + cols, x, mask=mask)
-    x = x.to(tl.float32)
-    inv_rms = tl.math.rsqrt(tl.sum(x * x, 0) / n_cols + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = (x * inv_rms).to(out_ptr.dtype.element_ty).to(tl.float32) * w
-    tl.store(out_ptr + row * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+    _add_norm_store(acc, row, cols, mask, n_cols, eps, res_ptr, w_ptr, out_ptr, res_out_ptr)
 
 
 def peer_reduce_add_norm(buf_addrs: int, flag_addrs: int, epochs: torch.Tensor, rank: int,
@@ -136,15 +142,7 @@ def _push_reduce_norm_kernel(
                 got = tl.load(src, mask=mask, other=tag, volatile=True)
                 polls += 1
             acc += (got & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-    x = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
-    x += tl.load(res_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    x = x.to(res_out_ptr.dtype.element_ty)
-    tl.store(res_out_ptr + row * n_cols + cols, x, mask=mask)
-    x = x.to(tl.float32)
-    inv_rms = tl.math.rsqrt(tl.sum(x * x, 0) / n_cols + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = (x * inv_rms).to(out_ptr.dtype.element_ty).to(tl.float32) * w
-    tl.store(out_ptr + row * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+    _add_norm_store(acc, row, cols, mask, n_cols, eps, res_ptr, w_ptr, out_ptr, res_out_ptr)
 
 
 def push_reduce_add_norm(partial: torch.Tensor, inbox_addrs: int, epochs: torch.Tensor,
