@@ -78,7 +78,7 @@ def main() -> None:
         top = sorted(results, key=lambda r: r[0])[:4]
         print("             top: " + "; ".join(f"{t:.2f} {c.block_n}/{c.block_k}/{c.num_warps}/{c.num_stages}"
                                          for t, c, _ in top))
-        del ws
+        ws.clear()
         torch.cuda.empty_cache()
 
 

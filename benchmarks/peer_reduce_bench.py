@@ -105,7 +105,6 @@ def worker(rank: int, world: int, port: int, hidden: int, row_counts: list[int])
                   "  ".join(f"{k} {v:6.2f} us" for k, v in times.items()) +
                   f"  (pull == push: {same})", flush=True)
     dist.barrier()
-    del handle
     dist.destroy_process_group()
 
 

@@ -7,14 +7,13 @@ from orbitllm.kernels.fused_ops import (
     silu_and_mul,
     silu_and_mul_ref,
 )
+from orbitllm.kernels.kv_write import rotary_store_kv_cache, store_kv_cache
 from orbitllm.kernels.paged_attention import (
     DecodeConfig,
     PrefillConfig,
     choose_num_splits,
     paged_decode_attention,
     paged_prefill_attention,
-    rotary_store_kv_cache,
-    store_kv_cache,
 )
 
 __all__ = [

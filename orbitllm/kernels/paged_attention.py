@@ -1,13 +1,10 @@
 """Triton kernels for attention over the paged KV cache.
 
-Three kernels share one cache layout, ``[num_blocks, block_size, num_kv_heads,
-head_dim]`` (see ``orbitllm.layers.attention``), and read keys/values through
-the block table one token at a time, so any block size and any tile size work
-together:
+Both kernels use the cache layout of ``kernels/kv_write.py``, ``[num_blocks,
+block_size, num_kv_heads, head_dim]`` (see ``orbitllm.layers.attention``), and read
+keys/values through the block table one token at a time, so any block size and any
+tile size work together:
 
-* ``store_kv_cache``: scatter the step's new K and V into their slots;
-  ``rotary_store_kv_cache`` also applies the rotary embedding to q and k on
-  the way (one kernel per layer where there were two).
 * ``paged_prefill_attention``: packed variable-length queries (prefill, prefix
   hits, chunked prefill, mixed batches) against all of each sequence's cached
   keys, flash-attention style.
@@ -23,14 +20,13 @@ values, so the decode path can be captured in a CUDA graph.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from orbitllm.kernels.fused_ops import _cos_sin, _rotate_heads, _warps_for
+from orbitllm.kernels.kv_write import check_cache
 
 LOG2E = 1.4426950408889634
 
@@ -52,118 +48,6 @@ class DecodeConfig:
     block_n: int
     num_warps: int
     num_stages: int
-
-
-# ----------------------------------------------------------------------------- KV write
-
-
-@triton.jit
-def _store_kv_kernel(
-    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-    stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_cb, stride_cs, stride_ch,
-    num_kv_heads,
-    PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """One program per token: copy all its KV heads to cache slot ``slot`` (skip if < 0)."""
-    t = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot >= 0:
-        h = tl.arange(0, BLOCK_H)[:, None]
-        d = tl.arange(0, BLOCK_D)[None, :]
-        mask = (h < num_kv_heads) & (d < HEAD_DIM)
-        dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + h * stride_ch + d
-        k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
-        v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
-        tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
-
-
-def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Write ``k``/``v`` ``[num_tokens, num_kv_heads, head_dim]`` into their cache slots.
-
-    Slots < 0 (padding) are skipped on the device, so the launch needs no host sync.
-    """
-    num_tokens, num_kv_heads, head_dim = k.shape
-    if num_tokens == 0:
-        return
-    _check_cache(k_cache, v_cache)
-    assert k.stride(-1) == 1 and v.stride(-1) == 1, "k/v need a contiguous last dim"
-    _store_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        num_kv_heads,
-        PAGE=k_cache.shape[1], HEAD_DIM=head_dim,
-        BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
-    )
-
-
-@triton.jit
-def _rotary_store_kv_kernel(
-    q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, pos_ptr, cos_sin_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_cb, stride_cs, stride_ch, stride_c,
-    num_q_heads, num_kv_heads,
-    PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-    BLOCK_QH: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """One program per token: rotate its q heads in place, then write its rotated k
-    and its v to cache slot ``slot`` (skip if < 0). k itself is left as it was: the
-    attention kernels read keys from the cache only."""
-    t = tl.program_id(0).to(tl.int64)
-    cos, sin = _cos_sin(cos_sin_ptr, pos_ptr, t, stride_c, HALF, BLOCK_HALF)
-    _rotate_heads(q_ptr, t, stride_qt, stride_qh, num_q_heads, cos, sin, HALF, BLOCK_QH, BLOCK_HALF)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot >= 0:
-        h = tl.arange(0, BLOCK_H)[:, None]
-        j = tl.arange(0, BLOCK_HALF)[None, :]
-        dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + h * stride_ch
-        mask = (h < num_kv_heads) & (j < HALF)
-        src = k_ptr + t * stride_kt + h * stride_kh + j
-        x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-        # Round to k's dtype first, as rotating k in place and then storing it would.
-        r1 = (x1 * cos - x2 * sin).to(k_ptr.dtype.element_ty)
-        r2 = (x2 * cos + x1 * sin).to(k_ptr.dtype.element_ty)
-        tl.store(k_cache_ptr + dst + j, r1.to(k_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(k_cache_ptr + dst + HALF + j, r2.to(k_cache_ptr.dtype.element_ty), mask=mask)
-        d = tl.arange(0, BLOCK_D)[None, :]
-        head = (h < num_kv_heads) & (d < HEAD_DIM)
-        tail = head & (d >= 2 * HALF)   # dims past the rotary ones (partial rotary)
-        k_tail = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=tail)
-        tl.store(k_cache_ptr + dst + d, k_tail.to(k_cache_ptr.dtype.element_ty), mask=tail)
-        v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=head)
-        tl.store(v_cache_ptr + dst + d, v.to(v_cache_ptr.dtype.element_ty), mask=head)
-
-
-def rotary_store_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                          positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
-    """``apply_rotary_emb(q, k, positions, cos_sin_cache)`` then ``store_kv_cache(k, v,
-    ...)`` in one kernel, except that ``k`` keeps its unrotated values (only its cache
-    copy is rotated). ``q`` is rotated in place."""
-    num_tokens, num_kv_heads, head_dim = k.shape
-    if num_tokens == 0:
-        return
-    _check_cache(k_cache, v_cache)
-    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
-    assert cos_sin_cache.stride(-1) == 1
-    half = cos_sin_cache.shape[1] // 2
-    block_qh = triton.next_power_of_2(q.shape[1])
-    block_half = triton.next_power_of_2(half)
-    _rotary_store_kv_kernel[(num_tokens,)](
-        q, k, v, k_cache, v_cache, slot_mapping, positions, cos_sin_cache,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), cos_sin_cache.stride(0),
-        q.shape[1], num_kv_heads,
-        PAGE=k_cache.shape[1], HEAD_DIM=head_dim, HALF=half,
-        BLOCK_QH=block_qh, BLOCK_H=triton.next_power_of_2(num_kv_heads),
-        BLOCK_HALF=block_half, BLOCK_D=triton.next_power_of_2(head_dim),
-        num_warps=_warps_for(block_qh * block_half),
-    )
 
 
 # ----------------------------------------------------------------------------- shared tile step
@@ -340,7 +224,7 @@ def paged_prefill_attention(
     out = _prepare_out(q, out)
     if num_tokens == 0:
         return out
-    _check_cache(k_cache, v_cache)
+    check_cache(k_cache, v_cache)
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
     cfg = config or default_prefill_config(head_dim, group, q.dtype, q.device)
@@ -501,7 +385,7 @@ def paged_decode_attention(
     out = _prepare_out(q, out)
     if num_seqs == 0 or q.shape[0] == 0:
         return out
-    _check_cache(k_cache, v_cache)
+    check_cache(k_cache, v_cache)
     cfg = config or default_decode_config(head_dim, k_cache.dtype, q.device)
     splits = num_splits or choose_num_splits(num_seqs, num_kv_heads, max_seq_len, q.device, cfg.block_n)
     group = num_heads // num_kv_heads
@@ -538,11 +422,3 @@ def _prepare_out(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
     assert out.shape == q.shape and out.stride(-1) == 1, "out must match q with a contiguous last dim"
     return out
-
-
-def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    """The kernels share one set of strides and index blocks by shift/mask."""
-    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(), \
-        "k_cache and v_cache must have the same shape and strides"
-    assert k_cache.stride(-1) == 1, "cache needs a contiguous head_dim"
-    assert math.log2(k_cache.shape[1]).is_integer(), "block_size must be a power of two"

@@ -3,12 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from orbitllm.kernels.paged_attention import (
-    paged_decode_attention,
-    paged_prefill_attention,
-    rotary_store_kv_cache,
-    store_kv_cache,
-)
+from orbitllm.kernels.kv_write import rotary_store_kv_cache, store_kv_cache
+from orbitllm.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
 from orbitllm.layers.attention import AttentionMetadata
 
 
