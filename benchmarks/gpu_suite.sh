@@ -18,7 +18,8 @@
 #   final   (two GPUs) GEMV GPU tests and the qwen3 TP test; 8B single request N=1, N=2 (NCCL),
 #           N=2 (default all-reduce: auto = symm_mem here); kernel profile of the N=2 symm_mem decode step
 #   push    (two GPUs) all-reduce + add + RMSNorm microbenchmark: NCCL, pull kernel (the
-#           engine's), push kernel (not used by the engine yet); kernel tests of both
+#           engine's), push kernel; kernel and GPU TP tests of both; 8B single request N=1,
+#           N=2 (default, pull), N=2 with ORBITLLM_PEER_REDUCE=push
 #   tp      (two GPUs) Llama-3.1-8B single request N=1 / N=2, 8B throughput N=1,
 #           Llama-3.1-70B throughput N=2
 set -uo pipefail
@@ -98,8 +99,12 @@ case "$MODE" in
       | grep -v "Warning\|warn\|USDT" | cut -c1-72,170-215 | head -30 ;;
   push)
     timeout 60 python3 -m pytest -q -x tests/test_kernels.py -k "push or peer" 2>&1 | tail -3
-    timeout 150 python3 benchmarks/peer_reduce_bench.py --rows 1 2 4 8 16 2>&1 | grep -v Warning | tee "$OUT/peer_reduce.txt"
-    timeout 100 python3 benchmarks/peer_reduce_bench.py --hidden 8192 --rows 1 16 2>&1 | grep -v Warning | tee -a "$OUT/peer_reduce.txt" ;;
+    timeout 120 python3 benchmarks/peer_reduce_bench.py --rows 1 2 4 8 16 2>&1 | grep -v Warning | tee "$OUT/peer_reduce.txt"
+    timeout 200 python3 -m pytest -q -x tests/test_gpu_engine.py -k tensor_parallel --durations=2 \
+      -o faulthandler_timeout=180 2>&1 | grep -v "_pytest\|pluggy" | tail -12
+    T=80 run l8_single $S8
+    T=100 run l8_single_tp2 $S8 --tensor-parallel-size 2
+    ORBITLLM_PEER_REDUCE=push T=100 run l8_single_tp2_push $S8 --tensor-parallel-size 2 ;;
   tp)
     nvidia-smi topo -m
     T=80 run l8_single $S8

@@ -37,14 +37,17 @@ def test_triton_matches_torch_backend(tiny_models, family):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_tensor_parallel_on_gpus_matches_one_gpu(tiny_models, family):
+def test_tensor_parallel_on_gpus_matches_one_gpu(tiny_models, family, monkeypatch):
     """N=2 over NCCL (all-reduce captured in the CUDA graphs) and with the fused
-    peer-memory all-reduce + add + RMSNorm (decode steps; prefill steps of more than
-    max_num_seqs rows fall back to NCCL) give N=1's greedy tokens."""
+    peer-memory all-reduce + add + RMSNorm, pull and push kernels (decode steps; prefill
+    steps of more than max_num_seqs rows fall back to NCCL) give N=1's greedy tokens."""
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     results = {}
     for name, kwargs in {"n1": {}, "n2_nccl": dict(tensor_parallel_size=2, tp_all_reduce="nccl"),
-                         "n2_symm_mem": dict(tensor_parallel_size=2, tp_all_reduce="symm_mem")}.items():
+                         "n2_symm_mem": dict(tensor_parallel_size=2, tp_all_reduce="symm_mem"),
+                         "n2_push": dict(tensor_parallel_size=2, tp_all_reduce="symm_mem")}.items():
+        if name == "n2_push":   # the workers inherit the switch
+            monkeypatch.setenv("ORBITLLM_PEER_REDUCE", "push")
         with LLM(tiny_models[family], dtype="float32", num_kv_blocks=128, max_model_len=1024,
                  max_num_seqs=8, **kwargs) as llm:
             outs = llm.generate(_prompts(), params, use_tqdm=False)
@@ -52,3 +55,4 @@ def test_tensor_parallel_on_gpus_matches_one_gpu(tiny_models, family):
             assert_all_blocks_free(llm)
     assert results["n2_nccl"] == results["n1"]
     assert results["n2_symm_mem"] == results["n1"]
+    assert results["n2_push"] == results["n1"]

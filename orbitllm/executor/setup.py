@@ -148,8 +148,10 @@ def build_rank_runner(cfg: EngineConfig, shard: Shard, device: torch.device,
     dtype = resolve_dtype(cfg.dtype, ckpt.config, device)
     if cfg.tp_all_reduce == "symm_mem" and shard.size > 1:
         # Steps of up to PEER_REDUCE_MAX_ROWS rows (small decode batches); larger ones use NCCL.
+        # ORBITLLM_PEER_REDUCE=push: the push kernel, an A/B switch until it is measured.
         shard = replace(shard, peer_reduce=PeerAllReduce(
-            min(cfg.max_num_seqs, PEER_REDUCE_MAX_ROWS), ckpt.config.hidden_size, dtype, device))
+            min(cfg.max_num_seqs, PEER_REDUCE_MAX_ROWS), ckpt.config.hidden_size, dtype, device,
+            push=os.environ.get("ORBITLLM_PEER_REDUCE") == "push"))
     model = instantiate(ckpt, device, dtype, shard)
     if cfg.load_format == "dummy":
         init_random_weights(model, cfg.seed)

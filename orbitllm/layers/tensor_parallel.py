@@ -85,25 +85,38 @@ class PeerAllReduce:
     after them (``kernels/peer_reduce.py``): each rank's row-parallel matmul writes
     into its slot of a torch symmetric-memory buffer, which every GPU of the group
     maps, and one kernel per call syncs the ranks, sums the slots over NVLink and
-    normalizes. Larger steps (prefill) go through NCCL. No multicast (NVLS) is used."""
+    normalizes. Larger steps (prefill) go through NCCL. No multicast (NVLS) is used.
+
+    ``push``: the push kernel instead (each rank stores its rows into the peers'
+    int64 inboxes; no flags). Not yet measured on GPUs, so off by default."""
 
     SLOTS = 2   # 0: attention outputs, 1: MLP outputs (they alternate)
 
-    def __init__(self, max_rows: int, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, max_rows: int, hidden: int, dtype: torch.dtype, device: torch.device,
+                 push: bool = False) -> None:
         import torch.distributed._symmetric_memory as symm_mem
+        group = dist.group.WORLD.group_name
         self.max_rows, self.hidden = max_rows, hidden
         self.slot_numel = max_rows * hidden
         self.buffer = symm_mem.empty(self.SLOTS * self.slot_numel, dtype=dtype, device=device)
-        self.handle = symm_mem.rendezvous(self.buffer, dist.group.WORLD.group_name)
+        self.handle = symm_mem.rendezvous(self.buffer, group)
         self.rank, self.world = self.handle.rank, self.handle.world_size
-        # Per-row arrival flags, one per rank, in their own symmetric tensor (the
-        # handle's signal pad is small and fixed in size).
-        self.flags = symm_mem.empty(max_rows * self.world, dtype=torch.int32, device=device)
-        self.flags_handle = symm_mem.rendezvous(self.flags, dist.group.WORLD.group_name)
-        self.flags.zero_()
         self.epochs = torch.zeros(max_rows, dtype=torch.int32, device=device)
+        if push:   # per slot, one region of rows per sending rank
+            self.inbox = symm_mem.empty(self.SLOTS * self.world * self.slot_numel,
+                                        dtype=torch.int64, device=device)
+            self.inbox_handle = symm_mem.rendezvous(self.inbox, group)
+            self.inbox.zero_()
+            self.abort = torch.zeros(1, dtype=torch.int32, device=device)
+        else:
+            # Per-row arrival flags, one per rank, in their own symmetric tensor (the
+            # handle's signal pad is small and fixed in size).
+            self.inbox = None
+            self.flags = symm_mem.empty(max_rows * self.world, dtype=torch.int32, device=device)
+            self.flags_handle = symm_mem.rendezvous(self.flags, group)
+            self.flags.zero_()
         torch.cuda.synchronize(device)
-        dist.barrier()   # every rank's flags are cleared before any rank signals
+        dist.barrier()   # every rank's flags / inbox are cleared before any rank signals
 
     def output(self, rows: int, slot: int) -> torch.Tensor | None:
         """Where this rank's partial of ``rows`` rows goes, or None (too many: NCCL)."""
@@ -118,7 +131,12 @@ class PeerAllReduce:
 
     def reduce_add_norm(self, rows: int, slot: int, residual: torch.Tensor, weight: torch.Tensor,
                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        from orbitllm.kernels.peer_reduce import peer_reduce_add_norm
+        from orbitllm.kernels.peer_reduce import peer_reduce_add_norm, push_reduce_add_norm
+        if self.inbox is not None:
+            return push_reduce_add_norm(
+                self.output(rows, slot), self.inbox_handle.buffer_ptrs_dev, self.epochs, self.abort,
+                self.rank, self.world, slot * self.world * self.slot_numel, self.slot_numel,
+                residual, weight, eps)
         return peer_reduce_add_norm(self.handle.buffer_ptrs_dev, self.flags_handle.buffer_ptrs_dev,
                                     self.epochs, self.rank, self.world, slot * self.slot_numel,
                                     rows, residual, weight, eps)
@@ -126,8 +144,11 @@ class PeerAllReduce:
     def release(self) -> None:
         """Let this rank's waits pass for good (a peer died and will never signal), so
         the engine reaches its next NCCL collective and reports the dead rank."""
-        with torch.cuda.stream(torch.cuda.Stream(self.flags.device)):   # beside the waiting kernel
-            self.flags.fill_(1 << 30)
+        with torch.cuda.stream(torch.cuda.Stream(self.epochs.device)):   # beside the waiting kernel
+            if self.inbox is not None:
+                self.abort.fill_(1)
+            else:
+                self.flags.fill_(1 << 30)
 
 
 def kv_heads_per_rank(num_kv_heads: int, size: int) -> int:
