@@ -18,18 +18,23 @@ def _prompts() -> list[dict]:
     return [{"prompt_token_ids": [rng.randrange(3, 300) for _ in range(n)]} for n in (5, 40, 77, 130)]
 
 
+def _greedy_tokens(model: str, **kwargs) -> list[list[int]]:
+    """24 greedy tokens for each of ``_prompts()`` from a float32 engine; checks that
+    every KV block is back in the pool, then shuts the engine down."""
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    with LLM(model, dtype="float32", num_kv_blocks=128, max_model_len=1024, **kwargs) as llm:
+        outs = llm.generate(_prompts(), params, use_tqdm=False)
+        assert_all_blocks_free(llm)
+    return [o.outputs[0].token_ids for o in outs]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_triton_matches_torch_backend(tiny_models, family):
-    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    results = {}
-    for name, kwargs in {"torch": dict(attention_backend="torch"),
-                         "triton_eager": dict(attention_backend="triton", enforce_eager=True),
-                         "triton_graphs": dict(attention_backend="triton", max_num_seqs=8),
-                         "triton_chunked": dict(attention_backend="triton", max_num_batched_tokens=16)}.items():
-        llm = LLM(tiny_models[family], dtype="float32", num_kv_blocks=128, max_model_len=1024, **kwargs)
-        outs = llm.generate(_prompts(), params, use_tqdm=False)
-        results[name] = [o.outputs[0].token_ids for o in outs]
-        assert_all_blocks_free(llm)
+    results = {name: _greedy_tokens(tiny_models[family], **kwargs) for name, kwargs in {
+        "torch": dict(attention_backend="torch"),
+        "triton_eager": dict(attention_backend="triton", enforce_eager=True),
+        "triton_graphs": dict(attention_backend="triton", max_num_seqs=8),
+        "triton_chunked": dict(attention_backend="triton", max_num_batched_tokens=16)}.items()}
     assert results["triton_eager"] == results["torch"]
     assert results["triton_graphs"] == results["torch"]
     assert results["triton_chunked"] == results["torch"]
@@ -41,18 +46,13 @@ def test_tensor_parallel_on_gpus_matches_one_gpu(tiny_models, family, monkeypatc
     """N=2 over NCCL (all-reduce captured in the CUDA graphs) and with the fused
     peer-memory all-reduce + add + RMSNorm, pull and push kernels (decode steps; prefill
     steps of more than max_num_seqs rows fall back to NCCL) give N=1's greedy tokens."""
-    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     results = {}
     for name, kwargs in {"n1": {}, "n2_nccl": dict(tensor_parallel_size=2, tp_all_reduce="nccl"),
                          "n2_symm_mem": dict(tensor_parallel_size=2, tp_all_reduce="symm_mem"),
                          "n2_push": dict(tensor_parallel_size=2, tp_all_reduce="symm_mem")}.items():
         if name == "n2_push":   # the workers inherit the switch
             monkeypatch.setenv("ORBITLLM_PEER_REDUCE", "push")
-        with LLM(tiny_models[family], dtype="float32", num_kv_blocks=128, max_model_len=1024,
-                 max_num_seqs=8, **kwargs) as llm:
-            outs = llm.generate(_prompts(), params, use_tqdm=False)
-            results[name] = [o.outputs[0].token_ids for o in outs]
-            assert_all_blocks_free(llm)
+        results[name] = _greedy_tokens(tiny_models[family], max_num_seqs=8, **kwargs)
     assert results["n2_nccl"] == results["n1"]
     assert results["n2_symm_mem"] == results["n1"]
     assert results["n2_push"] == results["n1"]
