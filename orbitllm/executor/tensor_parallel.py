@@ -158,12 +158,16 @@ class WorkerProcesses:
         for p in self.procs:
             p.start()
 
+    def exited(self) -> list:
+        """The worker processes that have exited."""
+        return [p for p in self.procs if p.exitcode is not None]
+
     def raise_if_dead(self, wait: float = 0.0) -> None:
         """Raise WorkerDiedError if a worker has exited, waiting up to ``wait`` seconds
         for one that is on its way out (its sockets close before it is reaped)."""
         deadline = time.monotonic() + wait
         while True:
-            dead = [p for p in self.procs if p.exitcode is not None]
+            dead = self.exited()
             if dead:
                 p = dead[0]
                 raise WorkerDiedError(
@@ -195,6 +199,9 @@ class TorchrunRanks:
     (torchrun's agent stops all ranks when one fails); stopping them is the STOP step."""
 
     procs: list = []
+
+    def exited(self) -> list:
+        return []
 
     def raise_if_dead(self, wait: float = 0.0) -> None:
         return None
@@ -282,7 +289,7 @@ class DriverRunner(ModelRunner):
 
     def _abort_on_worker_death(self) -> None:
         while not self._stopped:
-            if any(p.exitcode is not None for p in self.workers.procs):
+            if self.workers.exited():
                 log.error("a tensor-parallel worker died; aborting the NCCL communicator")
                 if self.model.shard.peer_reduce is not None:   # a kernel may wait for it
                     self.model.shard.peer_reduce.release()
@@ -295,7 +302,7 @@ class DriverRunner(ModelRunner):
             return
         atexit.unregister(self.shutdown)
         self._stopped = True
-        if not any(p.exitcode is not None for p in self.workers.procs):
+        if not self.workers.exited():
             super().shutdown()   # the graphs go before the process group; not if a
             # dead peer may have left a captured collective waiting forever
         self.workers.stop(self.channel)
