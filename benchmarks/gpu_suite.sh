@@ -8,18 +8,18 @@
 #   C       from an empty Triton cache: Qwen3-0.6B twice, 8B throughput, 8k prefill,
 #           single requests, 8B anchor
 #   D       from an empty Triton cache: Qwen3-0.6B and 8B throughput, 0.6B again, GPU tests
-#   tp2     (two GPUs) GPU TP tests; 8B single request N=1, N=2 (NCCL), N=2 (symm_mem all-reduce);
-#           70B throughput N=2 with symm_mem
+#   tp2     (two GPUs) GPU TP tests; 8B single request N=1, N=2 (NCCL), N=2 (peer all-reduce);
+#           70B throughput N=2 with the peer all-reduce
 #   tp3     (two GPUs) peer-reduce kernel + GPU TP tests; 8B single request N=1, N=2 (NCCL),
-#           N=2 (--tp-all-reduce symm_mem: fused peer-memory all-reduce + add + RMSNorm);
-#           kernel profile of the N=2 symm_mem decode step
+#           N=2 (--tp-all-reduce peer: fused peer-memory all-reduce + add + RMSNorm);
+#           kernel profile of the N=2 peer decode step
 #   gemv    (two GPUs) GEMV sweep; new-kernel + GPU engine tests (TP with faulthandler);
-#           8B single request N=1 and N=2 symm_mem, each with the Triton GEMV and with cuBLAS
+#           8B single request N=1 and N=2 peer, each with the Triton GEMV and with cuBLAS
 #   final   (two GPUs) GEMV GPU tests and the qwen3 TP test; 8B single request N=1, N=2 (NCCL),
-#           N=2 (default all-reduce: auto = symm_mem here); kernel profile of the N=2 symm_mem decode step
-#   push    (two GPUs) all-reduce + add + RMSNorm microbenchmark: NCCL, pull kernel (the
-#           engine's), push kernel; kernel and GPU TP tests of both; 8B single request N=1,
-#           N=2 (default, pull), N=2 with ORBITLLM_PEER_REDUCE=push
+#           N=2 (default all-reduce: auto = peer here); kernel profile of the N=2 peer decode step
+#   peer    (two GPUs) all-reduce + add + RMSNorm microbenchmark (NCCL, the fused peer
+#           kernel); GPU TP tests (the peer engine twice in one process); 8B single request
+#           N=1, N=2 (NCCL), N=2 (default: auto = peer here)
 #   tp      (two GPUs) Llama-3.1-8B single request N=1 / N=2, 8B throughput N=1,
 #           Llama-3.1-70B throughput N=2
 set -uo pipefail
@@ -64,18 +64,18 @@ case "$MODE" in
     timeout 200 python3 -m pytest -q -x -m gpu tests/test_gpu_engine.py -k tensor_parallel 2>&1 | tail -4
     T=80 run l8_single $S8
     T=120 run l8_single_tp2 $S8 --tensor-parallel-size 2
-    T=120 run l8_single_tp2_symm $S8 --tensor-parallel-size 2 --tp-all-reduce symm_mem
-    T=200 run l70_throughput_tp2_symm $B --model llama3.1-70b --num-prompts ${NP:-256} \
-      --tensor-parallel-size 2 --tp-all-reduce symm_mem ;;
+    T=120 run l8_single_tp2_peer $S8 --tensor-parallel-size 2 --tp-all-reduce peer
+    T=200 run l70_throughput_tp2_peer $B --model llama3.1-70b --num-prompts ${NP:-256} \
+      --tensor-parallel-size 2 --tp-all-reduce peer ;;
   tp3)
     T=80 run l8_single $S8
     T=100 run l8_single_tp2 $S8 --tensor-parallel-size 2
-    T=100 run l8_single_tp2_symm $S8 --tensor-parallel-size 2 --tp-all-reduce symm_mem
+    T=100 run l8_single_tp2_peer $S8 --tensor-parallel-size 2 --tp-all-reduce peer
     timeout 60 python3 -m pytest -q -x tests/test_kernels.py -k peer_reduce > "$OUT/tests.txt" 2>&1
     timeout 200 python3 -m pytest -q -x tests/test_gpu_engine.py -k tensor_parallel --durations=3 \
       -o faulthandler_timeout=170 >> "$OUT/tests.txt" 2>&1
     grep -v "_pytest\|pluggy" "$OUT/tests.txt" | tail -40
-    timeout 120 python3 benchmarks/profile_tp.py --tp 2 --tp-all-reduce symm_mem 2>&1 \
+    timeout 120 python3 benchmarks/profile_tp.py --tp 2 --tp-all-reduce peer 2>&1 \
       | grep -v "Warning\|warn\|USDT" | cut -c1-72,170-215 | head -36 ;;
   gemv)
     timeout 150 python3 benchmarks/gemv_bench.py 2>&1 | grep -v Warning | tee "$OUT/gemv.txt"
@@ -85,8 +85,8 @@ case "$MODE" in
     grep -v "_pytest\|pluggy" "$OUT/tests.txt" | tail -30
     T=80 run l8_single $S8
     ORBITLLM_GEMV=cublas T=80 run l8_single_cublas $S8
-    T=100 run l8_single_tp2_symm $S8 --tensor-parallel-size 2 --tp-all-reduce symm_mem
-    ORBITLLM_GEMV=cublas T=100 run l8_single_tp2_symm_cublas $S8 --tensor-parallel-size 2 --tp-all-reduce symm_mem ;;
+    T=100 run l8_single_tp2_peer $S8 --tensor-parallel-size 2 --tp-all-reduce peer
+    ORBITLLM_GEMV=cublas T=100 run l8_single_tp2_peer_cublas $S8 --tensor-parallel-size 2 --tp-all-reduce peer ;;
   final)
     timeout 40 python3 -m pytest -q -x tests/test_kernels.py -k gemv > "$OUT/tests.txt" 2>&1
     timeout 150 python3 -m pytest -q -x tests/test_gpu_engine.py -k "tensor_parallel and qwen3" \
@@ -95,16 +95,16 @@ case "$MODE" in
     T=80 run l8_single $S8
     T=100 run l8_single_tp2 $S8 --tensor-parallel-size 2 --tp-all-reduce nccl
     T=100 run l8_single_tp2_auto $S8 --tensor-parallel-size 2
-    timeout 100 python3 benchmarks/profile_tp.py --tp 2 --tp-all-reduce symm_mem 2>&1 \
+    timeout 100 python3 benchmarks/profile_tp.py --tp 2 --tp-all-reduce peer 2>&1 \
       | grep -v "Warning\|warn\|USDT" | cut -c1-72,170-215 | head -30 ;;
-  push)
-    timeout 60 python3 -m pytest -q -x tests/test_kernels.py -k "push or peer" 2>&1 | tail -3
-    timeout 120 python3 benchmarks/peer_reduce_bench.py --rows 1 2 4 8 16 2>&1 | grep -v Warning | tee "$OUT/peer_reduce.txt"
-    timeout 200 python3 -m pytest -q -x tests/test_gpu_engine.py -k tensor_parallel --durations=2 \
-      -o faulthandler_timeout=180 2>&1 | grep -v "_pytest\|pluggy" | tail -12
+  peer)
+    timeout 60 python3 -m pytest -q -x tests/test_kernels.py -k peer 2>&1 | tail -2
+    timeout 100 python3 benchmarks/peer_reduce_bench.py --rows 1 2 4 8 16 2>&1 | grep -v Warning | tee "$OUT/peer_reduce.txt"
+    timeout 240 python3 -m pytest -q -x tests/test_gpu_engine.py -k tensor_parallel --durations=2 \
+      -o faulthandler_timeout=220 2>&1 | grep -v "_pytest\|pluggy" | tail -14
     T=80 run l8_single $S8
-    T=100 run l8_single_tp2 $S8 --tensor-parallel-size 2
-    ORBITLLM_PEER_REDUCE=push T=100 run l8_single_tp2_push $S8 --tensor-parallel-size 2 ;;
+    T=100 run l8_single_tp2 $S8 --tensor-parallel-size 2 --tp-all-reduce nccl
+    T=100 run l8_single_tp2_auto $S8 --tensor-parallel-size 2 ;;
   tp)
     nvidia-smi topo -m
     T=80 run l8_single $S8

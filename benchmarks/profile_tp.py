@@ -2,7 +2,7 @@
 wall time per step, the driver's device time per step, and the kernels of 30 steps
 (torch.profiler on the driver, rank 0).
 
-    python benchmarks/profile_tp.py --model llama3.1-8b --tp 2 --tp-all-reduce symm_mem
+    python benchmarks/profile_tp.py --model llama3.1-8b --tp 2 --tp-all-reduce peer
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ class EngineConfig:
     cpu_kv_cache_gib: float = 2.0       # KV pool size on CPU when num_kv_blocks is not given
     load_format: str = "auto"           # auto | dummy: random weights with the checkpoint's shapes
     tensor_parallel_size: int = 1       # N > 1: the model split over N processes (GPUs)
-    tp_all_reduce: str = "auto"         # auto | nccl | symm_mem (decode all-reduces fused with add + RMSNorm, read from peer GPUs); auto: symm_mem on one host of peer-connected GPUs
+    tp_all_reduce: str = "auto"         # auto | nccl | peer (decode all-reduces fused with add + RMSNorm, read from peer GPUs); auto: peer on one host of peer-connected GPUs
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -45,8 +45,8 @@ class EngineConfig:
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if self.tp_all_reduce not in ("auto", "nccl", "symm_mem"):
-            raise ValueError(f"tp_all_reduce must be auto, nccl or symm_mem, got {self.tp_all_reduce!r}")
+        if self.tp_all_reduce not in ("auto", "nccl", "peer"):
+            raise ValueError(f"tp_all_reduce must be auto, nccl or peer, got {self.tp_all_reduce!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 

@@ -42,17 +42,15 @@ def test_triton_matches_torch_backend(tiny_models, family):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_tensor_parallel_on_gpus_matches_one_gpu(tiny_models, family, monkeypatch):
+def test_tensor_parallel_on_gpus_matches_one_gpu(tiny_models, family):
     """N=2 over NCCL (all-reduce captured in the CUDA graphs) and with the fused
-    peer-memory all-reduce + add + RMSNorm, pull and push kernels (decode steps; prefill
-    steps of more than max_num_seqs rows fall back to NCCL) give N=1's greedy tokens."""
-    results = {}
-    for name, kwargs in {"n1": {}, "n2_nccl": dict(tensor_parallel_size=2, tp_all_reduce="nccl"),
-                         "n2_symm_mem": dict(tensor_parallel_size=2, tp_all_reduce="symm_mem"),
-                         "n2_push": dict(tensor_parallel_size=2, tp_all_reduce="symm_mem")}.items():
-        if name == "n2_push":   # the workers inherit the switch
-            monkeypatch.setenv("ORBITLLM_PEER_REDUCE", "push")
-        results[name] = _greedy_tokens(tiny_models[family], max_num_seqs=8, **kwargs)
+    peer-memory all-reduce + add + RMSNorm (decode steps; prefill steps of more than
+    max_num_seqs rows fall back to NCCL) give N=1's greedy tokens. The peer engine runs
+    twice: the second maps the peers' memory again in the same driver process."""
+    results = {name: _greedy_tokens(tiny_models[family], max_num_seqs=8, **kwargs) for name, kwargs in {
+        "n1": {}, "n2_nccl": dict(tensor_parallel_size=2, tp_all_reduce="nccl"),
+        "n2_peer": dict(tensor_parallel_size=2, tp_all_reduce="peer"),
+        "n2_peer_again": dict(tensor_parallel_size=2, tp_all_reduce="peer")}.items()}
     assert results["n2_nccl"] == results["n1"]
-    assert results["n2_symm_mem"] == results["n1"]
-    assert results["n2_push"] == results["n1"]
+    assert results["n2_peer"] == results["n1"]
+    assert results["n2_peer_again"] == results["n1"]

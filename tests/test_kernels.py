@@ -34,7 +34,6 @@ from orbitllm.kernels.gemv import GemvConfig, gemv  # noqa: E402
 from orbitllm.kernels.peer_reduce import (  # noqa: E402
     peer_reduce_add_norm,
     peer_reduce_add_norm_ref,
-    push_reduce_add_norm,
 )
 from orbitllm.layers.attention import AttentionMetadata, TorchAttentionBackend  # noqa: E402
 from orbitllm.layers.triton_attention import TritonAttentionBackend  # noqa: E402
@@ -367,59 +366,6 @@ def test_gemv_matches_linear(n: int, k: int, bias: bool, config) -> None:
     out = torch.full((1, n), float("nan"), device=DEVICE)
     assert gemv(x, w, b, out=out, config=config) is out
     torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), rtol=1e-4, atol=1e-4)
-
-
-def _words(epoch: int, x: torch.Tensor) -> torch.Tensor:
-    """The push kernel's inbox words: epoch in the high half, float32 bits in the low."""
-    bits = x.float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    return (epoch << 32) | bits
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-    not CUDA, reason="Triton's interpreter truncates float32 -> bfloat16 instead of rounding"))])
-def test_push_reduce_add_norm_as_one_rank_of_three(dtype: torch.dtype) -> None:
-    """Rank 1 of three in one process: the peers have already pushed call 1's rows into
-    rank 1's inbox. The sum, add and norm must match the reference, and rank 1 must have
-    pushed its own rows, tagged with epoch 1, into both peers' inboxes and nowhere else."""
-    world, rank, max_rows, hidden, rows, slot = 3, 1, 6, 96, 4, 1
-    stride = max_rows * hidden
-    inboxes = [torch.zeros(2 * world * stride, dtype=torch.int64, device=DEVICE) for _ in range(world)]
-    partials = [torch.randn(rows, hidden, device=DEVICE).to(dtype) for _ in range(world)]
-    offset = slot * world * stride
-    for p in (0, 2):
-        inboxes[rank][offset + p * stride:][:rows * hidden] = _words(1, partials[p]).flatten()
-    addrs = torch.tensor([b.data_ptr() for b in inboxes], dtype=torch.int64, device=DEVICE)
-    epochs = torch.zeros(max_rows, dtype=torch.int32, device=DEVICE)
-    abort = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    residual = torch.randn(rows, hidden, device=DEVICE).to(dtype)
-    weight = torch.randn(hidden, device=DEVICE).to(dtype)
-    before = [b.clone() for b in inboxes]
-    out, new_res = push_reduce_add_norm(partials[rank], addrs.data_ptr(), epochs, abort, rank, world,
-                                        offset, stride, residual, weight, 1e-6)
-    ref_out, ref_res = peer_reduce_add_norm_ref(partials, residual, weight, 1e-6)
-    tol = FP32_TOL if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 2e-2}
-    torch.testing.assert_close(new_res, ref_res, **tol)
-    torch.testing.assert_close(out, ref_out, **tol)
-    assert epochs.tolist() == [1] * rows + [0] * (max_rows - rows)
-    for p in (0, 2):
-        expect = before[p].clone()
-        expect[offset + rank * stride:][:rows * hidden] = _words(1, partials[rank]).flatten()
-        assert torch.equal(inboxes[p], expect)
-    assert torch.equal(inboxes[rank], before[rank])
-
-
-def test_push_reduce_wait_ends_on_abort() -> None:
-    """A peer that never pushes (it died): once ``abort`` is set the wait ends and the
-    call returns, so the engine reaches the collective that reports the dead rank."""
-    world, rank, hidden = 2, 0, 32
-    inboxes = [torch.zeros(2 * world * hidden, dtype=torch.int64, device=DEVICE) for _ in range(world)]
-    addrs = torch.tensor([b.data_ptr() for b in inboxes], dtype=torch.int64, device=DEVICE)
-    epochs = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    abort = torch.ones(1, dtype=torch.int32, device=DEVICE)
-    x = torch.randn(1, hidden, device=DEVICE)
-    out, _ = push_reduce_add_norm(x, addrs.data_ptr(), epochs, abort, rank, world, 0, hidden,
-                                  x, torch.ones(hidden, device=DEVICE), 1e-6)
-    assert out.shape == (1, hidden) and epochs.item() == 1
 
 
 def rope_cache(rotary_dim: int, max_position: int, theta: float = 10000.0) -> torch.Tensor:

@@ -266,15 +266,15 @@ def test_torchrun_world_size_must_match(monkeypatch):
     assert (shard.rank, shard.size, local) == (1, 2, 1)
 
 
-def test_symm_mem_all_reduce_needs_cuda(tiny_models):
+def test_peer_all_reduce_needs_cuda(tiny_models):
     with pytest.raises(ValueError, match="tp_all_reduce"):
-        LLM(tiny_models["llama"], device="cpu", tensor_parallel_size=2, tp_all_reduce="symm_mem")
+        LLM(tiny_models["llama"], device="cpu", tensor_parallel_size=2, tp_all_reduce="peer")
     with pytest.raises(ValueError, match="tp_all_reduce"):
         LLM(tiny_models["llama"], device="cpu", tp_all_reduce="ring")
 
 
 def test_tp_all_reduce_auto_picks_peer_memory_only_on_one_host_of_peer_gpus(monkeypatch):
-    """auto: NCCL (gloo) on CPU and across hosts; symm_mem when the ranks' GPUs all map
+    """auto: NCCL (gloo) on CPU and across hosts; peer when the ranks' GPUs all map
     each other's memory; explicit choices are kept."""
     import orbitllm.executor.setup as setup
     cuda = torch.device("cuda")
@@ -284,7 +284,7 @@ def test_tp_all_reduce_auto_picks_peer_memory_only_on_one_host_of_peer_gpus(monk
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     links = {(0, 1): True, (1, 0): True}
     monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda a, b: links[(a, b)])
-    assert setup.resolve_tp_all_reduce(cfg, cuda) == "symm_mem"
+    assert setup.resolve_tp_all_reduce(cfg, cuda) == "peer"
     assert setup.resolve_tp_all_reduce(replace(cfg, tp_all_reduce="nccl"), cuda) == "nccl"
     assert setup.resolve_tp_all_reduce(replace(cfg, tensor_parallel_size=4), cuda) == "nccl"
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")   # torchrun, one rank per host

@@ -143,11 +143,13 @@ class ModelRunner:
         return spec.num_layers * 2 * block_size * model.num_kv_heads * spec.head_dim * elem
 
     def shutdown(self) -> None:
-        """Release the CUDA graphs (they hold the KV cache's and NCCL's resources);
-        DriverRunner also stops the workers."""
+        """Release the CUDA graphs (they hold the KV cache's and NCCL's resources) and
+        the peers' mapped memory; DriverRunner also stops the workers."""
         if self.graphs is not None:
             self.graphs.release()
             self.graphs = None
+        if self.model.shard.peer_reduce is not None:
+            self.model.shard.peer_reduce.close()
 
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, prev: "LaunchedStep | None" = None) -> "LaunchedStep":

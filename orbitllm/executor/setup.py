@@ -99,8 +99,8 @@ def resolve_tp_all_reduce(cfg: EngineConfig, device: torch.device) -> str:
     pair of the ranks' GPUs can map each other's memory (NVLink or P2P), else NCCL.
     Every rank computes the same answer from the same facts."""
     size = cfg.tensor_parallel_size
-    if cfg.tp_all_reduce == "symm_mem" and size > 1 and device.type != "cuda":
-        raise ValueError("tp_all_reduce: symm_mem needs CUDA devices; use nccl (gloo on CPU)")
+    if cfg.tp_all_reduce == "peer" and size > 1 and device.type != "cuda":
+        raise ValueError("tp_all_reduce: peer needs CUDA devices; use nccl (gloo on CPU)")
     if cfg.tp_all_reduce != "auto":
         return cfg.tp_all_reduce
     if size == 1 or device.type != "cuda":
@@ -112,7 +112,7 @@ def resolve_tp_all_reduce(cfg: EngineConfig, device: torch.device) -> str:
     if gpus.stop > torch.cuda.device_count():
         return "nccl"   # start-up reports the missing GPUs
     peers = all(torch.cuda.can_device_access_peer(a, b) for a in gpus for b in gpus if a != b)
-    return "symm_mem" if peers else "nccl"
+    return "peer" if peers else "nccl"
 
 
 def build_engine_parts(cfg: EngineConfig) -> EngineParts:
@@ -146,12 +146,10 @@ def build_rank_runner(cfg: EngineConfig, shard: Shard, device: torch.device,
     and ranks agree on the number of KV blocks (the smallest any of them fits)."""
     ckpt = ckpt or open_model(cfg)
     dtype = resolve_dtype(cfg.dtype, ckpt.config, device)
-    if cfg.tp_all_reduce == "symm_mem" and shard.size > 1:
+    if cfg.tp_all_reduce == "peer" and shard.size > 1:
         # Steps of up to PEER_REDUCE_MAX_ROWS rows (small decode batches); larger ones use NCCL.
-        # ORBITLLM_PEER_REDUCE=push: the push kernel, an A/B switch until it is measured.
         shard = replace(shard, peer_reduce=PeerAllReduce(
-            min(cfg.max_num_seqs, PEER_REDUCE_MAX_ROWS), ckpt.config.hidden_size, dtype, device,
-            push=os.environ.get("ORBITLLM_PEER_REDUCE") == "push"))
+            min(cfg.max_num_seqs, PEER_REDUCE_MAX_ROWS), ckpt.config.hidden_size, dtype, device))
     model = instantiate(ckpt, device, dtype, shard)
     if cfg.load_format == "dummy":
         init_random_weights(model, cfg.seed)

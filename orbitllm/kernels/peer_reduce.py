@@ -1,5 +1,6 @@
 """All-reduce fused with the residual add and RMSNorm that follow it, reading the
-peers' partial sums straight from their GPU memory (torch symmetric memory).
+peers' partial sums straight from their GPU memory (mapped into every rank's process
+with CUDA IPC, ``layers/tensor_parallel.py``).
 
 A decode step under tensor parallelism ends each attention and MLP block with an
 all-reduce of a few KB, then an add + RMSNorm. Through NCCL that is two kernels and
@@ -98,72 +99,6 @@ def peer_reduce_add_norm(buf_addrs: int, flag_addrs: int, epochs: torch.Tensor, 
         _peer_reduce_norm_kernel[(rows,)](
             buf_addrs, flag_addrs, epochs, residual, weight, out, res_out,
             slot_offset, hidden, eps, rank, MAX_POLLS,
-            WORLD=world, BLOCK=block, num_warps=_warps_for(block))
-    return out, res_out
-
-
-@triton.jit
-def _push_reduce_norm_kernel(
-    part_ptr, inbox_addrs, epoch_ptr, abort_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
-    slot_offset, rank_stride, n_cols, eps, rank, max_polls,
-    WORLD: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """The same result as ``_peer_reduce_norm_kernel``, with the data moving the other
-    way and no flags or fences. Each rank pushes its partial row (as float32) into every
-    peer's inbox with plain stores, each 8-byte word carrying one value beside this
-    call's epoch; a word is written whole, so a receiver that reads the epoch it
-    expects in every word of a row also holds that row's data. The wait is on local
-    memory (NCCL's LL protocol works this way)."""
-    row = tl.program_id(0)
-    epoch = tl.load(epoch_ptr + row) + 1
-    tl.store(epoch_ptr + row, epoch)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    mine = tl.load(part_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    tag = epoch.to(tl.int64) << 32
-    word = tag | (mine.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
-    inboxes = inbox_addrs.to(tl.pointer_type(tl.int64))
-    at = slot_offset + rank * rank_stride + row * n_cols + cols
-    for p in tl.static_range(WORLD):
-        if p != rank:
-            peer = tl.load(inboxes + p).to(tl.pointer_type(tl.int64))
-            tl.store(peer + at, word, mask=mask)
-    own = tl.load(inboxes + rank).to(tl.pointer_type(tl.int64))
-    acc = tl.zeros([BLOCK], tl.float32)
-    for p in tl.static_range(WORLD):   # in rank order: every rank gets the same bits
-        if p == rank:
-            acc += mine
-        else:
-            src = own + slot_offset + p * rank_stride + row * n_cols + cols
-            got = tl.load(src, mask=mask, other=tag, volatile=True)
-            polls = 0
-            while (tl.min(((got >> 32).to(tl.int32) == epoch).to(tl.int32), 0) == 0) \
-                    & (polls < max_polls) & (tl.load(abort_ptr, volatile=True) == 0):
-                got = tl.load(src, mask=mask, other=tag, volatile=True)
-                polls += 1
-            acc += (got & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-    _add_norm_store(acc, row, cols, mask, n_cols, eps, res_ptr, w_ptr, out_ptr, res_out_ptr)
-
-
-def push_reduce_add_norm(partial: torch.Tensor, inbox_addrs: int, epochs: torch.Tensor,
-                         abort: torch.Tensor, rank: int, world: int, slot_offset: int,
-                         rank_stride: int, residual: torch.Tensor, weight: torch.Tensor,
-                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``peer_reduce_add_norm`` by pushing: ``partial`` (this rank's rows, contiguous)
-    goes into every peer's int64 inbox at ``slot_offset + rank * rank_stride`` (in
-    words); the peers' rows are read from this rank's own inbox. A nonzero ``abort``
-    (int32, set when a peer died) ends the waits."""
-    hidden = residual.shape[-1]
-    residual = residual.reshape(-1, hidden)
-    rows = partial.shape[0]
-    assert residual.is_contiguous() and partial.is_contiguous() and rows <= epochs.numel()
-    out = torch.empty_like(residual)
-    res_out = torch.empty_like(residual)
-    if rows:
-        block = triton.next_power_of_2(hidden)
-        _push_reduce_norm_kernel[(rows,)](
-            partial, inbox_addrs, epochs, abort, residual, weight, out, res_out,
-            slot_offset, rank_stride, hidden, eps, rank, MAX_POLLS,
             WORLD=world, BLOCK=block, num_warps=_warps_for(block))
     return out, res_out
 

@@ -12,6 +12,7 @@ single-process model runs exactly as before.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -83,40 +84,25 @@ class Shard:
 class PeerAllReduce:
     """The all-reduces of steps of up to ``max_rows`` rows, fused with the add + RMSNorm
     after them (``kernels/peer_reduce.py``): each rank's row-parallel matmul writes
-    into its slot of a torch symmetric-memory buffer, which every GPU of the group
-    maps, and one kernel per call syncs the ranks, sums the slots over NVLink and
-    normalizes. Larger steps (prefill) go through NCCL. No multicast (NVLS) is used.
-
-    ``push``: the push kernel instead (each rank stores its rows into the peers'
-    int64 inboxes; no flags). Not yet measured on GPUs, so off by default."""
+    into its slot of a buffer that every GPU of the group maps (``map_peers``), and one
+    kernel per call syncs the ranks, sums the slots over NVLink and normalizes. Larger
+    steps (prefill) go through NCCL."""
 
     SLOTS = 2   # 0: attention outputs, 1: MLP outputs (they alternate)
 
-    def __init__(self, max_rows: int, hidden: int, dtype: torch.dtype, device: torch.device,
-                 push: bool = False) -> None:
-        import torch.distributed._symmetric_memory as symm_mem
-        group = dist.group.WORLD.group_name
+    def __init__(self, max_rows: int, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
         self.max_rows, self.hidden = max_rows, hidden
         self.slot_numel = max_rows * hidden
-        self.buffer = symm_mem.empty(self.SLOTS * self.slot_numel, dtype=dtype, device=device)
-        self.handle = symm_mem.rendezvous(self.buffer, group)
-        self.rank, self.world = self.handle.rank, self.handle.world_size
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.buffer = torch.zeros(self.SLOTS * self.slot_numel, dtype=dtype, device=device)
+        # Per-row arrival flags, one per rank; the per-row call counters stay local.
+        self.flags = torch.zeros(max_rows * self.world, dtype=torch.int32, device=device)
         self.epochs = torch.zeros(max_rows, dtype=torch.int32, device=device)
-        if push:   # per slot, one region of rows per sending rank
-            self.inbox = symm_mem.empty(self.SLOTS * self.world * self.slot_numel,
-                                        dtype=torch.int64, device=device)
-            self.inbox_handle = symm_mem.rendezvous(self.inbox, group)
-            self.inbox.zero_()
-            self.abort = torch.zeros(1, dtype=torch.int32, device=device)
-        else:
-            # Per-row arrival flags, one per rank, in their own symmetric tensor (the
-            # handle's signal pad is small and fixed in size).
-            self.inbox = None
-            self.flags = symm_mem.empty(max_rows * self.world, dtype=torch.int32, device=device)
-            self.flags_handle = symm_mem.rendezvous(self.flags, group)
-            self.flags.zero_()
-        torch.cuda.synchronize(device)
-        dist.barrier()   # every rank's flags / inbox are cleared before any rank signals
+        torch.cuda.synchronize(device)   # every rank's flags are cleared before any peer maps them
+        peer_buffers, self.buffer_addrs = map_peers(self.buffer)
+        peer_flags, self.flag_addrs = map_peers(self.flags)
+        self._peers = peer_buffers + peer_flags   # keeps the mappings open
+        dist.barrier()
 
     def output(self, rows: int, slot: int) -> torch.Tensor | None:
         """Where this rank's partial of ``rows`` rows goes, or None (too many: NCCL)."""
@@ -131,13 +117,8 @@ class PeerAllReduce:
 
     def reduce_add_norm(self, rows: int, slot: int, residual: torch.Tensor, weight: torch.Tensor,
                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        from orbitllm.kernels.peer_reduce import peer_reduce_add_norm, push_reduce_add_norm
-        if self.inbox is not None:
-            return push_reduce_add_norm(
-                self.output(rows, slot), self.inbox_handle.buffer_ptrs_dev, self.epochs, self.abort,
-                self.rank, self.world, slot * self.world * self.slot_numel, self.slot_numel,
-                residual, weight, eps)
-        return peer_reduce_add_norm(self.handle.buffer_ptrs_dev, self.flags_handle.buffer_ptrs_dev,
+        from orbitllm.kernels.peer_reduce import peer_reduce_add_norm
+        return peer_reduce_add_norm(self.buffer_addrs.data_ptr(), self.flag_addrs.data_ptr(),
                                     self.epochs, self.rank, self.world, slot * self.slot_numel,
                                     rows, residual, weight, eps)
 
@@ -145,10 +126,39 @@ class PeerAllReduce:
         """Let this rank's waits pass for good (a peer died and will never signal), so
         the engine reaches its next NCCL collective and reports the dead rank."""
         with torch.cuda.stream(torch.cuda.Stream(self.epochs.device)):   # beside the waiting kernel
-            if self.inbox is not None:
-                self.abort.fill_(1)
-            else:
-                self.flags.fill_(1 << 30)
+            self.flags.fill_(1 << 30)
+
+    def close(self) -> None:
+        """Unmap the peers' memory (at shutdown, once no kernel can touch it)."""
+        self._peers = []
+
+
+def map_peers(local: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Every rank's ``local`` (same shape on all ranks; a collective): the peers'
+    tensors mapped into this process, and all ranks' device addresses in rank order,
+    as an int64 tensor on this rank's device for the kernels.
+
+    The memory is shared with CUDA IPC the way torch.multiprocessing shares CUDA
+    tensors, except that a peer's tensor is opened on this rank's own device (with
+    lazy peer access), so no process creates a context on another GPU. The mapped
+    tensors are only ever touched by kernels, through the addresses. (torch's
+    symmetric memory did this job at first, but its rendezvous numbers its store keys
+    with a process-wide counter, so a second engine in the driver's process waited
+    forever on keys the fresh workers never wrote.)"""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
+    _, handle = reduce_tensor(local)
+    handles: list = [None] * dist.get_world_size()
+    dist.all_gather_object(handles, handle)
+    names = list(inspect.signature(rebuild_cuda_tensor).parameters)
+    tensors = []
+    for rank, h in enumerate(handles):
+        if rank == dist.get_rank():
+            tensors.append(local)
+        else:
+            args = dict(zip(names, h), storage_device=local.device.index)
+            tensors.append(rebuild_cuda_tensor(**args))
+    addrs = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=local.device)
+    return [t for t in tensors if t is not local], addrs
 
 
 def kv_heads_per_rank(num_kv_heads: int, size: int) -> int:
