@@ -20,6 +20,7 @@
 #   peer    (two GPUs) all-reduce + add + RMSNorm microbenchmark (NCCL, the fused peer
 #           kernel); GPU TP tests (the peer engine twice in one process); 8B single request
 #           N=1, N=2 (NCCL), N=2 (default: auto = peer here)
+#   tp70ab  (two GPUs) Llama-3.1-70B throughput N=2, NCCL then the default (auto = peer)
 #   tp      (two GPUs) Llama-3.1-8B single request N=1 / N=2, 8B throughput N=1,
 #           Llama-3.1-70B throughput N=2
 set -uo pipefail
@@ -60,6 +61,9 @@ case "$MODE" in
     timeout 200 python3 -m pytest -q -x -m gpu tests/test_gpu_engine.py tests/test_kernels.py 2>&1 | tail -4 ;;
   tp70)
     T=300 run l70_throughput_tp2 $B --model llama3.1-70b --num-prompts ${NP:-256} --tensor-parallel-size 2 ;;
+  tp70ab)
+    T=250 run l70_throughput_tp2_nccl $B --model llama3.1-70b --num-prompts ${NP:-256} --tensor-parallel-size 2 --tp-all-reduce nccl
+    T=250 run l70_throughput_tp2_auto $B --model llama3.1-70b --num-prompts ${NP:-256} --tensor-parallel-size 2 ;;
   tp2)
     timeout 200 python3 -m pytest -q -x -m gpu tests/test_gpu_engine.py -k tensor_parallel 2>&1 | tail -4
     T=80 run l8_single $S8
