@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
 
+from orbitllm.kernels.fused_ops import argmax  # noqa: E402
 from orbitllm.kernels import (  # noqa: E402
     apply_rotary_emb,
     apply_rotary_emb_ref,
@@ -368,6 +369,38 @@ def test_gemv_matches_linear(n: int, k: int, bias: bool, config) -> None:
     torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("n,k,config", [
+    (64, 256, GemvConfig(8, 64, 4, 1)),     # even: unmasked loads
+    (37, 200, GemvConfig(4, 64, 2, 2)),     # ragged rows and chunks
+])
+def test_gated_gemv_is_silu_and_mul_then_gemv(n: int, k: int, config) -> None:
+    """The MLP's activation folded into down_proj's GEMV: the same bits as the two
+    kernels it replaces, and the PyTorch reference within float32 rounding."""
+    gate_up = torch.randn(1, 2 * k, device=DEVICE)
+    w = torch.randn(n, k, device=DEVICE)
+    fused = gemv(gate_up, w, config=config, gated=True)
+    assert torch.equal(fused, gemv(silu_and_mul(gate_up), w, config=config))
+    torch.testing.assert_close(fused, torch.nn.functional.linear(silu_and_mul_ref(gate_up), w),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_argmax_matches_torch() -> None:
+    """Rows over several blocks with a ragged end: random values, a maximum repeated in
+    two blocks (the first wins), a row of -inf (index 0), a NaN (it wins), a maximum in
+    the last, partial block."""
+    n = 5000
+    x = torch.randn(6, n, device=DEVICE)
+    x[1, [700, 3000]] = 9.0
+    x[2] = float("-inf")
+    x[3, 4321] = float("nan")
+    x[4, n - 1] = 9.0
+    x[5, [10, 11]] = 9.0
+    got = argmax(x)
+    assert got.dtype == torch.int64
+    assert got.tolist() == x.argmax(-1).tolist() == [got[0].item(), 700, 0, 4321, n - 1, 10]
+    assert argmax(x[:, ::2]).tolist() == x[:, ::2].argmax(-1).tolist()   # strided rows
+
+
 def rope_cache(rotary_dim: int, max_position: int, theta: float = 10000.0) -> torch.Tensor:
     inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, device=DEVICE).float() / rotary_dim)
     freqs = torch.outer(torch.arange(max_position, device=DEVICE).float(), inv_freq)
@@ -505,3 +538,24 @@ def test_gemv_bf16_shapes_of_an_8b_model(n: int, k: int) -> None:
     w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) / k ** 0.5
     ref = (x.float() @ w.float().t()).to(torch.bfloat16)
     torch.testing.assert_close(gemv(x, w), ref, rtol=1.6e-2, atol=1e-2)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("n,k", [(4096, 7168), (4096, 14336)])
+def test_gated_gemv_bf16_is_silu_and_mul_then_gemv(n: int, k: int) -> None:
+    """Llama-8B's down_proj, halved and whole: the folded activation rounds to bf16 where
+    ``silu_and_mul`` stores it, so the bits match the two-kernel path."""
+    gate_up = torch.randn(1, 2 * k, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) / k ** 0.5
+    assert torch.equal(gemv(gate_up, w, gated=True), gemv(silu_and_mul(gate_up), w))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("rows", [1, 64])
+def test_argmax_of_llama3_sized_logits(rows: int) -> None:
+    """A 128,256-token vocabulary, float32 logits as the sampler holds them."""
+    x = torch.randn(rows, 128256, device=DEVICE)
+    x[0, [5, 128000]] = 50.0   # a tie across blocks: the first wins
+    assert torch.equal(argmax(x), x.argmax(-1))

@@ -193,3 +193,55 @@ def apply_rotary_emb_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tens
 def _warps_for(elements: int) -> int:
     """More warps for wide rows, so each thread keeps a few elements in registers."""
     return max(1, min(16, elements // 512))
+
+
+# ----------------------------------------------------------------------------- argmax
+
+ARGMAX_BLOCK = 2048
+
+
+@triton.jit
+def _argmax_blocks_kernel(x_ptr, val_ptr, idx_ptr, n_cols, stride_x, n_blocks, BLOCK: tl.constexpr):
+    """Program (row, block): the block's largest value and its first index. NaN counts
+    as the largest (as in torch.argmax)."""
+    row = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    cols = block * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+    x = tl.where(x != x, float("inf"), x)
+    top = tl.max(x, 0)
+    first = tl.min(tl.where(x == top, cols, n_cols), 0)   # masked lanes come after every real one
+    tl.store(val_ptr + row * n_blocks + block, top)
+    tl.store(idx_ptr + row * n_blocks + block, first)
+
+
+@triton.jit
+def _argmax_rows_kernel(val_ptr, idx_ptr, out_ptr, n_blocks, BLOCK_B: tl.constexpr):
+    """One program per row: the first of the blocks holding the row's largest value."""
+    row = tl.program_id(0).to(tl.int64)
+    blocks = tl.arange(0, BLOCK_B)
+    ok = blocks < n_blocks
+    val = tl.load(val_ptr + row * n_blocks + blocks, mask=ok, other=float("-inf"))
+    idx = tl.load(idx_ptr + row * n_blocks + blocks, mask=ok, other=2147483647)
+    top = tl.max(val, 0)
+    tl.store(out_ptr + row, tl.min(tl.where(ok & (val == top), idx, 2147483647), 0).to(tl.int64))
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(-1)`` for ``x [rows, n]`` (int64 ``[rows]``). torch reduces a row in one
+    thread block, which for one row of a 128k vocabulary took 28 µs of an 8B model's
+    ~4.4 ms decode step on an H200; here the row is split over many programs."""
+    assert x.dim() == 2
+    x = x.contiguous()
+    rows, n = x.shape
+    out = torch.empty(rows, dtype=torch.int64, device=x.device)
+    if rows == 0:
+        return out
+    n_blocks = triton.cdiv(n, ARGMAX_BLOCK)
+    vals = torch.empty((rows, n_blocks), dtype=torch.float32, device=x.device)
+    idxs = torch.empty((rows, n_blocks), dtype=torch.int32, device=x.device)
+    _argmax_blocks_kernel[(rows, n_blocks)](x, vals, idxs, n, x.stride(0), n_blocks,
+                                            BLOCK=ARGMAX_BLOCK, num_warps=8)
+    _argmax_rows_kernel[(rows,)](vals, idxs, out, n_blocks,
+                                 BLOCK_B=triton.next_power_of_2(n_blocks), num_warps=4)
+    return out

@@ -29,9 +29,12 @@ class GemvConfig:
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
-    """Program p: output elements ``[p * BLOCK_N, (p + 1) * BLOCK_N)``, float32 sums."""
+    """Program p: output elements ``[p * BLOCK_N, (p + 1) * BLOCK_N)``, float32 sums.
+    ``GATED``: the input is ``silu(x[:K]) * x[K:]``, rounded to x's dtype as
+    ``silu_and_mul`` stores it, so the result is the unfused pair's to the bit."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :]
@@ -39,11 +42,18 @@ def _gemv_kernel(
     for k in range(0, K, BLOCK_K):
         if EVEN:   # N % BLOCK_N == 0 and K % BLOCK_K == 0: unmasked, vectorized loads
             x = tl.load(x_ptr + k + cols)
+            if GATED:
+                up = tl.load(x_ptr + K + k + cols)
             w = tl.load(w_ptrs + k)
         else:
             k_ok = (k + cols) < K
             x = tl.load(x_ptr + k + cols, mask=k_ok, other=0.0)
+            if GATED:
+                up = tl.load(x_ptr + K + k + cols, mask=k_ok, other=0.0)
             w = tl.load(w_ptrs + k, mask=(rows[:, None] < N) & k_ok[None, :], other=0.0)
+        if GATED:
+            gate = x.to(tl.float32)
+            x = (gate / (1.0 + tl.exp(-gate)) * up.to(tl.float32)).to(x_ptr.dtype.element_ty)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(acc, 1)
     if HAS_BIAS:
@@ -64,12 +74,15 @@ def default_gemv_config(n: int, k: int) -> GemvConfig:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         out: torch.Tensor | None = None, config: GemvConfig | None = None) -> torch.Tensor:
+         out: torch.Tensor | None = None, config: GemvConfig | None = None,
+         gated: bool = False) -> torch.Tensor:
     """``x [1, K] @ weight[N, K].T (+ bias)`` -> ``[1, N]`` in ``x``'s dtype, written into
-    ``out`` when given. ``weight`` needs contiguous rows; ``x`` is made contiguous."""
+    ``out`` when given. ``weight`` needs contiguous rows; ``x`` is made contiguous.
+    ``gated``: ``x`` is ``[1, 2K]`` = [gate | up] and the product is taken with
+    ``silu(gate) * up`` (the MLP's activation folded into down_proj: one kernel fewer)."""
     assert x.dim() == 2 and x.shape[0] == 1, "gemv takes one row"
     n, k = weight.shape
-    assert x.shape[1] == k and weight.stride(1) == 1
+    assert x.shape[1] == (2 * k if gated else k) and weight.stride(1) == 1
     x = x.contiguous()
     if out is None:
         out = torch.empty((1, n), dtype=x.dtype, device=x.device)
@@ -78,7 +91,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     block_k = min(cfg.block_k, triton.next_power_of_2(k))
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, weight, bias if bias is not None else x, out, n, k, weight.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+        HAS_BIAS=bias is not None, GATED=gated, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         EVEN=n % cfg.block_n == 0 and k % block_k == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -1,5 +1,6 @@
 """``x @ weight.T (+ bias)`` for the model's projections: the Triton GEMV for one-row
 steps (single-request decode) of 16-bit weights on a GPU, cuBLAS for everything else.
+``silu_mul_linear`` does the MLP's down projection with its activation.
 
 ``ORBITLLM_GEMV=cublas`` sends the one-row steps to cuBLAS too (an A/B switch for
 benchmarks; it is read once per process).
@@ -11,6 +12,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from orbitllm.layers.fused import fused_ops_for
 
 
 @functools.cache
@@ -24,14 +27,36 @@ def _triton_gemv():
     return gemv
 
 
+def _gemv_for(x: torch.Tensor, weight: torch.Tensor):
+    """The Triton GEMV when it takes this product (one row, 16-bit weights, GPU), else None."""
+    if x.is_cuda and x.shape[0] == 1 and weight.dtype in (torch.bfloat16, torch.float16):
+        return _triton_gemv()
+    return None
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, written into ``out`` when given (no bias then)."""
-    if x.is_cuda and x.shape[0] == 1 and weight.dtype in (torch.bfloat16, torch.float16):
-        gemv = _triton_gemv()
-        if gemv is not None:
-            return gemv(x, weight, bias, out)
+    gemv = _gemv_for(x, weight)
+    if gemv is not None:
+        return gemv(x, weight, bias, out)
     if out is None:
         return F.linear(x, weight, bias)
     assert bias is None
     return torch.mm(x, weight.t(), out=out)
+
+
+def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear(silu(gate) * up, weight)`` for ``gate_up = [gate | up]``. The GEMV
+    computes the activation as it reads its input (one kernel fewer per layer)."""
+    gemv = _gemv_for(gate_up, weight)
+    if gemv is not None:
+        return gemv(gate_up, weight, out=out, gated=True)
+    ops = fused_ops_for(gate_up)
+    if ops is not None:
+        act = ops.silu_and_mul(gate_up)
+    else:
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate) * up
+    return linear(act, weight, out=out)

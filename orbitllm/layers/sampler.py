@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from orbitllm.engine.request import Request
+from orbitllm.layers.fused import fused_ops_for
 
 _MASK64 = (1 << 63) - 1
 
@@ -161,10 +162,12 @@ class Sampler:
             logits = logits.index_put(batch.banned, logits.new_full((), float("-inf")))
         if batch.penalties is not None:
             logits = apply_penalties(logits, batch.penalties)
+        ops = fused_ops_for(logits)
+        argmax = ops.argmax if ops is not None else (lambda x: x.argmax(-1))
         if batch.all_greedy:
-            token_ids = logits.argmax(-1)
+            token_ids = argmax(logits)
         else:
-            greedy_ids = logits.argmax(-1) if batch.any_greedy else None   # a full-vocab pass
+            greedy_ids = argmax(logits) if batch.any_greedy else None   # a full-vocab pass
             logits = logits / batch.temperature[:, None]
             logits = apply_top_k_top_p_min_p(logits, batch.top_k, batch.top_p, batch.min_p)
             probs = logits.softmax(-1)
@@ -172,7 +175,7 @@ class Sampler:
             for i, g in enumerate(batch.generators):
                 if g is not None:
                     noise[i].exponential_(generator=g)
-            sampled = (probs / noise).argmax(-1)
+            sampled = argmax(probs / noise)
             token_ids = sampled if greedy_ids is None else torch.where(batch.greedy, greedy_ids, sampled)
         out = SamplerOutput(token_ids)
         if raw_logprobs is not None:

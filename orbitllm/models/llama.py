@@ -14,7 +14,6 @@ from torch import nn
 import torch.nn.functional as F
 
 from orbitllm.layers.attention import AttentionBackend, AttentionMetadata
-from orbitllm.layers.fused import fused_ops_for
 from orbitllm.layers.linear import linear
 from orbitllm.layers.norm import RMSNorm
 from orbitllm.layers.rotary import RotaryEmbedding, rope_parameters
@@ -131,13 +130,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate_up = linear(x, self.gate_up_proj.weight)
-        ops = fused_ops_for(gate_up)
-        if ops is not None:
-            act = ops.silu_and_mul(gate_up)
-        else:
-            gate, up = gate_up.chunk(2, dim=-1)
-            act = F.silu(gate) * up
-        return self.shard.row_parallel(act, self.down_proj.weight, MLP_SLOT)
+        return self.shard.row_parallel(gate_up, self.down_proj.weight, MLP_SLOT, silu_mul=True)
 
 
 class DecoderLayer(nn.Module):
