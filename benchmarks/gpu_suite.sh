@@ -20,6 +20,9 @@
 #   peer    (two GPUs) all-reduce + add + RMSNorm microbenchmark (NCCL, the fused peer
 #           kernel); GPU TP tests (the peer engine twice in one process); 8B single request
 #           N=1, N=2 (NCCL), N=2 (default: auto = peer here)
+#   fold    (two GPUs) gated-GEMV / argmax kernel tests and argmax timing; 8B single request
+#           N=1 and N=2, a step profile, GPU engine tests (llama); then the same 8B runs with
+#           ab_revert.patch reverted (an A/B of one change in one call)
 #   tp70ab  (two GPUs) Llama-3.1-70B throughput N=2, NCCL then the default (auto = peer)
 #   tp      (two GPUs) Llama-3.1-8B single request N=1 / N=2, 8B throughput N=1,
 #           Llama-3.1-70B throughput N=2
@@ -59,6 +62,23 @@ case "$MODE" in
     run l8_throughput $B --model llama3.1-8b --num-prompts ${NP:-256}
     run q06_throughput_warm $B --model qwen3-0.6b --num-prompts ${NP:-256}
     timeout 200 python3 -m pytest -q -x -m gpu tests/test_gpu_engine.py tests/test_kernels.py 2>&1 | tail -4 ;;
+  fold)   # ab_revert.patch (untracked): the change under test, reverted for the B runs
+    timeout 90 python3 -m pytest -q -x tests/test_kernels.py -k "gemv or argmax" 2>&1 | tail -2
+    python3 -c "
+import torch, triton.testing as tt
+from orbitllm.kernels.fused_ops import argmax
+x = torch.randn(1, 128256, device='cuda')
+print('argmax 1x128256: torch %.1f us, triton %.1f us' % tuple(
+    1e3 * tt.do_bench_cudagraph(f) for f in (lambda: x.argmax(-1), lambda: argmax(x))))"
+    T=80 run l8_single $S8
+    T=100 run l8_single_tp2 $S8 --tensor-parallel-size 2
+    timeout 100 python3 benchmarks/profile_tp.py --tp 2 --tp-all-reduce peer 2>&1 \
+      | grep -v "Warning\|warn\|USDT" | cut -c1-72,170-215 | head -24
+    timeout 150 python3 -m pytest -q -x tests/test_gpu_engine.py -k "llama" --durations=3 \
+      -o faulthandler_timeout=140 2>&1 | grep -v "_pytest\|pluggy" | tail -6
+    (git apply -R ab_revert.patch || patch -R -p1 < ab_revert.patch) && echo "== reverted"
+    T=80 run l8_single_before $S8
+    T=100 run l8_single_tp2_before $S8 --tensor-parallel-size 2 ;;
   tp70)
     T=300 run l70_throughput_tp2 $B --model llama3.1-70b --num-prompts ${NP:-256} --tensor-parallel-size 2 ;;
   tp70ab)
