@@ -373,14 +373,15 @@ def test_gemv_matches_linear(n: int, k: int, bias: bool, config) -> None:
     (64, 256, GemvConfig(8, 64, 4, 1)),     # even: unmasked loads
     (37, 200, GemvConfig(4, 64, 2, 2)),     # ragged rows and chunks
 ])
-def test_gated_gemv_is_silu_and_mul_then_gemv(n: int, k: int, config) -> None:
-    """The MLP's activation folded into down_proj's GEMV: the same bits as the two
+def test_gated_gemv_is_gemv_then_silu_and_mul(n: int, k: int, config) -> None:
+    """The MLP's activation folded into the gate/up GEMV: the same bits as the two
     kernels it replaces, and the PyTorch reference within float32 rounding."""
-    gate_up = torch.randn(1, 2 * k, device=DEVICE)
-    w = torch.randn(n, k, device=DEVICE)
-    fused = gemv(gate_up, w, config=config, gated=True)
-    assert torch.equal(fused, gemv(silu_and_mul(gate_up), w, config=config))
-    torch.testing.assert_close(fused, torch.nn.functional.linear(silu_and_mul_ref(gate_up), w),
+    x = torch.randn(1, k, device=DEVICE)
+    w = torch.randn(2 * n, k, device=DEVICE)
+    fused = gemv(x, w, config=config, gated=True)
+    assert fused.shape == (1, n)
+    assert torch.equal(fused, silu_and_mul(gemv(x, w, config=config)))
+    torch.testing.assert_close(fused, silu_and_mul_ref(torch.nn.functional.linear(x, w)),
                                rtol=1e-4, atol=1e-4)
 
 
@@ -542,13 +543,13 @@ def test_gemv_bf16_shapes_of_an_8b_model(n: int, k: int) -> None:
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("n,k", [(4096, 7168), (4096, 14336)])
-def test_gated_gemv_bf16_is_silu_and_mul_then_gemv(n: int, k: int) -> None:
-    """Llama-8B's down_proj, halved and whole: the folded activation rounds to bf16 where
-    ``silu_and_mul`` stores it, so the bits match the two-kernel path."""
-    gate_up = torch.randn(1, 2 * k, device=DEVICE, dtype=torch.bfloat16)
-    w = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) / k ** 0.5
-    assert torch.equal(gemv(gate_up, w, gated=True), gemv(silu_and_mul(gate_up), w))
+@pytest.mark.parametrize("n,k", [(7168, 4096), (14336, 4096)])
+def test_gated_gemv_bf16_is_gemv_then_silu_and_mul(n: int, k: int) -> None:
+    """Llama-8B's gate/up, halved and whole: each product rounds to bf16 where the
+    unfused GEMV stores it, so the bits match the two-kernel path."""
+    x = torch.randn(1, k, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.randn(2 * n, k, device=DEVICE, dtype=torch.bfloat16) / k ** 0.5
+    assert torch.equal(gemv(x, w, gated=True), silu_and_mul(gemv(x, w)))
 
 
 @gpu

@@ -1,6 +1,6 @@
 """``x @ weight.T (+ bias)`` for the model's projections: the Triton GEMV for one-row
 steps (single-request decode) of 16-bit weights on a GPU, cuBLAS for everything else.
-``silu_mul_linear`` does the MLP's down projection with its activation.
+``linear_silu_mul`` does the MLP's gate/up projection with its activation.
 
 ``ORBITLLM_GEMV=cublas`` sends the one-row steps to cuBLAS too (an A/B switch for
 benchmarks; it is read once per process).
@@ -46,17 +46,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return torch.mm(x, weight.t(), out=out)
 
 
-def silu_mul_linear(gate_up: torch.Tensor, weight: torch.Tensor,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
-    """``linear(silu(gate) * up, weight)`` for ``gate_up = [gate | up]``. The GEMV
-    computes the activation as it reads its input (one kernel fewer per layer)."""
-    gemv = _gemv_for(gate_up, weight)
+def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of the MLP's ``[gate | up] = linear(x, weight)``. The GEMV
+    applies the activation as it writes its output (one kernel fewer per layer)."""
+    gemv = _gemv_for(x, weight)
     if gemv is not None:
-        return gemv(gate_up, weight, out=out, gated=True)
+        return gemv(x, weight, gated=True)
+    gate_up = linear(x, weight)
     ops = fused_ops_for(gate_up)
     if ops is not None:
-        act = ops.silu_and_mul(gate_up)
-    else:
-        gate, up = gate_up.chunk(2, dim=-1)
-        act = F.silu(gate) * up
-    return linear(act, weight, out=out)
+        return ops.silu_and_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from orbitllm.layers.linear import linear, silu_mul_linear
+from orbitllm.layers.linear import linear
 
 
 @dataclass(frozen=True)
@@ -44,13 +44,12 @@ class Shard:
             dist.all_reduce(x)
         return x
 
-    def row_parallel(self, x: torch.Tensor, weight: torch.Tensor, slot: int,
-                     silu_mul: bool = False) -> torch.Tensor:
+    def row_parallel(self, x: torch.Tensor, weight: torch.Tensor, slot: int) -> torch.Tensor:
         """This rank's partial ``x @ weight.T`` of a row-parallel layer (sum it with
         ``reduce_norm``). Written straight into the peer-read buffer ``slot`` when the
-        fused path takes the step. ``silu_mul``: ``x`` is the MLP's [gate | up]."""
+        fused path takes the step."""
         out = self.peer_reduce.output(x.shape[0], slot) if self.peer_reduce is not None else None
-        return (silu_mul_linear if silu_mul else linear)(x, weight, out=out)
+        return linear(x, weight, out=out)
 
     def reduce_norm(self, partial: torch.Tensor, residual: torch.Tensor, norm: nn.Module,
                     slot: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from orbitllm.layers.attention import AttentionBackend, AttentionMetadata
-from orbitllm.layers.linear import linear
+from orbitllm.layers.linear import linear, linear_silu_mul
 from orbitllm.layers.norm import RMSNorm
 from orbitllm.layers.rotary import RotaryEmbedding, rope_parameters
 from orbitllm.layers.tensor_parallel import (Shard, VocabParallelEmbedding, check_shardable,
@@ -129,8 +129,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(size, spec.hidden_size, bias=False)
 
     def forward(self, x):
-        gate_up = linear(x, self.gate_up_proj.weight)
-        return self.shard.row_parallel(gate_up, self.down_proj.weight, MLP_SLOT, silu_mul=True)
+        act = linear_silu_mul(x, self.gate_up_proj.weight)
+        return self.shard.row_parallel(act, self.down_proj.weight, MLP_SLOT)
 
 
 class DecoderLayer(nn.Module):
