@@ -29,39 +29,25 @@ class GemvConfig:
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn,
-    HAS_BIAS: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
 ):
-    """Program p: output elements ``[p * BLOCK_N, (p + 1) * BLOCK_N)``, float32 sums.
-    ``GATED``: the weight holds 2N rows, [gate; up], and the program also takes the up
-    rows matching its gate rows, to output ``silu(gate) * up``; each product is rounded
-    to the output dtype first, where the unfused GEMV stores it for ``silu_and_mul``."""
+    """Program p: output elements ``[p * BLOCK_N, (p + 1) * BLOCK_N)``, float32 sums."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :]
-    up_ptrs = w_ptrs + N * stride_wn
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k in range(0, K, BLOCK_K):
         if EVEN:   # N % BLOCK_N == 0 and K % BLOCK_K == 0: unmasked, vectorized loads
-            x = tl.load(x_ptr + k + cols).to(tl.float32)[None, :]
-            acc += tl.load(w_ptrs + k).to(tl.float32) * x
-            if GATED:
-                acc_up += tl.load(up_ptrs + k).to(tl.float32) * x
+            x = tl.load(x_ptr + k + cols)
+            w = tl.load(w_ptrs + k)
         else:
             k_ok = (k + cols) < K
-            w_ok = (rows[:, None] < N) & k_ok[None, :]
-            x = tl.load(x_ptr + k + cols, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            acc += tl.load(w_ptrs + k, mask=w_ok, other=0.0).to(tl.float32) * x
-            if GATED:
-                acc_up += tl.load(up_ptrs + k, mask=w_ok, other=0.0).to(tl.float32) * x
+            x = tl.load(x_ptr + k + cols, mask=k_ok, other=0.0)
+            w = tl.load(w_ptrs + k, mask=(rows[:, None] < N) & k_ok[None, :], other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-    if GATED:
-        gate = y.to(out_ptr.dtype.element_ty).to(tl.float32)
-        up = tl.sum(acc_up, 1).to(out_ptr.dtype.element_ty).to(tl.float32)
-        y = gate / (1.0 + tl.exp(-gate)) * up
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rows < N)
 
 
@@ -78,27 +64,22 @@ def default_gemv_config(n: int, k: int) -> GemvConfig:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         out: torch.Tensor | None = None, config: GemvConfig | None = None,
-         gated: bool = False) -> torch.Tensor:
+         out: torch.Tensor | None = None, config: GemvConfig | None = None) -> torch.Tensor:
     """``x [1, K] @ weight[N, K].T (+ bias)`` -> ``[1, N]`` in ``x``'s dtype, written into
-    ``out`` when given. ``weight`` needs contiguous rows; ``x`` is made contiguous.
-    ``gated``: ``weight`` is the MLP's [gate; up] and the result ``[1, N / 2]`` is
-    ``silu(x @ gate.T) * (x @ up.T)`` (``silu_and_mul`` folded in: one kernel fewer)."""
+    ``out`` when given. ``weight`` needs contiguous rows; ``x`` is made contiguous."""
     assert x.dim() == 2 and x.shape[0] == 1, "gemv takes one row"
-    rows, k = weight.shape
-    assert x.shape[1] == k and weight.stride(1) == 1 and not (gated and (bias is not None or rows % 2))
-    n = rows // 2 if gated else rows
+    n, k = weight.shape
+    assert x.shape[1] == k and weight.stride(1) == 1
     x = x.contiguous()
     if out is None:
         out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     assert out.shape == (1, n) and out.is_contiguous()
-    cfg = config or default_gemv_config(rows, k)
-    block_n = max(1, cfg.block_n // 2) if gated else cfg.block_n   # the same bytes per program
+    cfg = config or default_gemv_config(n, k)
     block_k = min(cfg.block_k, triton.next_power_of_2(k))
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, weight, bias if bias is not None else x, out, n, k, weight.stride(0),
-        HAS_BIAS=bias is not None, GATED=gated, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN=n % block_n == 0 and k % block_k == 0,
+        HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+        EVEN=n % cfg.block_n == 0 and k % block_k == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

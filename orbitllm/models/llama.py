@@ -14,7 +14,8 @@ from torch import nn
 import torch.nn.functional as F
 
 from orbitllm.layers.attention import AttentionBackend, AttentionMetadata
-from orbitllm.layers.linear import linear, linear_silu_mul
+from orbitllm.layers.fused import fused_ops_for
+from orbitllm.layers.linear import linear
 from orbitllm.layers.norm import RMSNorm
 from orbitllm.layers.rotary import RotaryEmbedding, rope_parameters
 from orbitllm.layers.tensor_parallel import (Shard, VocabParallelEmbedding, check_shardable,
@@ -129,7 +130,13 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(size, spec.hidden_size, bias=False)
 
     def forward(self, x):
-        act = linear_silu_mul(x, self.gate_up_proj.weight)
+        gate_up = linear(x, self.gate_up_proj.weight)
+        ops = fused_ops_for(gate_up)
+        if ops is not None:
+            act = ops.silu_and_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up
         return self.shard.row_parallel(act, self.down_proj.weight, MLP_SLOT)
 
 
