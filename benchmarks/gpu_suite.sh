@@ -20,9 +20,9 @@
 #   peer    (two GPUs) all-reduce + add + RMSNorm microbenchmark (NCCL, the fused peer
 #           kernel); GPU TP tests (the peer engine twice in one process); 8B single request
 #           N=1, N=2 (NCCL), N=2 (default: auto = peer here)
-#   fold    (two GPUs) gated-GEMV / argmax kernel tests and argmax timing; 8B single request
-#           N=1 and N=2, a step profile, GPU engine tests (llama); then the same 8B runs with
-#           ab_revert.patch reverted (an A/B of one change in one call)
+#   ab      (two GPUs) GEMV / argmax kernel tests and argmax timing; 8B single request N=1
+#           and N=2, a step profile, GPU engine tests (llama); then the same 8B runs with
+#           ab_revert.patch (untracked: the change under test) reverted: an A/B in one call
 #   tp70ab  (two GPUs) Llama-3.1-70B throughput N=2, NCCL then the default (auto = peer)
 #   tp      (two GPUs) Llama-3.1-8B single request N=1 / N=2, 8B throughput N=1,
 #           Llama-3.1-70B throughput N=2
@@ -62,7 +62,7 @@ case "$MODE" in
     run l8_throughput $B --model llama3.1-8b --num-prompts ${NP:-256}
     run q06_throughput_warm $B --model qwen3-0.6b --num-prompts ${NP:-256}
     timeout 200 python3 -m pytest -q -x -m gpu tests/test_gpu_engine.py tests/test_kernels.py 2>&1 | tail -4 ;;
-  fold)   # ab_revert.patch (untracked): the change under test, reverted for the B runs
+  ab)   # ab_revert.patch (untracked): the change under test, reverted for the B runs
     timeout 90 python3 -m pytest -q -x tests/test_kernels.py -k "gemv or argmax" 2>&1 | tail -2
     python3 -c "
 import torch, triton.testing as tt
