@@ -15,35 +15,14 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from graph_timing import us_per_call
+
 from orbitllm.kernels.gemv import GemvConfig, default_gemv_config, gemv
 
 SHAPES = {   # (output rows, input width)
     "qkv N=1": (6144, 4096), "o N=1": (4096, 4096), "gate_up N=1": (28672, 4096), "down N=1": (4096, 14336),
     "qkv N=2": (3072, 4096), "o N=2": (4096, 2048), "gate_up N=2": (14336, 4096), "down N=2": (4096, 7168),
 }
-
-
-def time_per_call(fn, copies: int, reps: int = 5) -> float:
-    """Microseconds per call of ``fn(i)`` for i over the weight copies, in one graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(copies):   # compile / warm up outside the capture
-            fn(i)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(copies):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (reps * copies)
 
 
 def main() -> None:
@@ -63,12 +42,12 @@ def main() -> None:
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
         out = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
         ref = F.linear(x, ws[0])
-        cublas = time_per_call(lambda i: torch.mm(x, ws[i].t(), out=out), copies)
+        cublas = us_per_call(lambda i: torch.mm(x, ws[i].t(), out=out), copies, reps=5)
         results = []
         for cfg in configs + [None]:
             got = gemv(x, ws[0], config=cfg)
             torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-1)
-            t = time_per_call(lambda i, c=cfg: gemv(x, ws[i], out=out, config=c), copies)
+            t = us_per_call(lambda i, c=cfg: gemv(x, ws[i], out=out, config=c), copies, reps=5)
             results.append((t, cfg or default_gemv_config(n, k), cfg is None))
         default = next(t for t, _, d in results if d)
         best_t, best_cfg, _ = min(results, key=lambda r: r[0])

@@ -10,43 +10,13 @@ alternating, as in a model step); µs per call, from rank 0.
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from graph_timing import us_per_call
 
 CALLS = 64
-
-
-def timed(fn, reps: int = 20) -> float:
-    """µs per call of ``fn(i)`` for i < CALLS, captured in one graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(4):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    dist.barrier()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(CALLS):
-            fn(i)
-    torch.cuda.synchronize()
-    dist.barrier()
-    graph.replay()
-    torch.cuda.synchronize()
-    dist.barrier()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    dist.barrier()
-    graph.reset()
-    return start.elapsed_time(end) * 1e3 / (reps * CALLS)
 
 
 def worker(rank: int, world: int, port: int, hidden: int, row_counts: list[int]) -> None:
@@ -80,7 +50,8 @@ def worker(rank: int, world: int, port: int, hidden: int, row_counts: list[int])
         dist.all_reduce(total)
         want = rms_norm(total, weight, eps, residual=residual.clone())[0]
         diff = (got.float() - want.float()).abs().max().item()
-        times = {name: timed(fn) for name, fn in (("nccl+rmsnorm", nccl), ("peer", fused))}
+        times = {name: us_per_call(fn, CALLS, reps=20, sync=dist.barrier)
+                 for name, fn in (("nccl+rmsnorm", nccl), ("peer", fused))}
         if rank == 0:
             print(f"world {world} hidden {hidden} rows {rows:3d}: " +
                   "  ".join(f"{k} {v:6.2f} us" for k, v in times.items()) +
