@@ -26,15 +26,25 @@ def _rms_norm_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    _add_norm_store(x, cols, mask, n_cols, eps, res_ptr + row * stride_r, w_ptr,
+                    out_ptr + row * stride_o, res_out_ptr + row * stride_ro, HAS_RESIDUAL)
+
+
+@triton.jit
+def _add_norm_store(x, cols, mask, n_cols, eps, res_ptr, w_ptr, out_ptr, res_out_ptr,
+                    HAS_RESIDUAL: tl.constexpr):
+    """One row (float32 ``x``, pointers at the row's start): optional residual add
+    (stored in the model dtype, where the residual stream is kept), then RMSNorm with
+    transformers' rounding; shared with the fused all-reduce (``peer_reduce.py``)."""
     if HAS_RESIDUAL:
-        x += tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-        x = x.to(res_out_ptr.dtype.element_ty)  # the residual stream is kept in the model dtype
-        tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
+        x += tl.load(res_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        x = x.to(res_out_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + cols, x, mask=mask)
         x = x.to(tl.float32)
     inv_rms = tl.math.rsqrt(tl.sum(x * x, 0) / n_cols + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     y = (x * inv_rms).to(out_ptr.dtype.element_ty).to(tl.float32) * w.to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -21,26 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
-from orbitllm.kernels.fused_ops import _warps_for, rms_norm_ref
+from orbitllm.kernels.fused_ops import _add_norm_store, _warps_for, rms_norm_ref
 
 # A peer that never arrives (it died) releases the wait after this many polls: the
 # engine's next NCCL collective then reports the dead rank.
 MAX_POLLS = 1 << 26
-
-
-@triton.jit
-def _add_norm_store(acc, row, cols, mask, n_cols, eps, res_ptr, w_ptr, out_ptr, res_out_ptr):
-    """Round the reduced row like an all-reduce in the model dtype, then the residual
-    add and RMSNorm of ``rms_norm``; store both."""
-    x = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
-    x += tl.load(res_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    x = x.to(res_out_ptr.dtype.element_ty)
-    tl.store(res_out_ptr + row * n_cols + cols, x, mask=mask)
-    x = x.to(tl.float32)
-    inv_rms = tl.math.rsqrt(tl.sum(x * x, 0) / n_cols + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = (x * inv_rms).to(out_ptr.dtype.element_ty).to(tl.float32) * w
-    tl.store(out_ptr + row * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -76,7 +61,10 @@ def _peer_reduce_norm_kernel(
         part = tl.load(bufs + p).to(tl.pointer_type(out_ptr.dtype.element_ty))
         acc += tl.load(part + slot_offset + row * n_cols + cols, mask=mask, other=0.0,
                        volatile=True).to(tl.float32)
-    _add_norm_store(acc, row, cols, mask, n_cols, eps, res_ptr, w_ptr, out_ptr, res_out_ptr)
+    # Rounded like an all-reduce in the model dtype, then rms_norm's add + norm.
+    x = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+    _add_norm_store(x, cols, mask, n_cols, eps, res_ptr + row * n_cols, w_ptr,
+                    out_ptr + row * n_cols, res_out_ptr + row * n_cols, True)
 
 
 def peer_reduce_add_norm(buf_addrs: int, flag_addrs: int, epochs: torch.Tensor, rank: int,
