@@ -250,7 +250,6 @@ def test_torchrun_launch_matches_one_rank(tiny_models, tmp_path, nodes):
 
 
 def test_torchrun_world_size_must_match(monkeypatch):
-    from orbitllm.config import EngineConfig
     from orbitllm.executor.tensor_parallel import torchrun_shard
     cfg = EngineConfig(model="x", tensor_parallel_size=2)
     monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)

@@ -65,15 +65,8 @@ def copy_bandwidth(device: torch.device) -> float:
     n = (1 << 30) if device.type == "cuda" else (1 << 27)
     src = torch.empty(n, dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    _sync(device)
     reps = 20 if device.type == "cuda" else 5
-    t = time.perf_counter()
-    for _ in range(reps):
-        dst.copy_(src)
-    _sync(device)
-    return 2 * n * reps / (time.perf_counter() - t)
+    return _rate(lambda: dst.copy_(src), 2 * n, warmup=3, reps=reps, device=device)
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
@@ -81,14 +74,20 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     n, reps = (8192, 10) if device.type == "cuda" else (512, 3)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    for _ in range(2):
-        a @ b
+    return _rate(lambda: a @ b, 2 * n ** 3, warmup=2, reps=reps, device=device)
+
+
+def _rate(fn, work: float, warmup: int, reps: int, device: torch.device) -> float:
+    """``work`` (bytes, FLOPs) per second of ``fn()``, timed over ``reps`` calls after
+    ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
     _sync(device)
     t = time.perf_counter()
     for _ in range(reps):
-        a @ b
+        fn()
     _sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+    return work * reps / (time.perf_counter() - t)
 
 
 @dataclass
