@@ -24,6 +24,9 @@
 #           and N=2, a step profile, GPU engine tests (llama); then the same 8B runs with
 #           ab_revert.patch (untracked: the change under test) reverted: an A/B in one call
 #   tp70ab  (two GPUs) Llama-3.1-70B throughput N=2, NCCL then the default (auto = peer)
+#   pdl     (two GPUs) kernel tests; PDL + GEMV L2-prefetch sweep on a stand-in step
+#           (benchmarks/pdl_bench.py); peer all-reduce microbenchmark; 8B single request
+#           N=1 and N=2 with PDL (default) and without (ORBITLLM_PDL=0)
 #   tp      (two GPUs) Llama-3.1-8B single request N=1 / N=2, 8B throughput N=1,
 #           Llama-3.1-70B throughput N=2
 set -uo pipefail
@@ -79,6 +82,14 @@ print('argmax 1x128256: torch %.1f us, triton %.1f us' % tuple(
     (git apply -R ab_revert.patch || patch -R -p1 < ab_revert.patch) && echo "== reverted"
     T=80 run l8_single_before $S8
     T=100 run l8_single_tp2_before $S8 --tensor-parallel-size 2 ;;
+  pdl)
+    timeout 120 python3 -m pytest -q -x tests/test_kernels.py -k "rms or peer or gemv or argmax or decode or rotary or silu" 2>&1 | tail -3
+    timeout 150 python3 benchmarks/pdl_bench.py ${PDL_ARGS:-} 2>&1 | grep -v Warning | tee "$OUT/pdl_bench.txt"
+    timeout 60 python3 benchmarks/peer_reduce_bench.py --rows 1 16 2>&1 | grep -v Warning | tee "$OUT/peer_reduce.txt"
+    T=80 run l8_single $S8
+    T=100 run l8_single_tp2 $S8 --tensor-parallel-size 2
+    ORBITLLM_PDL=0 T=80 run l8_single_nopdl $S8
+    ORBITLLM_PDL=0 T=100 run l8_single_tp2_nopdl $S8 --tensor-parallel-size 2 ;;
   tp70)
     T=300 run l70_throughput_tp2 $B --model llama3.1-70b --num-prompts ${NP:-256} --tensor-parallel-size 2 ;;
   tp70ab)

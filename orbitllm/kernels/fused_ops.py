@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from orbitllm.kernels.pdl import pdl_enter, use_pdl
+
 # ----------------------------------------------------------------------------- RMSNorm
 
 
@@ -19,9 +21,10 @@ import triton.language as tl
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     stride_x, stride_r, stride_o, stride_ro, n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     """One program per row: optional ``x += residual``, then ``x * rsqrt(mean(x^2) + eps) * w``."""
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -62,11 +65,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         res_out = torch.empty_like(x2)
     if x2.shape[0] > 0:
         block = triton.next_power_of_2(hidden)
+        pdl = use_pdl(x2)
         _rms_norm_kernel[(x2.shape[0],)](
             x2, res2 if res2 is not None else x2, weight, out, res_out if res_out is not None else out,
             x2.stride(0), res2.stride(0) if res2 is not None else 0, out.stride(0), hidden,
             hidden, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_warps_for(block),
+            HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl, launch_pdl=pdl,
+            num_warps=_warps_for(block),
         )
     if residual is None:
         return out.view(x.shape)
@@ -88,8 +93,10 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
     """Program (row, column block): ``silu(x[:, :I]) * x[:, I:]``."""
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -106,8 +113,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((x2.shape[0], inter), dtype=x.dtype, device=x.device)
     if x2.shape[0] > 0:
         block = min(triton.next_power_of_2(inter), 1024)
+        pdl = use_pdl(x2)
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](
-            x2, out, x2.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4)
+            x2, out, x2.stride(0), out.stride(0), inter, BLOCK=block, PDL=pdl, launch_pdl=pdl,
+            num_warps=4)
     return out.view(*x.shape[:-1], inter)
 
 

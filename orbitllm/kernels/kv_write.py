@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from orbitllm.kernels.fused_ops import _cos_sin, _rotate_heads, _warps_for
+from orbitllm.kernels.pdl import pdl_enter, use_pdl
 
 
 @triton.jit
@@ -71,10 +72,12 @@ def _rotary_store_kv_kernel(
     num_q_heads, num_kv_heads,
     PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
     BLOCK_QH: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One program per token: rotate its q heads in place, then write its rotated k
     and its v to cache slot ``slot`` (skip if < 0). k itself is left as it was: the
     attention kernels read keys from the cache only."""
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     cos, sin = _cos_sin(cos_sin_ptr, pos_ptr, t, stride_c, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr, t, stride_qt, stride_qh, num_q_heads, cos, sin, HALF, BLOCK_QH, BLOCK_HALF)
@@ -116,6 +119,7 @@ def rotary_store_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     half = cos_sin_cache.shape[1] // 2
     block_qh = triton.next_power_of_2(q.shape[1])
     block_half = triton.next_power_of_2(half)
+    pdl = use_pdl(q)
     _rotary_store_kv_kernel[(num_tokens,)](
         q, k, v, k_cache, v_cache, slot_mapping, positions, cos_sin_cache,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -124,7 +128,7 @@ def rotary_store_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         PAGE=k_cache.shape[1], HEAD_DIM=head_dim, HALF=half,
         BLOCK_QH=block_qh, BLOCK_H=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=block_half, BLOCK_D=triton.next_power_of_2(head_dim),
-        num_warps=_warps_for(block_qh * block_half),
+        PDL=pdl, launch_pdl=pdl, num_warps=_warps_for(block_qh * block_half),
     )
 
 

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from orbitllm.kernels.kv_write import check_cache
+from orbitllm.kernels.pdl import pdl_enter, use_pdl
 
 LOG2E = 1.4426950408889634
 
@@ -255,6 +256,7 @@ def _decode_kernel(
     stride_cb, stride_cs, stride_ch, stride_bt,
     SPLIT: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (sequence, KV head, split): the group's heads over one context partition.
 
@@ -264,6 +266,7 @@ def _decode_kernel(
     log-sum-exp (base 2) for ``_decode_reduce_kernel``. Sequences with no query row or
     ``seq_len == 0`` (CUDA-graph padding) write nothing / zeros and read no cache.
     """
+    pdl_enter(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -317,9 +320,10 @@ def _decode_reduce_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, query_start_loc_ptr,
     num_heads, num_splits, stride_ot, stride_oh,
     SPLITS_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (sequence, head): merge the splits' partial outputs by their log-sum-exp."""
+    pdl_enter(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_row = tl.load(query_start_loc_ptr + seq)
@@ -395,6 +399,7 @@ def paged_decode_attention(
         part_lse = torch.empty((num_seqs, num_heads, splits), dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused by the kernel without SPLIT
+    pdl = use_pdl(q)
     _decode_kernel[(num_seqs, num_kv_heads, splits)](
         q, k_cache, v_cache, out, part_out, part_lse, block_tables, query_start_loc, seq_lens,
         scale * LOG2E, sliding_window or 0, num_heads,
@@ -402,14 +407,14 @@ def paged_decode_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         SPLIT=splits > 1, GROUP=group, ROWS=max(16, triton.next_power_of_2(group)),
         BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=k_cache.shape[1],
-        SLIDING=sliding_window is not None,
+        SLIDING=sliding_window is not None, PDL=pdl, launch_pdl=pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             out, part_out, part_lse, query_start_loc, num_heads, splits, out.stride(0), out.stride(1),
             SPLITS_PAD=triton.next_power_of_2(splits),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, PDL=pdl, launch_pdl=pdl, num_warps=4,
         )
     return out
 

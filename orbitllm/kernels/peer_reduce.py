@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from orbitllm.kernels.fused_ops import _add_norm_store, _warps_for, rms_norm_ref
+from orbitllm.kernels.pdl import pdl_enter, use_pdl
 
 # A peer that never arrives (it died) releases the wait after this many polls: the
 # engine's next NCCL collective then reports the dead rank.
@@ -32,8 +33,11 @@ MAX_POLLS = 1 << 26
 def _peer_reduce_norm_kernel(
     buf_addrs, flag_addrs, epoch_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     slot_offset, n_cols, eps, rank, max_polls,
-    WORLD: tl.constexpr, BLOCK: tl.constexpr,
+    WORLD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    # With PDL the next kernel (a GEMV) launches now and prefetches its weights while
+    # this one waits for the peers.
+    pdl_enter(PDL)
     row = tl.program_id(0)
     # (1) This row's call number, announced to every rank (release: our partial,
     # written by the matmul before this kernel, is visible to whoever sees it).
@@ -84,10 +88,11 @@ def peer_reduce_add_norm(buf_addrs: int, flag_addrs: int, epochs: torch.Tensor, 
     res_out = torch.empty_like(residual)
     if rows:
         block = triton.next_power_of_2(hidden)
+        pdl = use_pdl(residual)
         _peer_reduce_norm_kernel[(rows,)](
             buf_addrs, flag_addrs, epochs, residual, weight, out, res_out,
             slot_offset, hidden, eps, rank, MAX_POLLS,
-            WORLD=world, BLOCK=block, num_warps=_warps_for(block))
+            WORLD=world, BLOCK=block, PDL=pdl, launch_pdl=pdl, num_warps=_warps_for(block))
     return out, res_out
 
 

@@ -1,0 +1,120 @@
+"""Programmatic dependent launch and the GEMV's L2 prefetch, on a stand-in for the
+decode step of Llama-3.1-8B at batch 1: per layer the real norm, GEMV and SiLU
+kernels, and a spin kernel for what the step does besides (attention; under tensor
+parallelism, the all-reduce), each layer with its own weights.
+
+Variants: PDL off, then PDL on with several prefetch budgets. Prints µs per layer
+(32 layers in one CUDA graph) and the weights' floor at the copy bandwidth, and
+checks that every variant computes the same bits.
+
+    python benchmarks/pdl_bench.py [--spin-us 6] [--budgets-mb 0 4 8 16 32]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+import triton.language as tl
+
+from graph_timing import us_per_call
+
+import orbitllm.kernels.gemv as gemv_mod
+import orbitllm.kernels.pdl as pdl_mod
+from orbitllm.kernels.fused_ops import rms_norm, silu_and_mul
+from orbitllm.kernels.gemv import gemv
+from orbitllm.kernels.pdl import pdl_enter, use_pdl
+
+LAYERS = 32
+
+
+@triton.jit
+def _now(dummy):
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,l", [dummy],
+                                     dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _spin_kernel(ns, PDL: tl.constexpr):
+    """One program that holds the stream for ``ns`` nanoseconds and reads no memory."""
+    pdl_enter(PDL)
+    start = _now(ns)
+    while _now(ns) - start < ns:
+        pass
+
+
+def spin(ref: torch.Tensor, us: float) -> None:
+    pdl = use_pdl(ref)
+    _spin_kernel[(1,)](int(us * 1e3), PDL=pdl, launch_pdl=pdl, num_warps=1)
+
+
+def layer_chain(tp: int, spin_us: float, dev: torch.device):
+    """(step function, weight bytes per layer) for the shapes of one rank of ``tp``."""
+    h, inter, q, kv = 4096, 14336 // tp, 4096 // tp, 1024 // tp
+    bf = dict(device=dev, dtype=torch.bfloat16)
+    layers = [dict(qkv=torch.randn(q + 2 * kv, h, **bf) * 0.02, o=torch.randn(h, q, **bf) * 0.02,
+                   gate_up=torch.randn(2 * inter, h, **bf) * 0.02, down=torch.randn(h, inter, **bf) * 0.02)
+              for _ in range(LAYERS)]
+    norm_w = torch.ones(h, **bf)
+    x0 = torch.randn(1, h, **bf)
+
+    def step(_: int) -> torch.Tensor:
+        x, res = x0, torch.zeros_like(x0)
+        for w in layers:
+            if tp == 1:
+                xn, res = rms_norm(x, norm_w, 1e-5, res)
+            else:   # the fused all-reduce + add + norm: a wait on the peer, then the norm
+                spin(x, spin_us)
+                xn, res = rms_norm(x, norm_w, 1e-5, res)
+            qkv = gemv(xn, w["qkv"])
+            spin(qkv, spin_us)   # rotary + KV write + decode attention + its reduce
+            x = gemv(qkv[:, :q], w["o"])
+            if tp > 1:
+                spin(x, spin_us)
+            xn, res = rms_norm(x, norm_w, 1e-5, res)
+            x = gemv(silu_and_mul(gemv(xn, w["gate_up"])), w["down"])
+        return x
+
+    per_layer = sum(t.numel() * t.element_size() for t in layers[0].values())
+    return step, per_layer
+
+
+def copy_tbs(dev: torch.device) -> float:
+    a = torch.empty(2**30, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    us = us_per_call(lambda i: b.copy_(a), 4, reps=5)
+    return 2 * a.numel() / us / 1e6   # read + write, TB/s
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--spin-us", type=float, default=6.0)
+    p.add_argument("--budgets-mb", type=float, nargs="+", default=[0, 4, 8, 16, 32])
+    args = p.parse_args()
+    dev = torch.device("cuda")
+    bw = copy_tbs(dev)
+    print(f"copy bandwidth {bw:.2f} TB/s; spin {args.spin_us} us per stand-in kernel")
+    on = pdl_mod._pdl_on
+    for tp in (1, 2):
+        step, per_layer = layer_chain(tp, args.spin_us, dev)
+        floor = per_layer / bw / 1e6
+        results, outs = [], []
+        variants = [("PDL off", False, 0)] + [(f"PDL, prefetch {mb:g} MB", True, mb) for mb in args.budgets_mb]
+        for name, pdl, mb in variants:
+            pdl_mod._pdl_on = on if pdl else (lambda i: False)
+            gemv_mod.PREFETCH_BYTES = int(mb * 2**20)
+            us = us_per_call(step, 1, reps=20) / LAYERS
+            outs.append(step(0).clone())   # eagerly, outside the graph
+            results.append((name, us))
+        pdl_mod._pdl_on = on
+        spins = (3 if tp > 1 else 1) * args.spin_us
+        print(f"\nN={tp}: weights {per_layer / 1e6:.1f} MB per layer, floor {floor:.2f} us "
+              f"+ {spins:g} us of spin kernels")
+        for name, us in results:
+            print(f"  {name:24} {us:8.2f} us per layer ({us - floor - spins:+.2f} over floor + spin)")
+        same = all(torch.equal(o, outs[0]) for o in outs)
+        print(f"  every variant gives the same bits: {same}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Programmatic dependent launch (PDL, Hopper and later): a kernel's programs start
+while the kernel before it on the stream is still finishing.
+
+A one-request decode step is a chain of ~350 short kernels. Between two of them the
+GPU drains one grid before it starts the next, and under tensor parallelism the
+all-reduce kernel runs on one SM per row while the other SMs idle for its NVLink
+round trip (~6 µs, 64 times a step on Llama-8B). With PDL the next kernel's programs
+become resident while the current one runs; they may do work that reads nothing an
+earlier kernel writes (the GEMV asks L2 to fetch its weights), then block in
+``gdc_wait`` until the kernel before has completed and its writes are visible.
+
+Every kernel launched with PDL here follows three rules:
+- all reads of earlier kernels' outputs and all writes come after ``gdc_wait``;
+- every program calls it, first thing (before any early return), so a kernel
+  completes only after the kernel before it, and completion stays transitive
+  along the chain;
+- ``gdc_launch_dependents`` comes right after the wait, so at most one kernel runs
+  ahead and its waiting programs never hold SMs that the running kernel still needs.
+
+``ORBITLLM_PDL=0`` switches it off (an A/B switch for benchmarks, read once per process).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+@functools.cache
+def _pdl_on(device_index: int) -> bool:
+    if os.environ.get("ORBITLLM_PDL", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def use_pdl(t: torch.Tensor) -> bool:
+    """Whether kernels on ``t``'s device launch with PDL (CUDA, compute capability >= 9)."""
+    return t.is_cuda and _pdl_on(t.device.index if t.device.index is not None else 0)
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """Wait for the kernel before (its writes are visible after this), then let the
+    next kernel launch. A no-op without PDL (and in the interpreter, which lacks it)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Ask L2 to fetch the 128-byte lines at ``ptrs`` and keep them (evict_last): no
+    registers wait for the data, so a program can ask for more than it could hold."""
+    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l",
+                              [ptrs], dtype=tl.int32, is_pure=False, pack=1)
