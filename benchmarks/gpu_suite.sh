@@ -24,9 +24,9 @@
 #           and N=2, a step profile, GPU engine tests (llama); then the same 8B runs with
 #           ab_revert.patch (untracked: the change under test) reverted: an A/B in one call
 #   tp70ab  (two GPUs) Llama-3.1-70B throughput N=2, NCCL then the default (auto = peer)
-#   pdl     (two GPUs) kernel tests; PDL + GEMV L2-prefetch sweep on a stand-in step
-#           (benchmarks/pdl_bench.py); peer all-reduce microbenchmark; 8B single request
-#           N=1 and N=2 with PDL (default) and without (ORBITLLM_PDL=0)
+#   pdl     (two GPUs) kernel tests; PDL on/off on a stand-in step (benchmarks/pdl_bench.py);
+#           step profiles (host launch / wait, kernels) of the 8B single request at N=2
+#           with and without PDL and at N=1; GPU TP test (llama)
 #   tp      (two GPUs) Llama-3.1-8B single request N=1 / N=2, 8B throughput N=1,
 #           Llama-3.1-70B throughput N=2
 set -uo pipefail
@@ -84,12 +84,13 @@ print('argmax 1x128256: torch %.1f us, triton %.1f us' % tuple(
     T=100 run l8_single_tp2_before $S8 --tensor-parallel-size 2 ;;
   pdl)
     timeout 120 python3 -m pytest -q -x tests/test_kernels.py -k "rms or peer or gemv or argmax or decode or rotary or silu" 2>&1 | tail -3
-    timeout 150 python3 benchmarks/pdl_bench.py ${PDL_ARGS:-} 2>&1 | grep -v Warning | tee "$OUT/pdl_bench.txt"
-    timeout 60 python3 benchmarks/peer_reduce_bench.py --rows 1 16 2>&1 | grep -v Warning | tee "$OUT/peer_reduce.txt"
-    T=80 run l8_single $S8
-    T=100 run l8_single_tp2 $S8 --tensor-parallel-size 2
-    ORBITLLM_PDL=0 T=80 run l8_single_nopdl $S8
-    ORBITLLM_PDL=0 T=100 run l8_single_tp2_nopdl $S8 --tensor-parallel-size 2 ;;
+    timeout 100 python3 benchmarks/pdl_bench.py 2>&1 | grep -v Warning | tee "$OUT/pdl_bench.txt"
+    P="python3 benchmarks/profile_tp.py --tp-all-reduce peer --rows 14"
+    timeout 100 $P --tp 2 2>&1 | grep -v "Warning\|warn\|USDT" | cut -c1-72,170-215 | tee "$OUT/prof_tp2.txt" | head -22
+    ORBITLLM_PDL=0 timeout 100 $P --tp 2 2>&1 | grep -v "Warning\|warn\|USDT" | cut -c1-72,170-215 | tee "$OUT/prof_tp2_nopdl.txt" | head -22
+    timeout 80 $P --tp 1 2>&1 | grep -v "Warning\|warn\|USDT" | cut -c1-72,170-215 | tee "$OUT/prof_tp1.txt" | head -22
+    timeout 150 python3 -m pytest -q -x tests/test_gpu_engine.py -k "tensor_parallel and llama" --durations=2 \
+      -o faulthandler_timeout=140 2>&1 | grep -v "_pytest\|pluggy" | tail -6 ;;
   tp70)
     T=300 run l70_throughput_tp2 $B --model llama3.1-70b --num-prompts ${NP:-256} --tensor-parallel-size 2 ;;
   tp70ab)

@@ -1,13 +1,13 @@
-"""Programmatic dependent launch and the GEMV's L2 prefetch, on a stand-in for the
-decode step of Llama-3.1-8B at batch 1: per layer the real norm, GEMV and SiLU
-kernels, and a spin kernel for what the step does besides (attention; under tensor
-parallelism, the all-reduce), each layer with its own weights.
+"""Programmatic dependent launch on a stand-in for the decode step of Llama-3.1-8B
+at batch 1: per layer the real norm, GEMV and SiLU kernels, and a spin kernel for
+what the step does besides (attention; under tensor parallelism, the all-reduce),
+each layer with its own weights.
 
-Variants: PDL off, then PDL on with several prefetch budgets. Prints µs per layer
-(32 layers in one CUDA graph) and the weights' floor at the copy bandwidth, and
-checks that every variant computes the same bits.
+Prints µs per layer (32 layers in one CUDA graph) with PDL off and on, the GEMVs'
+bandwidth (weights over the time left after the spin kernels), and checks that
+both compute the same bits.
 
-    python benchmarks/pdl_bench.py [--spin-us 6] [--budgets-mb 0 4 8 16 32]
+    python benchmarks/pdl_bench.py [--spin-us 6]
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import triton.language as tl
 
 from graph_timing import us_per_call
 
-import orbitllm.kernels.gemv as gemv_mod
 import orbitllm.kernels.pdl as pdl_mod
 from orbitllm.kernels.fused_ops import rms_norm, silu_and_mul
 from orbitllm.kernels.gemv import gemv
@@ -79,41 +78,25 @@ def layer_chain(tp: int, spin_us: float, dev: torch.device):
     return step, per_layer
 
 
-def copy_tbs(dev: torch.device) -> float:
-    a = torch.empty(2**30, dtype=torch.uint8, device=dev)
-    b = torch.empty_like(a)
-    us = us_per_call(lambda i: b.copy_(a), 4, reps=5)
-    return 2 * a.numel() / us / 1e6   # read + write, TB/s
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--spin-us", type=float, default=6.0)
-    p.add_argument("--budgets-mb", type=float, nargs="+", default=[0, 4, 8, 16, 32])
     args = p.parse_args()
     dev = torch.device("cuda")
-    bw = copy_tbs(dev)
-    print(f"copy bandwidth {bw:.2f} TB/s; spin {args.spin_us} us per stand-in kernel")
+    print(f"spin {args.spin_us} us per stand-in kernel")
     on = pdl_mod._pdl_on
     for tp in (1, 2):
         step, per_layer = layer_chain(tp, args.spin_us, dev)
-        floor = per_layer / bw / 1e6
-        results, outs = [], []
-        variants = [("PDL off", False, 0)] + [(f"PDL, prefetch {mb:g} MB", True, mb) for mb in args.budgets_mb]
-        for name, pdl, mb in variants:
+        spins = (3 if tp > 1 else 1) * args.spin_us
+        print(f"\nN={tp}: weights {per_layer / 1e6:.1f} MB per layer, {spins:g} us of spin kernels")
+        outs = []
+        for name, pdl in (("PDL off", False), ("PDL on", True)):
             pdl_mod._pdl_on = on if pdl else (lambda i: False)
-            gemv_mod.PREFETCH_BYTES = int(mb * 2**20)
             us = us_per_call(step, 1, reps=20) / LAYERS
             outs.append(step(0).clone())   # eagerly, outside the graph
-            results.append((name, us))
+            print(f"  {name:8} {us:8.2f} us per layer; GEMVs at {per_layer / (us - spins) / 1e6:.2f} TB/s")
         pdl_mod._pdl_on = on
-        spins = (3 if tp > 1 else 1) * args.spin_us
-        print(f"\nN={tp}: weights {per_layer / 1e6:.1f} MB per layer, floor {floor:.2f} us "
-              f"+ {spins:g} us of spin kernels")
-        for name, us in results:
-            print(f"  {name:24} {us:8.2f} us per layer ({us - floor - spins:+.2f} over floor + spin)")
-        same = all(torch.equal(o, outs[0]) for o in outs)
-        print(f"  every variant gives the same bits: {same}")
+        print(f"  both give the same bits: {all(torch.equal(o, outs[0]) for o in outs)}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Where a single request's decode step goes, with or without tensor parallelism:
-wall time per step, the driver's device time per step, and the kernels of 30 steps
-(torch.profiler on the driver, rank 0).
+wall time per step; on the driver's host, the time spent launching a step and the
+time spent waiting for the step before (near zero: the host is the bottleneck);
+the driver's device time per step, and the kernels of 30 steps (torch.profiler on
+the driver, rank 0).
 
     python benchmarks/profile_tp.py --model llama3.1-8b --tp 2 --tp-all-reduce peer
 """
@@ -36,13 +38,18 @@ def main() -> None:
     for _ in range(10):
         eng.step()
     sync()
+    host = {"launch": 0.0, "finish": 0.0}
+    timed(eng.runner, "launch", host)
+    timed(eng.runner, "finish", host)
     t = time.perf_counter()
     for _ in range(args.steps):
         eng.step()
     sync()
     wall = (time.perf_counter() - t) / args.steps * 1e3
     tag = f"{args.model} tp={args.tp} all_reduce={args.tp_all_reduce}"
-    print(f"[{tag}] wall {wall:.3f} ms/step over {args.steps} decode steps")
+    print(f"[{tag}] wall {wall:.3f} ms/step over {args.steps} decode steps; host per step: "
+          f"launch {host['launch'] / args.steps:.3f} ms, finish (waits for the step before) "
+          f"{host['finish'] / args.steps:.3f} ms")
 
     steps = 30
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -58,6 +65,19 @@ def main() -> None:
     table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=args.rows,
                                       max_name_column_width=70)
     print(table)
+
+
+def timed(obj, name: str, totals: dict) -> None:
+    """Add the milliseconds each call of ``obj.name`` takes to ``totals[name]``."""
+    fn = getattr(obj, name)
+
+    def wrapper(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            totals[name] += (time.perf_counter() - t) * 1e3
+    setattr(obj, name, wrapper)
 
 
 def sync() -> None:

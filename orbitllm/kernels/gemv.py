@@ -11,21 +11,13 @@ stays balanced when the matrix is small.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from orbitllm.kernels.pdl import pdl_enter, prefetch_l2, use_pdl
-
-# Bytes of weights a GEMV asks L2 for before the kernel before it has finished (with
-# PDL): the first columns of every row, so that its reads start from L2. The kernels
-# before a GEMV (norm, SiLU, attention, all-reduce) leave HBM idle for a few µs;
-# ``ORBITLLM_GEMV_PREFETCH_MB`` overrides it (benchmarks sweep it).
-PREFETCH_BYTES = int(float(os.environ.get("ORBITLLM_GEMV_PREFETCH_MB", "16")) * 2**20)
-LINE = 128   # bytes per L2 prefetch
+from orbitllm.kernels.pdl import pdl_enter, use_pdl
 
 @dataclass(frozen=True)
 class GemvConfig:
@@ -39,16 +31,11 @@ class GemvConfig:
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
-    PREFETCH_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr, PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    """Program p: output elements ``[p * BLOCK_N, (p + 1) * BLOCK_N)``, float32 sums.
-    With PDL it first asks L2 for the first ``PREFETCH_LINES`` lines of each of its
-    rows (weights: nothing the kernel before writes)."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if PREFETCH_LINES > 0:
-        lines = tl.arange(0, PREFETCH_LINES) * LINE_ELEMS
-        prefetch_l2(w_ptr + tl.minimum(rows, N - 1).to(tl.int64)[:, None] * stride_wn + lines[None, :])
+    """Program p: output elements ``[p * BLOCK_N, (p + 1) * BLOCK_N)``, float32 sums."""
     pdl_enter(PDL)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -93,20 +80,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     cfg = config or default_gemv_config(n, k)
     block_k = min(cfg.block_k, triton.next_power_of_2(k))
     pdl = use_pdl(x)
-    line_elems = LINE // weight.element_size()
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, weight, bias if bias is not None else x, out, n, k, weight.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         EVEN=n % cfg.block_n == 0 and k % block_k == 0,
-        PREFETCH_LINES=prefetch_lines(n, k * weight.element_size()) if pdl else 0,
-        LINE_ELEMS=line_elems, PDL=pdl, launch_pdl=pdl,
+        PDL=pdl, launch_pdl=pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
-
-def prefetch_lines(n: int, row_bytes: int, budget: int | None = None) -> int:
-    """Lines per row to prefetch: a power of two (or 0) within the row and within
-    ``budget`` bytes (default ``PREFETCH_BYTES``) over all ``n`` rows."""
-    lines = min(row_bytes // LINE, (PREFETCH_BYTES if budget is None else budget) // (n * LINE))
-    return 0 if lines < 1 else 1 << (lines.bit_length() - 1)

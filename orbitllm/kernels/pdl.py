@@ -5,9 +5,9 @@ A one-request decode step is a chain of ~350 short kernels. Between two of them 
 GPU drains one grid before it starts the next, and under tensor parallelism the
 all-reduce kernel runs on one SM per row while the other SMs idle for its NVLink
 round trip (~6 µs, 64 times a step on Llama-8B). With PDL the next kernel's programs
-become resident while the current one runs; they may do work that reads nothing an
-earlier kernel writes (the GEMV asks L2 to fetch its weights), then block in
-``gdc_wait`` until the kernel before has completed and its writes are visible.
+become resident while the current one runs; they block in ``gdc_wait`` until the
+kernel before has completed and its writes are visible, so the launch and the start
+of their programs overlap the end of the kernel before.
 
 Every kernel launched with PDL here follows three rules:
 - all reads of earlier kernels' outputs and all writes come after ``gdc_wait``;
@@ -50,10 +50,3 @@ def pdl_enter(PDL: tl.constexpr):
         gdc_wait()
         gdc_launch_dependents()
 
-
-@triton.jit
-def prefetch_l2(ptrs):
-    """Ask L2 to fetch the 128-byte lines at ``ptrs`` and keep them (evict_last): no
-    registers wait for the data, so a program can ask for more than it could hold."""
-    tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0;", "=r,l",
-                              [ptrs], dtype=tl.int32, is_pure=False, pack=1)
