@@ -27,6 +27,7 @@
 #   pdl     (two GPUs) kernel tests; PDL on/off on a stand-in step (benchmarks/pdl_bench.py);
 #           step profiles (host launch / wait, kernels) of the 8B single request at N=2
 #           with and without PDL and at N=1; GPU TP test (llama)
+#   preload (two GPUs) GEMV tests; benchmarks/pdl_bench.py; 8B single request N=1 and N=2
 #   tp      (two GPUs) Llama-3.1-8B single request N=1 / N=2, 8B throughput N=1,
 #           Llama-3.1-70B throughput N=2
 set -uo pipefail
@@ -91,6 +92,11 @@ print('argmax 1x128256: torch %.1f us, triton %.1f us' % tuple(
     timeout 80 $P --tp 1 2>&1 | grep -v "Warning\|warn\|USDT" | cut -c1-72,170-215 | tee "$OUT/prof_tp1.txt" | head -22
     timeout 150 python3 -m pytest -q -x tests/test_gpu_engine.py -k "tensor_parallel and llama" --durations=2 \
       -o faulthandler_timeout=140 2>&1 | grep -v "_pytest\|pluggy" | tail -6 ;;
+  preload)
+    timeout 60 python3 -m pytest -q -x tests/test_kernels.py -k "gemv" 2>&1 | tail -2
+    timeout 100 python3 benchmarks/pdl_bench.py 2>&1 | grep -v Warning | tee "$OUT/pdl_bench.txt"
+    T=80 run l8_single $S8
+    T=100 run l8_single_tp2 $S8 --tensor-parallel-size 2 ;;
   tp70)
     T=300 run l70_throughput_tp2 $B --model llama3.1-70b --num-prompts ${NP:-256} --tensor-parallel-size 2 ;;
   tp70ab)

@@ -3,15 +3,16 @@ at batch 1: per layer the real norm, GEMV and SiLU kernels, and a spin kernel fo
 what the step does besides (attention; under tensor parallelism, the all-reduce),
 each layer with its own weights.
 
-Prints µs per layer (32 layers in one CUDA graph) with PDL off and on, the GEMVs'
-bandwidth (weights over the time left after the spin kernels), and checks that
-both compute the same bits.
+Prints µs per layer (32 layers in one CUDA graph) with PDL off, on without the
+GEMV's weight preload, and on with it (the default); the GEMVs' bandwidth (weights
+over the time left after the spin kernels); and checks that all compute the same bits.
 
     python benchmarks/pdl_bench.py [--spin-us 6]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 import triton
@@ -19,6 +20,7 @@ import triton.language as tl
 
 from graph_timing import us_per_call
 
+import orbitllm.kernels.gemv as gemv_mod
 import orbitllm.kernels.pdl as pdl_mod
 from orbitllm.kernels.fused_ops import rms_norm, silu_and_mul
 from orbitllm.kernels.gemv import gemv
@@ -84,19 +86,22 @@ def main() -> None:
     args = p.parse_args()
     dev = torch.device("cuda")
     print(f"spin {args.spin_us} us per stand-in kernel")
-    on = pdl_mod._pdl_on
+    on, config = pdl_mod._pdl_on, gemv_mod.default_gemv_config
+    no_preload = lambda n, k: dataclasses.replace(config(n, k), preload=False)   # noqa: E731
     for tp in (1, 2):
         step, per_layer = layer_chain(tp, args.spin_us, dev)
         spins = (3 if tp > 1 else 1) * args.spin_us
         print(f"\nN={tp}: weights {per_layer / 1e6:.1f} MB per layer, {spins:g} us of spin kernels")
         outs = []
-        for name, pdl in (("PDL off", False), ("PDL on", True)):
+        for name, pdl, preload in (("PDL off", False, True), ("PDL, no preload", True, False),
+                                   ("PDL + preload", True, True)):
             pdl_mod._pdl_on = on if pdl else (lambda i: False)
+            gemv_mod.default_gemv_config = config if preload else no_preload
             us = us_per_call(step, 1, reps=20) / LAYERS
             outs.append(step(0).clone())   # eagerly, outside the graph
-            print(f"  {name:8} {us:8.2f} us per layer; GEMVs at {per_layer / (us - spins) / 1e6:.2f} TB/s")
-        pdl_mod._pdl_on = on
-        print(f"  both give the same bits: {all(torch.equal(o, outs[0]) for o in outs)}")
+            print(f"  {name:16} {us:8.2f} us per layer; GEMVs at {per_layer / (us - spins) / 1e6:.2f} TB/s")
+        pdl_mod._pdl_on, gemv_mod.default_gemv_config = on, config
+        print(f"  all give the same bits: {all(torch.equal(o, outs[0]) for o in outs)}")
 
 
 if __name__ == "__main__":
