@@ -54,3 +54,36 @@ def test_tensor_parallel_on_gpus_matches_one_gpu(tiny_models, family):
     assert results["n2_nccl"] == results["n1"]
     assert results["n2_peer"] == results["n1"]
     assert results["n2_peer_again"] == results["n1"]
+
+
+def _one_request_bf16(model: str, **kwargs) -> tuple[list[int], list[float]]:
+    """One bfloat16 request: its decode steps have one row, so they take the Triton
+    GEMV (and, with two ranks, the fused peer all-reduce). Greedy tokens and the
+    chosen tokens' logprobs."""
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=0)
+    with LLM(model, dtype="bfloat16", num_kv_blocks=128, max_model_len=1024, **kwargs) as llm:
+        out = llm.generate(_prompts()[2:3], params, use_tqdm=False)[0].outputs[0]
+        assert_all_blocks_free(llm)
+    return out.token_ids, [lp[t].logprob for t, lp in zip(out.token_ids, out.logprobs)]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_programmatic_dependent_launch_changes_no_bits(tiny_models, monkeypatch, tp):
+    """The decode kernels launched with PDL (each may start before the one before it
+    ends) compute exactly what they compute launched one after the other: a missed
+    wait would read a half-written input and change the logprobs."""
+    if tp > torch.cuda.device_count():
+        pytest.skip("needs two GPUs")
+    from orbitllm.kernels import pdl
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("PDL needs compute capability 9")
+    kwargs = dict(tensor_parallel_size=tp, max_num_seqs=8)
+    with_pdl = _one_request_bf16(tiny_models["llama"], **kwargs)
+    monkeypatch.setenv("ORBITLLM_PDL", "0")   # read by the workers, which start afresh
+    pdl._pdl_on.cache_clear()
+    try:
+        without = _one_request_bf16(tiny_models["llama"], **kwargs)
+    finally:
+        monkeypatch.delenv("ORBITLLM_PDL")
+        pdl._pdl_on.cache_clear()
+    assert with_pdl == without
