@@ -29,6 +29,7 @@
 #           with and without PDL and at N=1; GPU TP test (llama)
 #   preload (two GPUs) GEMV tests; benchmarks/pdl_bench.py; 8B single request N=1 and N=2
 #   verify  every GPU test (kernels, engine, tensor parallel, PDL on = off)
+#   packets (two GPUs) kernel tests, GPU TP + PDL tests, 8B single request N=1 and N=2
 #   tp      (two GPUs) Llama-3.1-8B single request N=1 / N=2, 8B throughput N=1,
 #           Llama-3.1-70B throughput N=2
 set -uo pipefail
@@ -101,6 +102,12 @@ print('argmax 1x128256: torch %.1f us, triton %.1f us' % tuple(
   verify)
     timeout 420 python3 -m pytest -q -x -m gpu tests/test_kernels.py tests/test_gpu_engine.py --durations=6 \
       -o faulthandler_timeout=400 2>&1 | grep -v "_pytest\|pluggy" | tail -16 ;;
+  packets)
+    timeout 90 python3 -m pytest -q -x tests/test_kernels.py -k "gemv or peer or packet or rms" 2>&1 | tail -2
+    timeout 240 python3 -m pytest -q -x tests/test_gpu_engine.py -k "tensor_parallel or programmatic" --durations=3 \
+      -o faulthandler_timeout=220 2>&1 | grep -v "_pytest\|pluggy" | tail -8
+    T=80 run l8_single $S8
+    T=100 run l8_single_tp2 $S8 --tensor-parallel-size 2 ;;
   tp70)
     T=300 run l70_throughput_tp2 $B --model llama3.1-70b --num-prompts ${NP:-256} --tensor-parallel-size 2 ;;
   tp70ab)

@@ -31,8 +31,9 @@ from orbitllm.kernels import (  # noqa: E402
     rotary_store_kv_cache,
     store_kv_cache,
 )
-from orbitllm.kernels.gemv import GemvConfig, gemv  # noqa: E402
+from orbitllm.kernels.gemv import GemvConfig, PeerSend, gemv  # noqa: E402
 from orbitllm.kernels.peer_reduce import (  # noqa: E402
+    RELEASED,
     peer_reduce_add_norm,
     peer_reduce_add_norm_ref,
 )
@@ -534,3 +535,75 @@ def test_argmax_of_llama3_sized_logits(rows: int) -> None:
     x = torch.randn(rows, 128256, device=DEVICE)
     x[0, [5, 128000]] = 50.0   # a tie across blocks: the first wins
     assert torch.equal(argmax(x), x.argmax(-1))
+
+
+def test_gemv_sends_its_output_to_the_peers_as_packets() -> None:
+    """Rank 1 of three: the GEMV's output also lands in ranks 0 and 2's packet buffers,
+    each element with the coming call's epoch in the high half; its own is untouched."""
+    world, rank, n, k, offset = 3, 1, 40, 64, 7
+    x = torch.randn(1, k, device=DEVICE).half()
+    w = (torch.randn(n, k, device=DEVICE) / 8).half()
+    packets = [torch.zeros(offset + world * n, dtype=torch.int64, device=DEVICE) for _ in range(world)]
+    addrs = torch.tensor([p.data_ptr() for p in packets], dtype=torch.int64, device=DEVICE)
+    epochs = torch.tensor([4], dtype=torch.int32, device=DEVICE)
+    out = gemv(x, w, send=PeerSend(addrs, offset, epochs, rank, world))
+    bits = out[0].view(torch.int16).to(torch.int64) & 0xFFFF
+    for p in (0, 2):
+        assert torch.equal(packets[p][offset + rank * n:offset + (rank + 1) * n], (5 << 32) | bits)
+        assert not packets[p][:offset + rank * n].any() and not packets[p][offset + (rank + 1) * n:].any()
+    assert not packets[rank].any()
+
+
+@pytest.mark.parametrize("calls", [1, 3])
+def test_packet_all_reduce_between_two_simulated_ranks(calls: int, monkeypatch) -> None:
+    """Both ranks of a world of two in one process, through the real protocol: each
+    rank's GEMV writes its partial to its buffer and sends it to the other; each
+    rank's fused all-reduce reads its own partial and the other's packets. Both get
+    the reference's bits; over several calls the epochs advance. A wait that never
+    passes (packets with the wrong epoch) gives up after a few polls here and reads
+    stale values, so the comparison fails instead of hanging."""
+    import orbitllm.kernels.peer_reduce as peer_reduce
+    monkeypatch.setattr(peer_reduce, "MAX_POLLS", 50)
+    world, hidden, k, slot = 2, 96, 64, 1
+    bufs = [torch.zeros(2 * hidden, device=DEVICE).half() for _ in range(world)]
+    flags = [torch.zeros(world, dtype=torch.int32, device=DEVICE) for _ in range(world)]
+    packets = [torch.zeros(2 * world * hidden, dtype=torch.int64, device=DEVICE) for _ in range(world)]
+    addr = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64, device=DEVICE)  # noqa: E731
+    buf_addrs, flag_addrs, pk_addrs = addr(bufs), addr(flags), addr(packets)
+    epochs = [torch.zeros(1, dtype=torch.int32, device=DEVICE) for _ in range(world)]
+    weight = torch.randn(hidden, device=DEVICE).half()
+    for call in range(calls):
+        xs = [torch.randn(1, k, device=DEVICE).half() for _ in range(world)]
+        ws = [(torch.randn(hidden, k, device=DEVICE) / 8).half() for _ in range(world)]
+        residual = torch.randn(1, hidden, device=DEVICE).half()
+        for r in range(world):
+            gemv(xs[r], ws[r], out=bufs[r][slot * hidden:(slot + 1) * hidden].view(1, hidden),
+                 send=PeerSend(pk_addrs, slot * world * hidden, epochs[r], r, world))
+        results = [peer_reduce_add_norm(buf_addrs.data_ptr(), flag_addrs.data_ptr(), epochs[r], r, world,
+                                        slot * hidden, 1, residual, weight, 1e-6, pk_addrs.data_ptr(),
+                                        slot * world * hidden) for r in range(world)]
+        partials = [bufs[r][slot * hidden:(slot + 1) * hidden].view(1, hidden) for r in range(world)]
+        ref_out, ref_res = peer_reduce_add_norm_ref(partials, residual, weight, 1e-6)
+        for out, res in results:
+            torch.testing.assert_close(res, ref_res, rtol=0, atol=0)
+            torch.testing.assert_close(out, ref_out, rtol=1e-3, atol=1e-3)
+        assert torch.equal(results[0][0], results[1][0])
+        assert [int(e) for e in epochs] == [call + 1] * world
+    assert not any(f.any() for f in flags)   # the packet path never touches the flags
+
+
+def test_packet_wait_ends_when_released() -> None:
+    """A peer that never sends (its packets keep an old epoch): the wait ends once
+    this rank's own flag holds RELEASED, as PeerAllReduce.release writes it."""
+    world, rank, hidden = 2, 0, 32
+    bufs = [torch.zeros(hidden, device=DEVICE).half() for _ in range(world)]
+    flags = [torch.full((world,), RELEASED.value, dtype=torch.int32, device=DEVICE) for _ in range(world)]
+    packets = [torch.zeros(world * hidden, dtype=torch.int64, device=DEVICE) for _ in range(world)]
+    addr = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64, device=DEVICE)  # noqa: E731
+    buf_addrs, flag_addrs, pk_addrs = addr(bufs), addr(flags), addr(packets)
+    residual = torch.randn(1, hidden, device=DEVICE).half()
+    epochs = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    peer_reduce_add_norm(buf_addrs.data_ptr(), flag_addrs.data_ptr(), epochs, rank, world, 0, 1,
+                         residual, torch.ones(hidden, device=DEVICE).half(), 1e-6,
+                         pk_addrs.data_ptr(), 0)
+    assert int(epochs) == 1

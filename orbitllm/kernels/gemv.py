@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from orbitllm.kernels.pdl import pdl_enter, use_pdl
+from orbitllm.kernels.peer_reduce import send_packets
 
 @dataclass(frozen=True)
 class GemvConfig:
@@ -28,6 +29,19 @@ class GemvConfig:
     # Load the first chunk of weights before waiting for the kernel before (PDL).
     preload: bool = True
 
+
+@dataclass(frozen=True)
+class PeerSend:
+    """A row-parallel GEMV's output, also sent to the peers as packets for the fused
+    all-reduce (``kernels/peer_reduce.py``): the packet buffers' addresses (int64,
+    one per rank), the element offset of the call's slot in them (the sender's part
+    starts ``rank * N`` further), the call counters (int32; this call's epoch is
+    ``epochs[0] + 1``), this rank and the number of ranks."""
+    addrs: torch.Tensor
+    offset: int
+    epochs: torch.Tensor
+    rank: int
+    world: int
 
 @triton.jit
 def _load_w(w_ptrs, rows, cols, k, N, K, EVEN: tl.constexpr):
@@ -45,16 +59,17 @@ def _load_x(x_ptr, cols, k, K, EVEN: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn,
+    x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, send_addrs, send_offset, epoch_ptr, rank,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
-    PDL: tl.constexpr, PRELOAD: tl.constexpr,
+    PDL: tl.constexpr, PRELOAD: tl.constexpr, SEND: tl.constexpr, WORLD: tl.constexpr,
 ):
     """Program p: output elements ``[p * BLOCK_N, (p + 1) * BLOCK_N)``, float32 sums.
 
     With ``PRELOAD`` the program loads its first chunk of weights, which no kernel
     writes, before it waits for the kernel before (PDL): the programs resident while
     that kernel runs (a norm, the attention, the all-reduce: few programs, a few µs)
-    start with their first chunk in registers."""
+    start with their first chunk in registers. With ``SEND`` the output also goes
+    to the peers as packets (``PeerSend``)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :]
@@ -72,7 +87,10 @@ def _gemv_kernel(
     y = tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rows < N)
+    y = y.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows, y, mask=rows < N)
+    if SEND:
+        send_packets(y, rows, rows < N, send_addrs, send_offset + rank * N, epoch_ptr, rank, WORLD)
 
 
 def default_gemv_config(n: int, k: int) -> GemvConfig:
@@ -88,9 +106,11 @@ def default_gemv_config(n: int, k: int) -> GemvConfig:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         out: torch.Tensor | None = None, config: GemvConfig | None = None) -> torch.Tensor:
+         out: torch.Tensor | None = None, config: GemvConfig | None = None,
+         send: PeerSend | None = None) -> torch.Tensor:
     """``x [1, K] @ weight[N, K].T (+ bias)`` -> ``[1, N]`` in ``x``'s dtype, written into
-    ``out`` when given. ``weight`` needs contiguous rows; ``x`` is made contiguous."""
+    ``out`` when given, and sent to the peers with ``send`` (16-bit ``x`` only).
+    ``weight`` needs contiguous rows; ``x`` is made contiguous."""
     assert x.dim() == 2 and x.shape[0] == 1, "gemv takes one row"
     n, k = weight.shape
     assert x.shape[1] == k and weight.stride(1) == 1
@@ -101,11 +121,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     cfg = config or default_gemv_config(n, k)
     block_k = min(cfg.block_k, triton.next_power_of_2(k))
     pdl = use_pdl(x)
+    assert send is None or x.element_size() == 2, "packets carry 16-bit values"
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, weight, bias if bias is not None else x, out, n, k, weight.stride(0),
+        send.addrs if send else x, send.offset if send else 0, send.epochs if send else x,
+        send.rank if send else 0,
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         EVEN=n % cfg.block_n == 0 and k % block_k == 0,
-        PDL=pdl, PRELOAD=cfg.preload, launch_pdl=pdl,
+        PDL=pdl, PRELOAD=cfg.preload, SEND=send is not None, WORLD=send.world if send else 1,
+        launch_pdl=pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -24,13 +24,20 @@ def _triton_gemv():
     return gemv
 
 
+def takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``linear`` computes this product with the Triton GEMV."""
+    return (x.is_cuda and x.shape[0] == 1 and weight.dtype in (torch.bfloat16, torch.float16)
+            and _triton_gemv() is not None)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           out: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, written into ``out`` when given (no bias then)."""
-    if x.is_cuda and x.shape[0] == 1 and weight.dtype in (torch.bfloat16, torch.float16):
-        gemv = _triton_gemv()
-        if gemv is not None:
-            return gemv(x, weight, bias, out)
+           out: torch.Tensor | None = None, send=None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, written into ``out`` when given (no bias then).
+    ``send`` (a ``kernels.gemv.PeerSend``, only where ``takes_gemv``): the GEMV also
+    sends its output to the tensor-parallel peers."""
+    if takes_gemv(x, weight):
+        return _triton_gemv()(x, weight, bias, out, send=send)
+    assert send is None, "only the Triton GEMV sends to peers"
     if out is None:
         return F.linear(x, weight, bias)
     assert bias is None

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from orbitllm.layers.linear import linear
+from orbitllm.layers.linear import linear, takes_gemv
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,10 @@ class Shard:
         """This rank's partial ``x @ weight.T`` of a row-parallel layer (sum it with
         ``reduce_norm``). Written straight into the peer-read buffer ``slot`` when the
         fused path takes the step."""
-        out = self.peer_reduce.output(x.shape[0], slot) if self.peer_reduce is not None else None
-        return linear(x, weight, out=out)
+        fast = self.peer_reduce
+        if fast is None:
+            return linear(x, weight)
+        return linear(x, weight, out=fast.output(x.shape[0], slot), send=fast.send(x, weight, slot))
 
     def reduce_norm(self, partial: torch.Tensor, residual: torch.Tensor, norm: nn.Module,
                     slot: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,8 +87,10 @@ class PeerAllReduce:
     """The all-reduces of steps of up to ``max_rows`` rows, fused with the add + RMSNorm
     after them (``kernels/peer_reduce.py``): each rank's row-parallel matmul writes
     into its slot of a buffer that every GPU of the group maps (``map_peers``), and one
-    kernel per call syncs the ranks, sums the slots over NVLink and normalizes. Larger
-    steps (prefill) go through NCCL."""
+    kernel per call syncs the ranks, sums the slots over NVLink and normalizes. In
+    one-row steps of a 16-bit model the GEMV sends its output to the peers' packet
+    buffers instead, and the kernel only waits for the packets. Larger steps
+    (prefill) go through NCCL."""
 
     SLOTS = 2   # 0: attention outputs, 1: MLP outputs (they alternate)
 
@@ -98,10 +102,15 @@ class PeerAllReduce:
         # Per-row arrival flags, one per rank; the per-row call counters stay local.
         self.flags = torch.zeros(max_rows * self.world, dtype=torch.int32, device=device)
         self.epochs = torch.zeros(max_rows, dtype=torch.int32, device=device)
+        # One-row packets: [slot][sender rank][hidden], (epoch << 32) | value bits.
+        self.packets = torch.zeros(self.SLOTS * self.world * hidden, dtype=torch.int64, device=device)
+        self.sends_packets = dtype in (torch.bfloat16, torch.float16)
+        self._sent = [False] * self.SLOTS   # whether the slot's last matmul sent packets
         torch.cuda.synchronize(device)   # every rank's flags are cleared before any peer maps them
         peer_buffers, self.buffer_addrs = map_peers(self.buffer)
         peer_flags, self.flag_addrs = map_peers(self.flags)
-        self._peers = peer_buffers + peer_flags   # keeps the mappings open
+        peer_packets, self.packet_addrs = map_peers(self.packets)
+        self._peers = peer_buffers + peer_flags + peer_packets   # keeps the mappings open
         dist.barrier()
 
     def output(self, rows: int, slot: int) -> torch.Tensor | None:
@@ -111,6 +120,17 @@ class PeerAllReduce:
         start = slot * self.slot_numel
         return self.buffer[start:start + rows * self.hidden].view(rows, self.hidden)
 
+    def send(self, x: torch.Tensor, weight: torch.Tensor, slot: int):
+        """The GEMV's ``PeerSend`` for a one-row matmul of a 16-bit model, else None.
+        Remembers the choice for the slot's ``reduce_add_norm`` (both run when the
+        step is traced: eagerly, or once while a CUDA graph is captured)."""
+        from orbitllm.kernels.gemv import PeerSend
+        self._sent[slot] = self.sends_packets and x.shape[0] == 1 and takes_gemv(x, weight)
+        if not self._sent[slot]:
+            return None
+        return PeerSend(self.packet_addrs, slot * self.world * self.hidden, self.epochs,
+                        self.rank, self.world)
+
     def holds(self, partial: torch.Tensor, slot: int) -> bool:
         return (partial.shape[0] <= self.max_rows and partial.data_ptr() ==
                 self.buffer.data_ptr() + slot * self.slot_numel * self.buffer.element_size())
@@ -118,15 +138,20 @@ class PeerAllReduce:
     def reduce_add_norm(self, rows: int, slot: int, residual: torch.Tensor, weight: torch.Tensor,
                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         from orbitllm.kernels.peer_reduce import peer_reduce_add_norm
+        packets = self._sent[slot] and rows == 1
         return peer_reduce_add_norm(self.buffer_addrs.data_ptr(), self.flag_addrs.data_ptr(),
                                     self.epochs, self.rank, self.world, slot * self.slot_numel,
-                                    rows, residual, weight, eps)
+                                    rows, residual, weight, eps,
+                                    self.packet_addrs.data_ptr() if packets else None,
+                                    slot * self.world * self.hidden)
 
     def release(self) -> None:
         """Let this rank's waits pass for good (a peer died and will never signal), so
-        the engine reaches its next NCCL collective and reports the dead rank."""
+        the engine reaches its next NCCL collective and reports the dead rank. (The
+        packet waits watch this rank's own flag for it.)"""
+        from orbitllm.kernels.peer_reduce import RELEASED
         with torch.cuda.stream(torch.cuda.Stream(self.epochs.device)):   # beside the waiting kernel
-            self.flags.fill_(1 << 30)
+            self.flags.fill_(RELEASED.value)
 
     def close(self) -> None:
         """Unmap the peers' memory (at shutdown, once no kernel can touch it)."""
