@@ -51,18 +51,17 @@ class PeerSend:
 
 
 @triton.jit
-def _load_w(w_ptr, rows, cols, stride_wn, N, K, EVEN: tl.constexpr):
-    ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :]
+def _load_w(ptrs, rows, cols, N, K, EVEN: tl.constexpr):
     if EVEN:   # N % BLOCK_N == 0 and K % BLOCK_K == 0: unmasked, vectorized loads
         return tl.load(ptrs)
     return tl.load(ptrs, mask=(rows[:, None] < N) & (cols < K)[None, :], other=0.0)
 
 
 @triton.jit
-def _load_x(x_ptr, cols, K, EVEN: tl.constexpr):
+def _load_x(ptrs, cols, K, EVEN: tl.constexpr):
     if EVEN:
-        return tl.load(x_ptr + cols)
-    return tl.load(x_ptr + cols, mask=cols < K, other=0.0)
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=cols < K, other=0.0)
 
 
 @triton.jit
@@ -80,19 +79,22 @@ def _gemv_kernel(
     in ``BLOCK_K`` chunks. With ``SEND`` the output also goes to the peers as
     packets (``PeerSend``)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
     if PRELOAD > 0:
         pre = tl.arange(0, PRELOAD)
-        w = _load_w(w_ptr, rows, pre, stride_wn, N, K, EVEN)
+        w_pre = _load_w(row_ptrs + pre[None, :], rows, pre, N, K, EVEN)
         pdl_enter(PDL)
-        y = tl.sum(w.to(tl.float32) * _load_x(x_ptr, pre, K, EVEN).to(tl.float32)[None, :], 1)
+        x_pre = _load_x(x_ptr + pre, pre, K, EVEN)
+        y = tl.sum(w_pre.to(tl.float32) * x_pre.to(tl.float32)[None, :], 1)
     else:
         pdl_enter(PDL)
         y = tl.zeros([BLOCK_N], tl.float32)
     cols = tl.arange(0, BLOCK_K)
+    w_ptrs = row_ptrs + cols[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k in range(PRELOAD, K, BLOCK_K):
-        x = _load_x(x_ptr, k + cols, K, EVEN)
-        w = _load_w(w_ptr, rows, k + cols, stride_wn, N, K, EVEN)
+        x = _load_x(x_ptr + k + cols, k + cols, K, EVEN)
+        w = _load_w(w_ptrs + k, rows, k + cols, N, K, EVEN)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     y += tl.sum(acc, 1)
     if HAS_BIAS:
