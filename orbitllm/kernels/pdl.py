@@ -7,13 +7,14 @@ all-reduce kernel runs on one SM per row while the other SMs idle for its NVLink
 round trip (~6 µs, 64 times a step on Llama-8B). With PDL the next kernel's programs
 become resident while the current one runs; they block in ``gdc_wait`` until the
 kernel before has completed and its writes are visible, so the launch and the start
-of their programs overlap the end of the kernel before.
+of their programs overlap the end of the kernel before. The GEMV also loads its
+first chunk of weights before it waits.
 
 Every kernel launched with PDL here follows three rules:
-- all reads of earlier kernels' outputs and all writes come after ``gdc_wait``;
-- every program calls it, first thing (before any early return), so a kernel
-  completes only after the kernel before it, and completion stays transitive
-  along the chain;
+- all reads of earlier kernels' outputs and all writes come after ``gdc_wait``
+  (only weights, which no kernel writes, are read before it);
+- every program calls it, before any early return, so a kernel completes only
+  after the kernel before it, and completion stays transitive along the chain;
 - ``gdc_launch_dependents`` comes right after the wait, so at most one kernel runs
   ahead and its waiting programs never hold SMs that the running kernel still needs.
 
