@@ -20,6 +20,7 @@ import triton.language as tl
 from orbitllm.kernels.pdl import pdl_enter, use_pdl
 from orbitllm.kernels.peer_reduce import send_packets
 
+
 @dataclass(frozen=True)
 class GemvConfig:
     block_n: int
@@ -42,6 +43,7 @@ class PeerSend:
     epochs: torch.Tensor
     rank: int
     world: int
+
 
 @triton.jit
 def _load_w(w_ptrs, rows, cols, k, N, K, EVEN: tl.constexpr):
@@ -133,4 +135,3 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
-

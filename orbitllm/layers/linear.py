@@ -24,10 +24,15 @@ def _triton_gemv():
     return gemv
 
 
+def gemv_enabled() -> bool:
+    """Whether one-row products of 16-bit weights on a GPU take the Triton GEMV."""
+    return _triton_gemv() is not None
+
+
 def takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``linear`` computes this product with the Triton GEMV."""
     return (x.is_cuda and x.shape[0] == 1 and weight.dtype in (torch.bfloat16, torch.float16)
-            and _triton_gemv() is not None)
+            and gemv_enabled())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

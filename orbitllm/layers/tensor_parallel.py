@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from orbitllm.layers.linear import linear, takes_gemv
+from orbitllm.layers.linear import gemv_enabled, linear, takes_gemv
 
 
 @dataclass(frozen=True)
@@ -104,13 +104,16 @@ class PeerAllReduce:
         self.epochs = torch.zeros(max_rows, dtype=torch.int32, device=device)
         # One-row packets: [slot][sender rank][hidden], (epoch << 32) | value bits.
         self.packets = torch.zeros(self.SLOTS * self.world * hidden, dtype=torch.int64, device=device)
-        self.sends_packets = dtype in (torch.bfloat16, torch.float16)
-        self._sent = [False] * self.SLOTS   # whether the slot's last matmul sent packets
+        # The GEMV, which sends them, takes the one-row matmuls of 16-bit models.
+        self.sends_packets = dtype in (torch.bfloat16, torch.float16) and gemv_enabled()
         torch.cuda.synchronize(device)   # every rank's flags are cleared before any peer maps them
         peer_buffers, self.buffer_addrs = map_peers(self.buffer)
         peer_flags, self.flag_addrs = map_peers(self.flags)
         peer_packets, self.packet_addrs = map_peers(self.packets)
         self._peers = peer_buffers + peer_flags + peer_packets   # keeps the mappings open
+        from orbitllm.kernels.gemv import PeerSend
+        self._sends = [PeerSend(self.packet_addrs, self._packet_offset(slot), self.epochs,
+                                self.rank, self.world) for slot in range(self.SLOTS)]
         dist.barrier()
 
     def output(self, rows: int, slot: int) -> torch.Tensor | None:
@@ -120,16 +123,21 @@ class PeerAllReduce:
         start = slot * self.slot_numel
         return self.buffer[start:start + rows * self.hidden].view(rows, self.hidden)
 
+    def uses_packets(self, rows: int) -> bool:
+        """Whether a call of ``rows`` rows goes by packets (the matmul sends them and the
+        reduction waits for them)."""
+        return self.sends_packets and rows == 1
+
     def send(self, x: torch.Tensor, weight: torch.Tensor, slot: int):
-        """The GEMV's ``PeerSend`` for a one-row matmul of a 16-bit model, else None.
-        Remembers the choice for the slot's ``reduce_add_norm`` (both run when the
-        step is traced: eagerly, or once while a CUDA graph is captured)."""
-        from orbitllm.kernels.gemv import PeerSend
-        self._sent[slot] = self.sends_packets and x.shape[0] == 1 and takes_gemv(x, weight)
-        if not self._sent[slot]:
+        """The GEMV's ``PeerSend`` for the row-parallel matmul ``x @ weight.T`` into
+        ``slot``, or None when the call does not go by packets."""
+        if not self.uses_packets(x.shape[0]):
             return None
-        return PeerSend(self.packet_addrs, slot * self.world * self.hidden, self.epochs,
-                        self.rank, self.world)
+        assert takes_gemv(x, weight), "packets are sent by the Triton GEMV"
+        return self._sends[slot]
+
+    def _packet_offset(self, slot: int) -> int:
+        return slot * self.world * self.hidden
 
     def holds(self, partial: torch.Tensor, slot: int) -> bool:
         return (partial.shape[0] <= self.max_rows and partial.data_ptr() ==
@@ -138,12 +146,11 @@ class PeerAllReduce:
     def reduce_add_norm(self, rows: int, slot: int, residual: torch.Tensor, weight: torch.Tensor,
                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         from orbitllm.kernels.peer_reduce import peer_reduce_add_norm
-        packets = self._sent[slot] and rows == 1
         return peer_reduce_add_norm(self.buffer_addrs.data_ptr(), self.flag_addrs.data_ptr(),
                                     self.epochs, self.rank, self.world, slot * self.slot_numel,
                                     rows, residual, weight, eps,
-                                    self.packet_addrs.data_ptr() if packets else None,
-                                    slot * self.world * self.hidden)
+                                    self.packet_addrs.data_ptr() if self.uses_packets(rows) else None,
+                                    self._packet_offset(slot))
 
     def release(self) -> None:
         """Let this rank's waits pass for good (a peer died and will never signal), so
