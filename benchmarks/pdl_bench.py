@@ -24,7 +24,7 @@ import orbitllm.kernels.gemv as gemv_mod
 import orbitllm.kernels.pdl as pdl_mod
 from orbitllm.kernels.fused_ops import rms_norm, silu_and_mul
 from orbitllm.kernels.gemv import gemv
-from orbitllm.kernels.pdl import pdl_enter, use_pdl
+from orbitllm.kernels.pdl import pdl_args, pdl_enter
 
 LAYERS = 32
 
@@ -45,8 +45,7 @@ def _spin_kernel(ns, PDL: tl.constexpr):
 
 
 def spin(ref: torch.Tensor, us: float) -> None:
-    pdl = use_pdl(ref)
-    _spin_kernel[(1,)](int(us * 1e3), PDL=pdl, launch_pdl=pdl, num_warps=1)
+    _spin_kernel[(1,)](int(us * 1e3), **pdl_args(ref), num_warps=1)
 
 
 def layer_chain(tp: int, spin_us: float, dev: torch.device):

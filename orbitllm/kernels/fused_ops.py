@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from orbitllm.kernels.pdl import pdl_enter, use_pdl
+from orbitllm.kernels.pdl import pdl_args, pdl_enter
 
 # ----------------------------------------------------------------------------- RMSNorm
 
@@ -65,12 +65,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         res_out = torch.empty_like(x2)
     if x2.shape[0] > 0:
         block = triton.next_power_of_2(hidden)
-        pdl = use_pdl(x2)
         _rms_norm_kernel[(x2.shape[0],)](
             x2, res2 if res2 is not None else x2, weight, out, res_out if res_out is not None else out,
             x2.stride(0), res2.stride(0) if res2 is not None else 0, out.stride(0), hidden,
             hidden, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl, launch_pdl=pdl,
+            HAS_RESIDUAL=residual is not None, BLOCK=block, **pdl_args(x2),
             num_warps=_warps_for(block),
         )
     if residual is None:
@@ -113,9 +112,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((x2.shape[0], inter), dtype=x.dtype, device=x.device)
     if x2.shape[0] > 0:
         block = min(triton.next_power_of_2(inter), 1024)
-        pdl = use_pdl(x2)
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](
-            x2, out, x2.stride(0), out.stride(0), inter, BLOCK=block, PDL=pdl, launch_pdl=pdl,
+            x2, out, x2.stride(0), out.stride(0), inter, BLOCK=block, **pdl_args(x2),
             num_warps=4)
     return out.view(*x.shape[:-1], inter)
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from orbitllm.kernels.pdl import pdl_enter, use_pdl
+from orbitllm.kernels.pdl import pdl_args, pdl_enter
 from orbitllm.kernels.peer_reduce import send_packets
 
 
@@ -122,7 +122,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     assert out.shape == (1, n) and out.is_contiguous()
     cfg = config or default_gemv_config(n, k)
     block_k = min(cfg.block_k, triton.next_power_of_2(k))
-    pdl = use_pdl(x)
     assert send is None or x.element_size() == 2, "packets carry 16-bit values"
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, weight, bias if bias is not None else x, out, n, k, weight.stride(0),
@@ -130,8 +129,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         send.rank if send else 0,
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         EVEN=n % cfg.block_n == 0 and k % block_k == 0,
-        PDL=pdl, PRELOAD=cfg.preload, SEND=send is not None, WORLD=send.world if send else 1,
-        launch_pdl=pdl,
+        PRELOAD=cfg.preload, SEND=send is not None, WORLD=send.world if send else 1, **pdl_args(x),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

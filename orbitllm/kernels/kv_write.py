@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from orbitllm.kernels.fused_ops import _cos_sin, _rotate_heads, _warps_for
-from orbitllm.kernels.pdl import pdl_enter, use_pdl
+from orbitllm.kernels.pdl import pdl_args, pdl_enter
 
 
 @triton.jit
@@ -119,7 +119,6 @@ def rotary_store_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     half = cos_sin_cache.shape[1] // 2
     block_qh = triton.next_power_of_2(q.shape[1])
     block_half = triton.next_power_of_2(half)
-    pdl = use_pdl(q)
     _rotary_store_kv_kernel[(num_tokens,)](
         q, k, v, k_cache, v_cache, slot_mapping, positions, cos_sin_cache,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -128,7 +127,7 @@ def rotary_store_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         PAGE=k_cache.shape[1], HEAD_DIM=head_dim, HALF=half,
         BLOCK_QH=block_qh, BLOCK_H=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=block_half, BLOCK_D=triton.next_power_of_2(head_dim),
-        PDL=pdl, launch_pdl=pdl, num_warps=_warps_for(block_qh * block_half),
+        **pdl_args(q), num_warps=_warps_for(block_qh * block_half),
     )
 
 

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from orbitllm.kernels.kv_write import check_cache
-from orbitllm.kernels.pdl import pdl_enter, use_pdl
+from orbitllm.kernels.pdl import pdl_args, pdl_enter
 
 LOG2E = 1.4426950408889634
 
@@ -399,7 +399,6 @@ def paged_decode_attention(
         part_lse = torch.empty((num_seqs, num_heads, splits), dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused by the kernel without SPLIT
-    pdl = use_pdl(q)
     _decode_kernel[(num_seqs, num_kv_heads, splits)](
         q, k_cache, v_cache, out, part_out, part_lse, block_tables, query_start_loc, seq_lens,
         scale * LOG2E, sliding_window or 0, num_heads,
@@ -407,14 +406,14 @@ def paged_decode_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         SPLIT=splits > 1, GROUP=group, ROWS=max(16, triton.next_power_of_2(group)),
         BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=k_cache.shape[1],
-        SLIDING=sliding_window is not None, PDL=pdl, launch_pdl=pdl,
+        SLIDING=sliding_window is not None, **pdl_args(q),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             out, part_out, part_lse, query_start_loc, num_heads, splits, out.stride(0), out.stride(1),
             SPLITS_PAD=triton.next_power_of_2(splits),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, PDL=pdl, launch_pdl=pdl, num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, **pdl_args(q), num_warps=4,
         )
     return out
 

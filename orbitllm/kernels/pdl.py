@@ -38,9 +38,12 @@ def _pdl_on(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-def use_pdl(t: torch.Tensor) -> bool:
-    """Whether kernels on ``t``'s device launch with PDL (CUDA, compute capability >= 9)."""
-    return t.is_cuda and _pdl_on(t.device.index if t.device.index is not None else 0)
+def pdl_args(t: torch.Tensor) -> dict:
+    """A kernel's launch arguments for PDL on ``t``'s device (on with CUDA, compute
+    capability >= 9): the ``PDL`` constexpr that ``pdl_enter`` takes and the launch
+    option, always alike (a kernel launched early that does not wait would race)."""
+    on = t.is_cuda and _pdl_on(t.device.index if t.device.index is not None else 0)
+    return {"PDL": on, "launch_pdl": on}
 
 
 @triton.jit

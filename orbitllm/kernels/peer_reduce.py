@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from orbitllm.kernels.fused_ops import _add_norm_store, _warps_for, rms_norm_ref
-from orbitllm.kernels.pdl import pdl_enter, use_pdl
+from orbitllm.kernels.pdl import pdl_args, pdl_enter
 
 # A peer that never arrives (it died) releases the wait after this many polls: the
 # engine's next NCCL collective then reports the dead rank.
@@ -155,12 +155,11 @@ def peer_reduce_add_norm(buf_addrs: int, flag_addrs: int, epochs: torch.Tensor, 
     res_out = torch.empty_like(residual)
     if rows:
         block = triton.next_power_of_2(hidden)
-        pdl = use_pdl(residual)
         _peer_reduce_norm_kernel[(rows,)](
             buf_addrs, flag_addrs, epochs, residual, weight, out, res_out,
             packet_addrs or 0, packet_offset, slot_offset, hidden, eps, rank, MAX_POLLS,
-            WORLD=world, BLOCK=block, PDL=pdl, PACKETS=packet_addrs is not None,
-            launch_pdl=pdl, num_warps=_warps_for(block))
+            WORLD=world, BLOCK=block, PACKETS=packet_addrs is not None, **pdl_args(residual),
+            num_warps=_warps_for(block))
     return out, res_out
 
 
