@@ -359,9 +359,7 @@ def test_peer_reduce_add_norm_as_one_rank_of_three(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("n,k,bias,config", [
     (64, 256, False, GemvConfig(8, 64, 4, 1)),     # even: unmasked loads
     (37, 200, True, GemvConfig(4, 64, 2, 2)),      # ragged rows and chunks, bias
-    (37, 200, True, GemvConfig(4, 64, 2, 2, preload_bytes=0)),      # nothing loaded before the wait
-    (37, 200, True, GemvConfig(4, 64, 2, 2, preload_bytes=4096)),   # 128 columns, then chunks
-    (64, 256, False, GemvConfig(8, 64, 4, 1, preload_bytes=1 << 20)),   # the whole row
+    (37, 200, True, GemvConfig(4, 64, 2, 2, preload=False)),   # no peeled first chunk
     (16, 96, False, None),                          # default config, chunk wider than K
 ])
 def test_gemv_matches_linear(n: int, k: int, bias: bool, config) -> None:

@@ -11,7 +11,6 @@ stays balanced when the matrix is small.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -21,10 +20,6 @@ import triton.language as tl
 from orbitllm.kernels.pdl import pdl_args, pdl_enter
 from orbitllm.kernels.peer_reduce import send_packets
 
-# Weights per program loaded before the wait (``GemvConfig.preload_bytes``) in the
-# default configs; ``ORBITLLM_GEMV_PRELOAD_KB`` overrides it (benchmarks A/B it).
-PRELOAD_BYTES = int(os.environ.get("ORBITLLM_GEMV_PRELOAD_KB", "8")) * 1024
-
 
 @dataclass(frozen=True)
 class GemvConfig:
@@ -32,9 +27,8 @@ class GemvConfig:
     block_k: int
     num_warps: int
     num_stages: int
-    # Bytes of weights each program loads before it waits for the kernel before (PDL):
-    # the first columns of its rows, a power of two of them, at least one chunk (0: none).
-    preload_bytes: int = 8192
+    # Load the first chunk of weights before waiting for the kernel before (PDL).
+    preload: bool = True
 
 
 @dataclass(frozen=True)
@@ -52,17 +46,17 @@ class PeerSend:
 
 
 @triton.jit
-def _load_w(ptrs, rows, cols, N, K, EVEN: tl.constexpr):
+def _load_w(w_ptrs, rows, cols, k, N, K, EVEN: tl.constexpr):
     if EVEN:   # N % BLOCK_N == 0 and K % BLOCK_K == 0: unmasked, vectorized loads
-        return tl.load(ptrs)
-    return tl.load(ptrs, mask=(rows[:, None] < N) & (cols < K)[None, :], other=0.0)
+        return tl.load(w_ptrs + k)
+    return tl.load(w_ptrs + k, mask=(rows[:, None] < N) & ((k + cols) < K)[None, :], other=0.0)
 
 
 @triton.jit
-def _load_x(ptrs, cols, K, EVEN: tl.constexpr):
+def _load_x(x_ptr, cols, k, K, EVEN: tl.constexpr):
     if EVEN:
-        return tl.load(ptrs)
-    return tl.load(ptrs, mask=cols < K, other=0.0)
+        return tl.load(x_ptr + k + cols)
+    return tl.load(x_ptr + k + cols, mask=(k + cols) < K, other=0.0)
 
 
 @triton.jit
@@ -73,31 +67,26 @@ def _gemv_kernel(
 ):
     """Program p: output elements ``[p * BLOCK_N, (p + 1) * BLOCK_N)``, float32 sums.
 
-    The program loads its first ``PRELOAD`` columns of weights, which no kernel
+    With ``PRELOAD`` the program loads its first chunk of weights, which no kernel
     writes, before it waits for the kernel before (PDL): the programs resident while
     that kernel runs (a norm, the attention, the all-reduce: few programs, a few µs)
-    hold those weights in registers when it ends. The other columns stream through
-    in ``BLOCK_K`` chunks. With ``SEND`` the output also goes to the peers as
-    packets (``PeerSend``)."""
+    start with their first chunk in registers. With ``SEND`` the output also goes
+    to the peers as packets (``PeerSend``)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
-    if PRELOAD > 0:
-        pre = tl.arange(0, PRELOAD)
-        w_pre = _load_w(row_ptrs + pre[None, :], rows, pre, N, K, EVEN)
+    cols = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    if PRELOAD:
+        w = _load_w(w_ptrs, rows, cols, 0, N, K, EVEN)
         pdl_enter(PDL)
-        x_pre = _load_x(x_ptr + pre, pre, K, EVEN)
-        y = tl.sum(w_pre.to(tl.float32) * x_pre.to(tl.float32)[None, :], 1)
+        acc += w.to(tl.float32) * _load_x(x_ptr, cols, 0, K, EVEN).to(tl.float32)[None, :]
     else:
         pdl_enter(PDL)
-        y = tl.zeros([BLOCK_N], tl.float32)
-    cols = tl.arange(0, BLOCK_K)
-    w_ptrs = row_ptrs + cols[None, :]
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k in range(PRELOAD, K, BLOCK_K):
-        x = _load_x(x_ptr + k + cols, k + cols, K, EVEN)
-        w = _load_w(w_ptrs + k, rows, k + cols, N, K, EVEN)
+    for k in range(BLOCK_K if PRELOAD else 0, K, BLOCK_K):
+        x = _load_x(x_ptr, cols, k, K, EVEN)
+        w = _load_w(w_ptrs, rows, cols, k, N, K, EVEN)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    y += tl.sum(acc, 1)
+    y = tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
     y = y.to(out_ptr.dtype.element_ty)
@@ -106,27 +95,16 @@ def _gemv_kernel(
         send_packets(y, rows, rows < N, send_addrs, send_offset + rank * N, epoch_ptr, rank, WORLD)
 
 
-def preload_columns(cfg: GemvConfig, block_k: int, k: int, element_size: int) -> int:
-    """Columns a program loads before its wait: ``cfg.preload_bytes`` worth, rounded
-    down to a power of two, at least one chunk and at most the row (0 if the row is
-    shorter than a chunk)."""
-    if cfg.preload_bytes <= 0 or k < block_k:
-        return 0
-    cols = max(block_k, cfg.preload_bytes // (cfg.block_n * element_size))
-    return min(1 << (cols.bit_length() - 1), 1 << (k.bit_length() - 1))
-
-
 def default_gemv_config(n: int, k: int) -> GemvConfig:
     """The best of ``benchmarks/gemv_bench.py``'s sweep on an H200 (2026-11-30) for
     Llama-8B's shapes, whole and halved: wide matrices (gate/up) in tall narrow tiles,
     long rows (down) in 16 x 1024 tiles, the small ones (QKV, o_proj) in 4-row programs
     so that enough of them fill the GPU."""
     if n >= 8192:
-        return GemvConfig(16, 256, num_warps=4, num_stages=1, preload_bytes=PRELOAD_BYTES)
+        return GemvConfig(block_n=16, block_k=256, num_warps=4, num_stages=1)
     if k >= 7168:
-        return GemvConfig(16, 1024, num_warps=8, num_stages=1, preload_bytes=PRELOAD_BYTES)
-    return GemvConfig(4, 1024 if k >= 4096 else 512, num_warps=4, num_stages=3,
-                      preload_bytes=PRELOAD_BYTES)
+        return GemvConfig(block_n=16, block_k=1024, num_warps=8, num_stages=1)
+    return GemvConfig(block_n=4, block_k=1024 if k >= 4096 else 512, num_warps=4, num_stages=3)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -151,8 +129,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         send.rank if send else 0,
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         EVEN=n % cfg.block_n == 0 and k % block_k == 0,
-        PRELOAD=preload_columns(cfg, block_k, k, weight.element_size()), SEND=send is not None,
-        WORLD=send.world if send else 1, **pdl_args(x),
+        PRELOAD=cfg.preload, SEND=send is not None, WORLD=send.world if send else 1, **pdl_args(x),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
