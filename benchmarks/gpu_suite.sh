@@ -28,10 +28,9 @@
 #           step profiles (host launch / wait, kernels) of the 8B single request at N=2
 #           with and without PDL and at N=1; GPU TP test (llama)
 #   preload (two GPUs) GEMV tests; benchmarks/pdl_bench.py; 8B single request N=1 and N=2
+#           (also the fused SiLU GEMV: pdl_bench's variants)
 #   verify  every GPU test (kernels, engine, tensor parallel, PDL on = off)
 #   packets (two GPUs) kernel tests, GPU TP + PDL tests, 8B single request N=1 and N=2
-#   sweep   (two GPUs) kernel tests; pdl_bench over GEMV preload sizes (KB); 8B single request
-#           N=1 and N=2 with the default preload and with each of $KBS (ORBITLLM_GEMV_PRELOAD_KB)
 #   tp      (two GPUs) Llama-3.1-8B single request N=1 / N=2, 8B throughput N=1,
 #           Llama-3.1-70B throughput N=2
 set -uo pipefail
@@ -110,15 +109,6 @@ print('argmax 1x128256: torch %.1f us, triton %.1f us' % tuple(
       -o faulthandler_timeout=220 2>&1 | grep -v "_pytest\|pluggy" | tail -8
     T=80 run l8_single $S8
     T=100 run l8_single_tp2 $S8 --tensor-parallel-size 2 ;;
-  sweep)
-    timeout 90 python3 -m pytest -q -x tests/test_kernels.py -k "gemv or peer or packet or rms" 2>&1 | tail -2
-    timeout 120 python3 benchmarks/pdl_bench.py --preload-kb 0 8 16 32 64 2>&1 | grep -v Warning | tee "$OUT/pdl_bench.txt"
-    T=80 run l8_single $S8
-    T=100 run l8_single_tp2 $S8 --tensor-parallel-size 2
-    for kb in ${KBS:-32}; do
-      ORBITLLM_GEMV_PRELOAD_KB=$kb T=100 run l8_single_tp2_pre$kb $S8 --tensor-parallel-size 2
-      ORBITLLM_GEMV_PRELOAD_KB=$kb T=80 run l8_single_pre$kb $S8
-    done ;;
   tp70)
     T=300 run l70_throughput_tp2 $B --model llama3.1-70b --num-prompts ${NP:-256} --tensor-parallel-size 2 ;;
   tp70ab)

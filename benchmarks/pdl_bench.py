@@ -4,8 +4,10 @@ what the step does besides (attention; under tensor parallelism, the all-reduce)
 each layer with its own weights.
 
 Prints µs per layer (32 layers in one CUDA graph) with PDL off, on without the
-GEMV's weight preload, and on with it (the default); the GEMVs' bandwidth (weights
-over the time left after the spin kernels); and checks that all compute the same bits.
+GEMV's weight preload, on with it (the default), with the SiLU·mul fused into the
+down projection's GEMV (one kernel fewer per layer), and with one empty kernel more
+per layer (what a kernel boundary costs); the GEMVs' bandwidth (weights over the
+time left after the spin kernels); and checks that all compute the same bits.
 
     python benchmarks/pdl_bench.py [--spin-us 6]
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 
 import torch
 import triton
@@ -49,7 +52,9 @@ def spin(ref: torch.Tensor, us: float) -> None:
 
 
 def layer_chain(tp: int, spin_us: float, dev: torch.device):
-    """(step function, weight bytes per layer) for the shapes of one rank of ``tp``."""
+    """(step function, weight bytes per layer) for the shapes of one rank of ``tp``.
+    ``step(i, fuse_silu, extra)``: the SiLU·mul in the down GEMV; one empty kernel
+    more per layer."""
     h, inter, q, kv = 4096, 14336 // tp, 4096 // tp, 1024 // tp
     bf = dict(device=dev, dtype=torch.bfloat16)
     layers = [dict(qkv=torch.randn(q + 2 * kv, h, **bf) * 0.02, o=torch.randn(h, q, **bf) * 0.02,
@@ -58,9 +63,11 @@ def layer_chain(tp: int, spin_us: float, dev: torch.device):
     norm_w = torch.ones(h, **bf)
     x0 = torch.randn(1, h, **bf)
 
-    def step(_: int) -> torch.Tensor:
+    def step(_: int, fuse_silu: bool = False, extra: bool = False) -> torch.Tensor:
         x, res = x0, torch.zeros_like(x0)
         for w in layers:
+            if extra:
+                spin(x, 0.0)
             if tp == 1:
                 xn, res = rms_norm(x, norm_w, 1e-5, res)
             else:   # the fused all-reduce + add + norm: a wait on the peer, then the norm
@@ -72,7 +79,9 @@ def layer_chain(tp: int, spin_us: float, dev: torch.device):
             if tp > 1:
                 spin(x, spin_us)
             xn, res = rms_norm(x, norm_w, 1e-5, res)
-            x = gemv(silu_and_mul(gemv(xn, w["gate_up"])), w["down"])
+            gate_up = gemv(xn, w["gate_up"])
+            x = (gemv(gate_up, w["down"], silu_mul=True) if fuse_silu
+                 else gemv(silu_and_mul(gate_up), w["down"]))
         return x
 
     per_layer = sum(t.numel() * t.element_size() for t in layers[0].values())
@@ -92,12 +101,15 @@ def main() -> None:
         spins = (3 if tp > 1 else 1) * args.spin_us
         print(f"\nN={tp}: weights {per_layer / 1e6:.1f} MB per layer, {spins:g} us of spin kernels")
         outs = []
-        for name, pdl, preload in (("PDL off", False, True), ("PDL, no preload", True, False),
-                                   ("PDL + preload", True, True)):
+        for name, pdl, preload, fuse, extra in (
+                ("PDL off", False, True, False, False), ("PDL, no preload", True, False, False, False),
+                ("PDL + preload", True, True, False, False), ("+ fused SiLU", True, True, True, False),
+                ("+ empty kernel", True, True, False, True)):
             pdl_mod._pdl_on = on if pdl else (lambda i: False)
             gemv_mod.default_gemv_config = config if preload else no_preload
-            us = us_per_call(step, 1, reps=20) / LAYERS
-            outs.append(step(0).clone())   # eagerly, outside the graph
+            fn = functools.partial(step, fuse_silu=fuse, extra=extra)
+            us = us_per_call(fn, 1, reps=20) / LAYERS
+            outs.append(fn(0).clone())   # eagerly, outside the graph
             print(f"  {name:16} {us:8.2f} us per layer; GEMVs at {per_layer / (us - spins) / 1e6:.2f} TB/s")
         pdl_mod._pdl_on, gemv_mod.default_gemv_config = on, config
         print(f"  all give the same bits: {all(torch.equal(o, outs[0]) for o in outs)}")

@@ -371,6 +371,24 @@ def test_gemv_matches_linear(n: int, k: int, bias: bool, config) -> None:
     torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("n,k,config", [
+    (64, 256, GemvConfig(8, 64, 4, 1)),                  # even
+    (37, 200, GemvConfig(4, 64, 2, 2)),                  # ragged
+    (37, 200, GemvConfig(4, 64, 2, 2, preload=False)),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_fused_silu_mul_equals_the_two_kernels(n: int, k: int, config, dtype) -> None:
+    """The activation fused into the product's input gives the bits of
+    ``silu_and_mul`` followed by the GEMV (and matches PyTorch)."""
+    gate_up = torch.randn(1, 2 * k, device=DEVICE).to(dtype)
+    w = (torch.randn(n, k, device=DEVICE) * 0.05).to(dtype)
+    fused = gemv(gate_up, w, config=config, silu_mul=True)
+    assert torch.equal(fused, gemv(silu_and_mul(gate_up), w, config=config))
+    ref = torch.nn.functional.linear(silu_and_mul_ref(gate_up.float()), w.float())
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(fused.float(), ref, rtol=tol, atol=tol)
+
+
 def test_argmax_matches_torch() -> None:
     """Rows over several blocks with a ragged end: random values, a maximum repeated in
     two blocks (the first wins), a row of -inf (index 0), a NaN (it wins), a maximum in

@@ -53,10 +53,22 @@ def _load_w(w_ptrs, rows, cols, k, N, K, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _load_x(x_ptr, cols, k, K, EVEN: tl.constexpr):
+def _load_x(x_ptr, cols, k, K, EVEN: tl.constexpr, SILU_MUL: tl.constexpr):
+    """Columns ``k + cols`` of x, as float32. With ``SILU_MUL`` x is ``silu(gate) * up``
+    of the row ``[gate | up]`` (2K long), rounded to the input dtype as
+    ``silu_and_mul`` rounds it, so the fused product gives the same bits."""
     if EVEN:
-        return tl.load(x_ptr + k + cols)
-    return tl.load(x_ptr + k + cols, mask=(k + cols) < K, other=0.0)
+        x = tl.load(x_ptr + k + cols)
+    else:
+        x = tl.load(x_ptr + k + cols, mask=(k + cols) < K, other=0.0)
+    if SILU_MUL:
+        if EVEN:
+            up = tl.load(x_ptr + K + k + cols)
+        else:
+            up = tl.load(x_ptr + K + k + cols, mask=(k + cols) < K, other=0.0)
+        gate = x.to(tl.float32)
+        x = (gate / (1.0 + tl.exp(-gate)) * up.to(tl.float32)).to(x_ptr.dtype.element_ty)
+    return x.to(tl.float32)
 
 
 @triton.jit
@@ -64,6 +76,7 @@ def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, send_addrs, send_offset, epoch_ptr, rank,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
     PDL: tl.constexpr, PRELOAD: tl.constexpr, SEND: tl.constexpr, WORLD: tl.constexpr,
+    SILU_MUL: tl.constexpr,
 ):
     """Program p: output elements ``[p * BLOCK_N, (p + 1) * BLOCK_N)``, float32 sums.
 
@@ -71,7 +84,9 @@ def _gemv_kernel(
     writes, before it waits for the kernel before (PDL): the programs resident while
     that kernel runs (a norm, the attention, the all-reduce: few programs, a few µs)
     start with their first chunk in registers. With ``SEND`` the output also goes
-    to the peers as packets (``PeerSend``)."""
+    to the peers as packets (``PeerSend``). With ``SILU_MUL`` the input is the MLP's
+    ``[gate | up]`` row and the product takes ``silu(gate) * up``: the activation's own
+    kernel, and its boundary in the step, go away."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :]
@@ -79,13 +94,13 @@ def _gemv_kernel(
     if PRELOAD:
         w = _load_w(w_ptrs, rows, cols, 0, N, K, EVEN)
         pdl_enter(PDL)
-        acc += w.to(tl.float32) * _load_x(x_ptr, cols, 0, K, EVEN).to(tl.float32)[None, :]
+        acc += w.to(tl.float32) * _load_x(x_ptr, cols, 0, K, EVEN, SILU_MUL)[None, :]
     else:
         pdl_enter(PDL)
     for k in range(BLOCK_K if PRELOAD else 0, K, BLOCK_K):
-        x = _load_x(x_ptr, cols, k, K, EVEN)
+        x = _load_x(x_ptr, cols, k, K, EVEN, SILU_MUL)
         w = _load_w(w_ptrs, rows, cols, k, N, K, EVEN)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        acc += w.to(tl.float32) * x[None, :]
     y = tl.sum(acc, 1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
@@ -109,13 +124,14 @@ def default_gemv_config(n: int, k: int) -> GemvConfig:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          out: torch.Tensor | None = None, config: GemvConfig | None = None,
-         send: PeerSend | None = None) -> torch.Tensor:
+         send: PeerSend | None = None, silu_mul: bool = False) -> torch.Tensor:
     """``x [1, K] @ weight[N, K].T (+ bias)`` -> ``[1, N]`` in ``x``'s dtype, written into
     ``out`` when given, and sent to the peers with ``send`` (16-bit ``x`` only).
-    ``weight`` needs contiguous rows; ``x`` is made contiguous."""
+    With ``silu_mul``, ``x`` is ``[1, 2K]`` = ``[gate | up]`` and the product takes
+    ``silu_and_mul(x)``. ``weight`` needs contiguous rows; ``x`` is made contiguous."""
     assert x.dim() == 2 and x.shape[0] == 1, "gemv takes one row"
     n, k = weight.shape
-    assert x.shape[1] == k and weight.stride(1) == 1
+    assert x.shape[1] == (2 * k if silu_mul else k) and weight.stride(1) == 1
     x = x.contiguous()
     if out is None:
         out = torch.empty((1, n), dtype=x.dtype, device=x.device)
@@ -129,7 +145,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         send.rank if send else 0,
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         EVEN=n % cfg.block_n == 0 and k % block_k == 0,
-        PRELOAD=cfg.preload, SEND=send is not None, WORLD=send.world if send else 1, **pdl_args(x),
+        PRELOAD=cfg.preload, SEND=send is not None, WORLD=send.world if send else 1,
+        SILU_MUL=silu_mul, **pdl_args(x),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

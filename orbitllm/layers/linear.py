@@ -36,13 +36,14 @@ def takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           out: torch.Tensor | None = None, send=None) -> torch.Tensor:
+           out: torch.Tensor | None = None, send=None, silu_mul: bool = False) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, written into ``out`` when given (no bias then).
-    ``send`` (a ``kernels.gemv.PeerSend``, only where ``takes_gemv``): the GEMV also
-    sends its output to the tensor-parallel peers."""
+    Only where ``takes_gemv``: ``send`` (a ``kernels.gemv.PeerSend``), the GEMV also
+    sends its output to the tensor-parallel peers; ``silu_mul``, ``x`` is an MLP's
+    ``[gate | up]`` and the product takes ``silu(gate) * up``."""
     if takes_gemv(x, weight):
-        return _triton_gemv()(x, weight, bias, out, send=send)
-    assert send is None, "only the Triton GEMV sends to peers"
+        return _triton_gemv()(x, weight, bias, out, send=send, silu_mul=silu_mul)
+    assert send is None and not silu_mul, "only the Triton GEMV sends to peers or fuses SiLU"
     if out is None:
         return F.linear(x, weight, bias)
     assert bias is None

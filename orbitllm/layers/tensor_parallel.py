@@ -44,14 +44,16 @@ class Shard:
             dist.all_reduce(x)
         return x
 
-    def row_parallel(self, x: torch.Tensor, weight: torch.Tensor, slot: int) -> torch.Tensor:
+    def row_parallel(self, x: torch.Tensor, weight: torch.Tensor, slot: int,
+                     silu_mul: bool = False) -> torch.Tensor:
         """This rank's partial ``x @ weight.T`` of a row-parallel layer (sum it with
         ``reduce_norm``). Written straight into the peer-read buffer ``slot`` when the
-        fused path takes the step."""
+        fused path takes the step. ``silu_mul``: as ``linear``'s."""
         fast = self.peer_reduce
         if fast is None:
-            return linear(x, weight)
-        return linear(x, weight, out=fast.output(x.shape[0], slot), send=fast.send(x, weight, slot))
+            return linear(x, weight, silu_mul=silu_mul)
+        return linear(x, weight, out=fast.output(x.shape[0], slot), send=fast.send(x, weight, slot),
+                      silu_mul=silu_mul)
 
     def reduce_norm(self, partial: torch.Tensor, residual: torch.Tensor, norm: nn.Module,
                     slot: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from orbitllm.layers.attention import AttentionBackend, AttentionMetadata
 from orbitllm.layers.fused import fused_ops_for
-from orbitllm.layers.linear import linear
+from orbitllm.layers.linear import linear, takes_gemv
 from orbitllm.layers.norm import RMSNorm
 from orbitllm.layers.rotary import RotaryEmbedding, rope_parameters
 from orbitllm.layers.tensor_parallel import (Shard, VocabParallelEmbedding, check_shardable,
@@ -131,6 +131,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate_up = linear(x, self.gate_up_proj.weight)
+        if takes_gemv(gate_up, self.down_proj.weight):   # the GEMV applies the activation
+            return self.shard.row_parallel(gate_up, self.down_proj.weight, MLP_SLOT, silu_mul=True)
         ops = fused_ops_for(gate_up)
         if ops is not None:
             act = ops.silu_and_mul(gate_up)
