@@ -87,3 +87,14 @@ def test_programmatic_dependent_launch_changes_no_bits(tiny_models, monkeypatch,
         monkeypatch.delenv("ORBITLLM_PDL")
         pdl._pdl_on.cache_clear()
     assert with_pdl == without
+
+
+def test_silu_fused_into_the_down_gemv_changes_no_bits(tiny_models, monkeypatch):
+    """One-row bf16 steps apply the MLP's SiLU·mul inside the down projection's GEMV;
+    with it as its own kernel (the path of larger steps), the request gets the same
+    tokens and logprobs."""
+    import orbitllm.models.llama as llama
+    fused = _one_request_bf16(tiny_models["llama"], max_num_seqs=8)
+    takes = llama.takes_gemv
+    monkeypatch.setattr(llama, "takes_gemv", lambda x, w: takes(x, w) and x.shape[1] == w.shape[1])
+    assert _one_request_bf16(tiny_models["llama"], max_num_seqs=8) == fused
