@@ -111,15 +111,16 @@ def _gemv_kernel(
 
 
 def default_gemv_config(n: int, k: int) -> GemvConfig:
-    """The best of ``benchmarks/gemv_bench.py``'s sweep on an H200 (2026-11-30) for
-    Llama-8B's shapes, whole and halved: wide matrices (gate/up) in tall narrow tiles,
-    long rows (down) in 16 x 1024 tiles, the small ones (QKV, o_proj) in 4-row programs
-    so that enough of them fill the GPU."""
-    if n >= 8192:
-        return GemvConfig(block_n=16, block_k=256, num_warps=4, num_stages=1)
+    """The best of ``benchmarks/gemv_chain_tune.py`` on an H200 (2026-11-30), which tries
+    each projection's configs inside a stand-in decode step (PDL, the SiLU·mul fused
+    into down_proj) for Llama-8B's shapes at N=1 and N=2: 4-row programs streaming
+    1024-column chunks three deep, and 8 rows for long rows (down_proj), whose chunks
+    of input cost more (two loads and the SiLU). Timed alone (``gemv_bench.py``), wider
+    tiles had won; in the step, where the programs' start and end overlap the kernels
+    around them, these took 8 µs per layer off at N=1 and 5 at N=2."""
     if k >= 7168:
-        return GemvConfig(block_n=16, block_k=1024, num_warps=8, num_stages=1)
-    return GemvConfig(block_n=4, block_k=1024 if k >= 4096 else 512, num_warps=4, num_stages=3)
+        return GemvConfig(block_n=8, block_k=1024, num_warps=4, num_stages=3)
+    return GemvConfig(block_n=4, block_k=1024, num_warps=4, num_stages=3)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
