@@ -31,6 +31,8 @@
 #           (also the fused SiLU GEMV: pdl_bench's variants)
 #   verify  every GPU test (kernels, engine, tensor parallel, PDL on = off)
 #   packets (two GPUs) kernel tests, GPU TP + PDL tests, 8B single request N=1 and N=2
+#   all     (two GPUs) 8B single request N=1 and N=2; LM-head shapes by cuBLAS and by the GEMV;
+#           every GPU test
 #   tp      (two GPUs) Llama-3.1-8B single request N=1 / N=2, 8B throughput N=1,
 #           Llama-3.1-70B throughput N=2
 set -uo pipefail
@@ -109,6 +111,19 @@ print('argmax 1x128256: torch %.1f us, triton %.1f us' % tuple(
       -o faulthandler_timeout=220 2>&1 | grep -v "_pytest\|pluggy" | tail -8
     T=80 run l8_single $S8
     T=100 run l8_single_tp2 $S8 --tensor-parallel-size 2 ;;
+  all)
+    T=80 run l8_single $S8
+    T=100 run l8_single_tp2 $S8 --tensor-parallel-size 2
+    python3 -c "
+import torch, torch.nn.functional as F, triton.testing as tt
+from orbitllm.kernels.gemv import gemv
+for n in (64128, 128256):
+    x = torch.randn(1, 4096, device='cuda', dtype=torch.bfloat16)
+    w = torch.randn(n, 4096, device='cuda', dtype=torch.bfloat16)
+    print('LM head %d x 4096: cuBLAS %.1f us, GEMV %.1f us' % ((n,) + tuple(
+        1e3 * tt.do_bench_cudagraph(f) for f in (lambda: F.linear(x, w), lambda: gemv(x, w)))))"
+    timeout 400 python3 -m pytest -q -x -m gpu tests/test_kernels.py tests/test_gpu_engine.py --durations=4 \
+      -o faulthandler_timeout=380 2>&1 | grep -v "_pytest\|pluggy" | tail -10 ;;
   tp70)
     T=300 run l70_throughput_tp2 $B --model llama3.1-70b --num-prompts ${NP:-256} --tensor-parallel-size 2 ;;
   tp70ab)
