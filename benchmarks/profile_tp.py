@@ -2,7 +2,8 @@
 wall time per step; on the driver's host, the time spent launching a step and the
 time spent waiting for the step before (near zero: the host is the bottleneck);
 the driver's device time per step, and the kernels of 30 steps (torch.profiler on
-the driver, rank 0).
+the driver, rank 0). With one GPU also the decode graph (the forward without the LM
+head and sampling) replayed back to back: the step's device floor.
 
     python benchmarks/profile_tp.py --model llama3.1-8b --tp 2 --tp-all-reduce peer
 """
@@ -50,6 +51,16 @@ def main() -> None:
     print(f"[{tag}] wall {wall:.3f} ms/step over {args.steps} decode steps; host per step: "
           f"launch {host['launch'] / args.steps:.3f} ms, finish (waits for the step before) "
           f"{host['finish'] / args.steps:.3f} ms")
+
+    graphs = eng.runner.graphs
+    if args.tp == 1 and graphs is not None:   # the forward alone, back to back (no host)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(args.steps):
+            graphs.graphs[1].replay()
+        end.record()
+        sync()
+        print(f"[{tag}] decode graph replayed alone: {start.elapsed_time(end) / args.steps:.3f} ms")
 
     steps = 30
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
