@@ -116,8 +116,10 @@ def default_gemv_config(n: int, k: int) -> GemvConfig:
     into down_proj) for Llama-8B's shapes at N=1 and N=2: 4-row programs streaming
     1024-column chunks three deep, and 8 rows for long rows (down_proj), whose chunks
     of input cost more (two loads and the SiLU). Timed alone (``gemv_bench.py``), wider
-    tiles had won; in the step, where the programs' start and end overlap the kernels
-    around them, these took 8 µs per layer off at N=1 and 5 at N=2."""
+    tiles had won. In the stand-in step these took 8 µs per layer off at N=1 and 5 at
+    N=2, but the engine's decode graph kept its time (``step_parts.py``, 2026-11-30):
+    the stand-in's spin kernels do not behave like the real attention kernels. With
+    the SiLU fused, the earlier configs cost 0.2 ms per step; these do not."""
     if k >= 7168:
         return GemvConfig(block_n=8, block_k=1024, num_warps=4, num_stages=3)
     return GemvConfig(block_n=4, block_k=1024, num_warps=4, num_stages=3)
