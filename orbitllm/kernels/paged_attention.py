@@ -51,19 +51,6 @@ class DecodeConfig:
     num_stages: int
 
 
-@dataclass(frozen=True)
-class NewKV:
-    """A decode step's keys and values, not yet rotated nor written, for the decode
-    kernel to do both: ``k``/``v`` ``[tokens, kv_heads, head_dim]``, their slots, the
-    positions and the rotary cos/sin cache (``[max_pos, rotary_dim]``, cos then sin)."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    slot_mapping: torch.Tensor
-    positions: torch.Tensor
-    cos_sin: torch.Tensor
-
-
 # ----------------------------------------------------------------------------- shared tile step
 
 
@@ -125,27 +112,6 @@ def _attend_tile(
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
     return acc, m_new, l_i
-
-
-@triton.jit
-def _rope_rows(ptr, row_offs, row_ok, offs_d, cs_ptr, HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Rows ``ptr + row_offs`` (``[R, BLOCK_D]``) with the rotary embedding whose cos and
-    sin start at ``cs_ptr``: rotate-half over the first ``2 * HALF`` dims, the rest as
-    they are; rounded to the rows' dtype, as ``_rotary_store_kv_kernel`` rounds them."""
-    first = offs_d < HALF
-    rot = offs_d < 2 * HALF
-    j = tl.where(first, offs_d, offs_d - HALF)
-    partner = tl.where(first, offs_d + HALF, offs_d - HALF)
-    mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    a = tl.load(ptr + row_offs[:, None] + offs_d[None, :], mask=mask, other=0.0)
-    b = tl.load(ptr + row_offs[:, None] + partner[None, :], mask=mask & rot[None, :],
-                other=0.0).to(tl.float32)
-    cos = tl.load(cs_ptr + j, mask=rot, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(cs_ptr + HALF + j, mask=rot, other=0.0).to(tl.float32)[None, :]
-    x = a.to(tl.float32)
-    # (x1, x2) -> (x1 c - x2 s, x2 c + x1 s): x is x1 in the first half, x2 in the second.
-    r = tl.where(first[None, :], x * cos - b * sin, x * cos + b * sin)
-    return tl.where(rot[None, :], r.to(a.dtype), a)
 
 
 # ----------------------------------------------------------------------------- prefill
@@ -281,38 +247,16 @@ def paged_prefill_attention(
 # ----------------------------------------------------------------------------- decode
 
 
-@triton.jit
-def _write_new_kv(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, q_row, kv_head, kv_head_off,
-                  cs_ptr, offs_d, d_mask, stride_kt, stride_kh, stride_vt, stride_vh,
-                  stride_cb, stride_cs, PAGE: tl.constexpr, HALF: tl.constexpr,
-                  HEAD_DIM: tl.constexpr):
-    """The new token's rotated key and its value, into its cache slot (none if < 0);
-    then a barrier, so that the program's threads read them back from the cache."""
-    slot = tl.load(slot_ptr + q_row).to(tl.int64)
-    if slot >= 0:
-        one = tl.full([1], True, tl.int1)
-        k = _rope_rows(k_ptr + q_row.to(tl.int64) * stride_kt, tl.zeros([1], tl.int64) + kv_head * stride_kh,
-                       one, offs_d, cs_ptr, HALF, HEAD_DIM)
-        v = tl.load(v_ptr + q_row.to(tl.int64) * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                    mask=d_mask[None, :])
-        dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + kv_head_off + offs_d[None, :]
-        tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=d_mask[None, :])
-        tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=d_mask[None, :])
-    tl.debug_barrier()
-
-
 @triton.jit(do_not_specialize=["stride_bt"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
-    k_ptr, v_ptr, slot_ptr, pos_ptr, cos_sin_ptr,
     scale_log2, sliding_window, num_heads,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
-    stride_kt, stride_kh, stride_vt, stride_vh, stride_c,
     SPLIT: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr,
-    ROPE: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (sequence, KV head, split): the group's heads over one context partition.
 
@@ -321,12 +265,6 @@ def _decode_kernel(
     straight to ``out``; otherwise each split writes its normalised partial output and
     log-sum-exp (base 2) for ``_decode_reduce_kernel``. Sequences with no query row or
     ``seq_len == 0`` (CUDA-graph padding) write nothing / zeros and read no cache.
-
-    With ``ROPE`` the kernel also does ``_rotary_store_kv_kernel``'s work, one kernel
-    fewer per layer: ``q`` and the new ``k`` are unrotated; each program rotates its
-    group's queries in registers, and the program whose partition holds the new
-    position (the last) rotates the new key and writes it and the new value to their
-    slot before it reads the cache (no other program reads that slot).
     """
     pdl_enter(PDL)
     seq = tl.program_id(0)
@@ -342,13 +280,8 @@ def _decode_kernel(
     row_ok = rows < GROUP
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    if ROPE:
-        cs_ptr = cos_sin_ptr + tl.load(pos_ptr + q_row).to(tl.int64) * stride_c
-        q = _rope_rows(q_ptr + q_row.to(tl.int64) * stride_qt, head * stride_qh, row_ok, offs_d,
-                       cs_ptr, HALF, HEAD_DIM)
-    else:
-        q = tl.load(q_ptr + q_row.to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                    mask=row_ok[:, None] & d_mask[None, :], other=0.0)
+    q = tl.load(q_ptr + q_row.to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_mask[None, :], other=0.0)
 
     lo = 0
     if SLIDING:
@@ -361,11 +294,6 @@ def _decode_kernel(
 
     bt_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
     kv_head_off = kv_head.to(tl.int64) * stride_ch
-    if ROPE:
-        if (start <= seq_len - 1) & (seq_len - 1 < end):
-            _write_new_kv(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, q_row, kv_head,
-                          kv_head_off, cs_ptr, offs_d, d_mask, stride_kt, stride_kh, stride_vt,
-                          stride_vh, stride_cb, stride_cs, PAGE, HALF, HEAD_DIM)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
@@ -449,15 +377,12 @@ def paged_decode_attention(
     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
     max_seq_len: int, scale: float, sliding_window: int | None = None,
     num_splits: int | None = None, out: torch.Tensor | None = None,
-    config: DecodeConfig | None = None, new_kv: "NewKV | None" = None,
+    config: DecodeConfig | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per sequence (``query_start_loc`` gives its row).
 
     ``num_splits`` (default: ``choose_num_splits`` from ``max_seq_len``) fixes the grid;
     any value is correct for any ``seq_lens``, so a CUDA graph may bake it in.
-    ``new_kv``: ``q`` and the step's keys are still unrotated, and the step's keys and
-    values are not in the cache yet: the kernel rotates them and writes them
-    (``rotary_store_kv_cache`` fused in; ``q`` and ``k`` keep their values).
     """
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_seqs, num_kv_heads = seq_lens.shape[0], k_cache.shape[2]
@@ -474,24 +399,14 @@ def paged_decode_attention(
         part_lse = torch.empty((num_seqs, num_heads, splits), dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused by the kernel without SPLIT
-    if new_kv is not None:
-        k, v = new_kv.k, new_kv.v
-        assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
-        assert new_kv.cos_sin.stride(-1) == 1
-        rope = (k, v, new_kv.slot_mapping, new_kv.positions, new_kv.cos_sin)
-        rope_strides = (k.stride(0), k.stride(1), v.stride(0), v.stride(1), new_kv.cos_sin.stride(0))
-    else:
-        rope, rope_strides = (q,) * 5, (0,) * 5
     _decode_kernel[(num_seqs, num_kv_heads, splits)](
         q, k_cache, v_cache, out, part_out, part_lse, block_tables, query_start_loc, seq_lens,
-        *rope, scale * LOG2E, sliding_window or 0, num_heads,
+        scale * LOG2E, sliding_window or 0, num_heads,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        *rope_strides,
         SPLIT=splits > 1, GROUP=group, ROWS=max(16, triton.next_power_of_2(group)),
         BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=k_cache.shape[1],
-        SLIDING=sliding_window is not None, ROPE=new_kv is not None,
-        HALF=new_kv.cos_sin.shape[1] // 2 if new_kv is not None else 1, **pdl_args(q),
+        SLIDING=sliding_window is not None, **pdl_args(q),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:
