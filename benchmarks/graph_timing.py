@@ -27,6 +27,15 @@ def us_per_call(fn: Callable[[int], object], calls: int, reps: int,
             fn(i)
     torch.cuda.synchronize()
     sync()
+    us = replay_ms(graph, reps, sync) * 1e3 / calls
+    graph.reset()
+    return us
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, reps: int,
+              sync: Callable[[], None] = lambda: None) -> float:
+    """Milliseconds per replay of a captured ``graph``: one replay, then ``reps`` back
+    to back, timed on the device."""
     graph.replay()
     torch.cuda.synchronize()
     sync()
@@ -37,5 +46,4 @@ def us_per_call(fn: Callable[[int], object], calls: int, reps: int,
     end.record()
     torch.cuda.synchronize()
     sync()
-    graph.reset()
-    return start.elapsed_time(end) * 1e3 / (reps * calls)
+    return start.elapsed_time(end) / reps

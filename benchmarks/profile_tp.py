@@ -14,6 +14,7 @@ import random
 import time
 
 import torch
+from graph_timing import replay_ms
 from torch.profiler import ProfilerActivity, profile
 
 from orbitllm import LLM, SamplingParams
@@ -54,13 +55,7 @@ def main() -> None:
 
     graphs = eng.runner.graphs
     if args.tp == 1 and graphs is not None:   # the forward alone, back to back (no host)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(args.steps):
-            graphs.graphs[1].replay()
-        end.record()
-        sync()
-        print(f"[{tag}] decode graph replayed alone: {start.elapsed_time(end) / args.steps:.3f} ms")
+        print(f"[{tag}] decode graph replayed alone: {replay_ms(graphs.graphs[1], args.steps):.3f} ms")
 
     steps = 30
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -203,7 +203,7 @@ class LlamaForCausalLM(nn.Module):
         """Logits of ``hidden``'s rows. Under tensor parallelism every rank must call
         this for the same rows; the full logits land on the driver (None elsewhere)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = linear(hidden, weight)   # one row: the GEMV, 5-9 % faster than cuBLAS here
+        logits = linear(hidden, weight)   # one row: the GEMV (5-9 % faster than cuBLAS on an H200)
         if self.shard.size == 1:
             return logits
         full = self.shard.gather_last_dim(logits)
