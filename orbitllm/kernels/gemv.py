@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from orbitllm.kernels.fused_ops import silu_mul
 from orbitllm.kernels.pdl import pdl_args, pdl_enter
 from orbitllm.kernels.peer_reduce import send_packets
 
@@ -56,7 +57,7 @@ def _load_w(w_ptrs, rows, cols, k, N, K, EVEN: tl.constexpr):
 def _load_x(x_ptr, cols, k, K, EVEN: tl.constexpr, SILU_MUL: tl.constexpr):
     """Columns ``k + cols`` of x, as float32. With ``SILU_MUL`` x is ``silu(gate) * up``
     of the row ``[gate | up]`` (2K long), rounded to the input dtype as
-    ``silu_and_mul`` rounds it, so the fused product gives the same bits."""
+    ``silu_and_mul`` rounds it (``silu_mul``), so the fused product gives the same bits."""
     if EVEN:
         x = tl.load(x_ptr + k + cols)
     else:
@@ -66,8 +67,7 @@ def _load_x(x_ptr, cols, k, K, EVEN: tl.constexpr, SILU_MUL: tl.constexpr):
             up = tl.load(x_ptr + K + k + cols)
         else:
             up = tl.load(x_ptr + K + k + cols, mask=(k + cols) < K, other=0.0)
-        gate = x.to(tl.float32)
-        x = (gate / (1.0 + tl.exp(-gate)) * up.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        x = silu_mul(x, up).to(x_ptr.dtype.element_ty)
     return x.to(tl.float32)
 
 
