@@ -33,6 +33,8 @@
 #   packets (two GPUs) kernel tests, GPU TP + PDL tests, 8B single request N=1 and N=2
 #   all     (two GPUs) 8B single request N=1 and N=2; LM-head shapes by cuBLAS and by the GEMV;
 #           every GPU test
+#   parts   (two GPUs) 8B single request N=1 and N=2; the decode graph's parts at N=1 and N=2
+#           (benchmarks/step_parts.py); step profiles with the kernels outside the graph
 #   tp      (two GPUs) Llama-3.1-8B single request N=1 / N=2, 8B throughput N=1,
 #           Llama-3.1-70B throughput N=2
 set -uo pipefail
@@ -111,6 +113,13 @@ print('argmax 1x128256: torch %.1f us, triton %.1f us' % tuple(
       -o faulthandler_timeout=220 2>&1 | grep -v "_pytest\|pluggy" | tail -8
     T=80 run l8_single $S8
     T=100 run l8_single_tp2 $S8 --tensor-parallel-size 2 ;;
+  parts)
+    T=80 run l8_single $S8
+    T=100 run l8_single_tp2 $S8 --tensor-parallel-size 2
+    timeout 150 python3 benchmarks/step_parts.py 2>&1 | grep -v Warning | tee "$OUT/step_parts_tp1.txt"
+    timeout 200 python3 benchmarks/step_parts.py --tp 2 2>&1 | grep -v Warning | tee "$OUT/step_parts_tp2.txt"
+    for n in 1 2; do timeout 120 python3 benchmarks/profile_tp.py --tp $n --tp-all-reduce auto --rows 45 2>&1 \
+      | grep -v Warning | tee "$OUT/profile_tp$n.txt" | cut -c1-150 | head -60; done ;;
   all)
     T=80 run l8_single $S8
     T=100 run l8_single_tp2 $S8 --tensor-parallel-size 2

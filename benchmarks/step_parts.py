@@ -1,43 +1,36 @@
-"""What the parts of a one-request decode step cost on one GPU: the decode graph (the
-forward without LM head and sampling) replayed back to back as is, then re-captured
-with one part changed at a time: without the attention (the rotary + KV write and the
-decode kernels; timing only, the outputs are wrong), with a fixed number of KV splits,
-with the SiLU·mul as its own kernel, with PDL off, with the GEMV configs picked alone.
+"""What the parts of a one-request decode step cost, on one GPU or on ``--tp N`` GPUs:
+the decode graph (the forward without LM head and sampling) replayed back to back as
+is, then re-captured with one part changed at a time: without the attention (the
+rotary + KV write and the decode kernels; timing only, the outputs are wrong),
+without communication (each rank's partial taken as the sum: timing only), with a
+fixed number of KV splits, with PDL off. Then the parts outside the graph: the LM
+head (with the logit gather under TP) and the argmax.
 
-    python benchmarks/step_parts.py [--model llama3.1-8b] [--context 768]
+Each rank builds its shard directly (no engine, no scheduler), so every rank can
+re-capture its graph; under TP the ranks replay in lockstep (their all-reduces meet).
+
+    python benchmarks/step_parts.py [--model llama3.1-8b] [--context 768] [--tp 2]
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import random
+from dataclasses import replace
 
 import torch
-from graph_timing import replay_ms
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from graph_timing import replay_ms, us_per_call
 
-import orbitllm.kernels.gemv as gemv_mod
 import orbitllm.kernels.paged_attention as pa
 import orbitllm.kernels.pdl as pdl
 import orbitllm.layers.triton_attention as ta
-import orbitllm.models.llama as llama
-from orbitllm import LLM, SamplingParams
-from orbitllm.kernels.gemv import GemvConfig
-
-
-def configs_before_call_33(n: int, k: int) -> GemvConfig:
-    """The GEMV configs that ``gemv_bench.py`` picked by timing each matrix alone."""
-    if n >= 8192:
-        return GemvConfig(16, 256, 4, 1)
-    if k >= 7168:
-        return GemvConfig(16, 1024, 8, 1)
-    return GemvConfig(4, 1024 if k >= 4096 else 512, 4, 3)
-
-
-def recaptured_ms(graphs, reps: int = 100) -> float:
-    """The one-row decode graph captured afresh (with what is patched now), timed."""
-    graphs.release()
-    graphs.capture()
-    return replay_ms(graphs.graphs[1], reps)
+from orbitllm.config import EngineConfig
+from orbitllm.executor.setup import build_rank_runner, resolve_tp_all_reduce
+from orbitllm.executor.tensor_parallel import _free_port, close_process_group, init_distributed
+from orbitllm.kernels.fused_ops import argmax
+from orbitllm.layers.linear import linear
+from orbitllm.layers.tensor_parallel import Shard
 
 
 @contextlib.contextmanager
@@ -50,40 +43,85 @@ def patched(obj, name: str, value):
         setattr(obj, name, old)
 
 
+def no_attention(self, q, k, v, k_cache, v_cache, meta, scale, sliding_window, rope=None):
+    return q
+
+
+def no_communication():
+    """Every rank takes its own partial as the sum (the shapes and kernels of the
+    fused path's NCCL fallback, minus the collective)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(patched(Shard, "all_reduce", lambda self, x: x))
+    stack.enter_context(patched(Shard, "row_parallel",
+                                lambda self, x, w, slot, silu_mul=False: linear(x, w, silu_mul=silu_mul)))
+    stack.enter_context(patched(Shard, "reduce_norm",
+                                lambda self, partial, residual, norm, slot: norm(partial, residual)))
+    return stack
+
+
+def rank_main(rank: int, size: int, init_method: str, args) -> None:
+    cfg = EngineConfig(model=args.model, load_format="dummy", max_model_len=2048, max_num_seqs=1,
+                       tensor_parallel_size=size)
+    device = torch.device("cuda", rank)
+    cfg = replace(cfg, tp_all_reduce=resolve_tp_all_reduce(cfg, device))
+    shard = Shard(rank, size)
+    if size > 1:
+        init_distributed(shard, init_method, device)
+    torch.cuda.set_device(device)
+    runner = build_rank_runner(cfg, shard, device)
+    sync = dist.barrier if size > 1 else (lambda: None)
+    graphs = runner.graphs
+    ctx = args.context   # one request whose newest token sits at position ctx - 1
+    graphs.input_ids[0] = 100
+    graphs.positions[0] = ctx - 1
+    graphs.slots[0] = ctx - 1
+    graphs.seq_lens[0] = ctx
+    graphs.block_tables[0] = torch.arange(graphs.block_tables.shape[1], device=device)
+
+    def recaptured_ms() -> float:
+        sync()
+        graphs.release()
+        graphs.capture()
+        sync()
+        return replay_ms(graphs.graphs[1], args.reps, sync)
+
+    base = recaptured_ms()
+    out = [f"{args.model}, tp={size} ({cfg.tp_all_reduce}), context {ctx}: decode graph {base:.3f} ms"]
+    variants = {"without attention": patched(ta.TritonAttentionBackend, "forward", no_attention),
+                "PDL off": patched(pdl, "_pdl_on", lambda i: False)}
+    if size > 1:
+        variants["without communication"] = no_communication()
+    for splits in (8, 32):
+        variants[f"{splits} KV splits"] = patched(pa, "choose_num_splits", lambda *a, s=splits, **k: s)
+    for name, change in variants.items():
+        with change:
+            ms = recaptured_ms()
+        out.append(f"  {name:24} {ms:.3f} ms ({ms - base:+.3f})")
+    out.append(f"  as is, again             {recaptured_ms():.3f} ms")
+    hidden = graphs.outputs[1]
+    model = runner.model
+    out.append(f"  LM head{' + gather' if size > 1 else ''}: "
+               f"{us_per_call(lambda i: model.compute_logits(hidden), 8, 20, sync):.1f} us")
+    if rank == 0:
+        logits = model.compute_logits(hidden).float()
+        out.append(f"  argmax: {us_per_call(lambda i: argmax(logits), 8, 20):.1f} us")
+        print("\n".join(out), flush=True)
+    runner.shutdown()
+    if size > 1:
+        close_process_group()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="llama3.1-8b")
     p.add_argument("--context", type=int, default=768)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--reps", type=int, default=100)
     args = p.parse_args()
-    llm = LLM(args.model, load_format="dummy", max_model_len=2048, max_num_seqs=1)
-    eng = llm.engine
-    rng = random.Random(0)
-    prompt = [rng.randrange(10, eng.vocab_size - 10) for _ in range(args.context)]
-    eng.add_request("p0", {"prompt_token_ids": prompt},
-                    SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), final_only=True)
-    for _ in range(3):   # the prefill and two decode steps: the graph's buffers hold this request
-        eng.step()
-    torch.cuda.synchronize()
-    graphs = eng.runner.graphs
-    base = recaptured_ms(graphs)
-    print(f"{args.model}, context {args.context}: decode graph {base:.3f} ms")
-
-    def no_attention(self, q, k, v, k_cache, v_cache, meta, scale, sliding_window, rope=None):
-        return q
-    variants = {"without attention": patched(ta.TritonAttentionBackend, "forward", no_attention),
-                "SiLU·mul as its own kernel": patched(llama, "takes_gemv", lambda x, w: False),
-                "PDL off": patched(pdl, "_pdl_on", lambda i: False),
-                "GEMV configs before call 33": patched(gemv_mod, "default_gemv_config",
-                                                       configs_before_call_33)}
-    for splits in (1, 4, 8, 32):
-        variants[f"{splits} KV splits"] = patched(
-            pa, "choose_num_splits", lambda *a, s=splits, **k: s)
-    for name, ctx in variants.items():
-        with ctx:
-            ms = recaptured_ms(graphs)
-        print(f"  {name:28} {ms:.3f} ms ({ms - base:+.3f})")
-    print(f"  as is, again                 {recaptured_ms(graphs):.3f} ms")
-    llm.shutdown()
+    if args.tp == 1:
+        rank_main(0, 1, "", args)
+        return
+    mp.spawn(rank_main, args=(args.tp, f"tcp://127.0.0.1:{_free_port()}", args), nprocs=args.tp)
 
 
 if __name__ == "__main__":
