@@ -62,8 +62,9 @@ def no_communication():
 def rank_main(rank: int, size: int, init_method: str, args) -> None:
     cfg = EngineConfig(model=args.model, load_format="dummy", max_model_len=2048, max_num_seqs=1,
                        tensor_parallel_size=size)
+    # Resolved as the driver does, from the first GPU (every rank must agree).
+    cfg = replace(cfg, tp_all_reduce=resolve_tp_all_reduce(cfg, torch.device("cuda", 0)))
     device = torch.device("cuda", rank)
-    cfg = replace(cfg, tp_all_reduce=resolve_tp_all_reduce(cfg, device))
     shard = Shard(rank, size)
     if size > 1:
         init_distributed(shard, init_method, device)
@@ -85,8 +86,12 @@ def rank_main(rank: int, size: int, init_method: str, args) -> None:
         sync()
         return replay_ms(graphs.graphs[1], args.reps, sync)
 
+    def say(line: str) -> None:   # as it comes, so that a hang still leaves the lines before
+        if rank == 0:
+            print(line, flush=True)
+
     base = recaptured_ms()
-    out = [f"{args.model}, tp={size} ({cfg.tp_all_reduce}), context {ctx}: decode graph {base:.3f} ms"]
+    say(f"{args.model}, tp={size} ({cfg.tp_all_reduce}), context {ctx}: decode graph {base:.3f} ms")
     variants = {"without attention": patched(ta.TritonAttentionBackend, "forward", no_attention),
                 "PDL off": patched(pdl, "_pdl_on", lambda i: False)}
     if size > 1:
@@ -96,16 +101,17 @@ def rank_main(rank: int, size: int, init_method: str, args) -> None:
     for name, change in variants.items():
         with change:
             ms = recaptured_ms()
-        out.append(f"  {name:24} {ms:.3f} ms ({ms - base:+.3f})")
-    out.append(f"  as is, again             {recaptured_ms():.3f} ms")
+        say(f"  {name:24} {ms:.3f} ms ({ms - base:+.3f})")
+    say(f"  as is, again             {recaptured_ms():.3f} ms")
     hidden = graphs.outputs[1]
     model = runner.model
-    out.append(f"  LM head{' + gather' if size > 1 else ''}: "
-               f"{us_per_call(lambda i: model.compute_logits(hidden), 8, 20, sync):.1f} us")
+    say(f"  LM head{' + gather' if size > 1 else ''}: "
+        f"{us_per_call(lambda i: model.compute_logits(hidden), 8, 20, sync):.1f} us")
+    logits = model.compute_logits(hidden)   # a collective under TP: every rank calls it
     if rank == 0:
-        logits = model.compute_logits(hidden).float()
-        out.append(f"  argmax: {us_per_call(lambda i: argmax(logits), 8, 20):.1f} us")
-        print("\n".join(out), flush=True)
+        logits = logits.float()
+        say(f"  argmax: {us_per_call(lambda i: argmax(logits), 8, 20):.1f} us")
+    sync()
     runner.shutdown()
     if size > 1:
         close_process_group()

@@ -76,12 +76,16 @@ def _rotary_store_kv_kernel(
 ):
     """One program per token: rotate its q heads in place, then write its rotated k
     and its v to cache slot ``slot`` (skip if < 0). k itself is left as it was: the
-    attention kernels read keys from the cache only."""
-    pdl_enter(PDL)
+    attention kernels read keys from the cache only.
+
+    Position, slot and cos/sin are loaded before the wait for the kernel before (PDL):
+    the step's inputs are copied in before its chain of kernels starts, and no kernel
+    writes the cos/sin table."""
     t = tl.program_id(0).to(tl.int64)
     cos, sin = _cos_sin(cos_sin_ptr, pos_ptr, t, stride_c, HALF, BLOCK_HALF)
-    _rotate_heads(q_ptr, t, stride_qt, stride_qh, num_q_heads, cos, sin, HALF, BLOCK_QH, BLOCK_HALF)
     slot = tl.load(slot_ptr + t).to(tl.int64)
+    pdl_enter(PDL)
+    _rotate_heads(q_ptr, t, stride_qt, stride_qh, num_q_heads, cos, sin, HALF, BLOCK_QH, BLOCK_HALF)
     if slot >= 0:
         h = tl.arange(0, BLOCK_H)[:, None]
         j = tl.arange(0, BLOCK_HALF)[None, :]

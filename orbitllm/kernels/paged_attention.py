@@ -89,6 +89,14 @@ def _attend_tile(
         k = tl.load(k_cache_ptr + kv_ptrs)
         v = tl.load(v_cache_ptr + kv_ptrs)
 
+    return _attend_kv(acc, m_i, l_i, q, q_pos, k, v, offs_n, n_ok if BOUNDS else offs_n,
+                      sliding_window, scale_log2, CAUSAL, SLIDING, BOUNDS)
+
+
+@triton.jit
+def _attend_kv(acc, m_i, l_i, q, q_pos, k, v, offs_n, n_ok, sliding_window, scale_log2,
+               CAUSAL: tl.constexpr, SLIDING: tl.constexpr, BOUNDS: tl.constexpr):
+    """The online-softmax update of ``_attend_tile`` with keys ``offs_n`` already loaded."""
     # float32 runs in full precision (not TF32), so it can serve as a bit-faithful check.
     if q.dtype == tl.float32:
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee") * scale_log2
@@ -265,23 +273,20 @@ def _decode_kernel(
     straight to ``out``; otherwise each split writes its normalised partial output and
     log-sum-exp (base 2) for ``_decode_reduce_kernel``. Sequences with no query row or
     ``seq_len == 0`` (CUDA-graph padding) write nothing / zeros and read no cache.
+
+    With PDL the program loads its first tile of keys and values before it waits for
+    the kernel before (the KV write): all but the newest position were written by
+    earlier steps, and the step's inputs (query rows, lengths, block table) by copies
+    before the chain of kernels began. The newest key and value, and the query, are
+    read after the wait. So the block table -> keys chain of dependent loads runs while
+    the KV write does, not after it.
     """
-    pdl_enter(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     q_row = tl.load(query_start_loc_ptr + seq)
-    if tl.load(query_start_loc_ptr + seq + 1) == q_row:
-        return
-    seq_len = tl.load(seq_lens_ptr + seq)
-
-    rows = tl.arange(0, ROWS)
-    head = kv_head * GROUP + rows
-    row_ok = rows < GROUP
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    q = tl.load(q_ptr + q_row.to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None] & d_mask[None, :], other=0.0)
+    has_query = tl.load(query_start_loc_ptr + seq + 1) != q_row
+    seq_len = tl.where(has_query, tl.load(seq_lens_ptr + seq), 0)
 
     lo = 0
     if SLIDING:
@@ -292,13 +297,38 @@ def _decode_kernel(
     start = lo_tile + split * part
     end = tl.minimum(start + part, seq_len)
 
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
     bt_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
     kv_head_off = kv_head.to(tl.int64) * stride_ch
+    # The first tile, but for the newest position (the last one; the query's own).
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_ok = (offs_n >= lo) & (offs_n < end)
+    blk = tl.load(bt_row_ptr + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
+    kv_ptrs = (blk * stride_cb + (offs_n % PAGE) * stride_cs + kv_head_off)[:, None] + offs_d[None, :]
+    old = (n_ok & (offs_n < seq_len - 1))[:, None] & d_mask[None, :]
+    k = tl.load(k_cache_ptr + kv_ptrs, mask=old, other=0.0)
+    v = tl.load(v_cache_ptr + kv_ptrs, mask=old, other=0.0)
+
+    pdl_enter(PDL)
+    if not has_query:
+        return
+    rows = tl.arange(0, ROWS)
+    head = kv_head * GROUP + rows
+    row_ok = rows < GROUP
+    q = tl.load(q_ptr + q_row.to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_mask[None, :], other=0.0)
+    new = (n_ok & (offs_n == seq_len - 1))[:, None] & d_mask[None, :]
+    k = tl.where(new, tl.load(k_cache_ptr + kv_ptrs, mask=new, other=0.0), k)
+    v = tl.where(new, tl.load(v_cache_ptr + kv_ptrs, mask=new, other=0.0), v)
+
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
-    for start_n in range(start, end, BLOCK_N):
-        # The query is the last position, so only [lo, end) bounds the keys (no causal mask).
+    # The query is the last position, so only [lo, end) bounds the keys (no causal mask).
+    acc, m_i, l_i = _attend_kv(acc, m_i, l_i, q, 0, k, v, offs_n, n_ok, sliding_window, scale_log2,
+                               CAUSAL=False, SLIDING=False, BOUNDS=True)
+    for start_n in range(start + BLOCK_N, end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, 0, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
             start_n, lo, end, sliding_window, scale_log2, stride_cb, stride_cs, offs_d, d_mask,

@@ -8,11 +8,15 @@ round trip (~6 µs, 64 times a step on Llama-8B). With PDL the next kernel's pro
 become resident while the current one runs; they block in ``gdc_wait`` until the
 kernel before has completed and its writes are visible, so the launch and the start
 of their programs overlap the end of the kernel before. The GEMV also loads its
-first chunk of weights before it waits.
+first chunk of weights before it waits, the KV write its cos/sin, the decode attention
+its first tile of cached keys and values.
 
 Every kernel launched with PDL here follows three rules:
-- all reads of earlier kernels' outputs and all writes come after ``gdc_wait``
-  (only weights, which no kernel writes, are read before it);
+- all reads of earlier kernels' outputs and all writes come after ``gdc_wait``.
+  Before it a kernel reads only what no kernel of the chain writes: weights, the
+  step's inputs (positions, slots, lengths, block tables: copied in before the
+  chain's first kernel, which is not launched early), and the KV cache of earlier
+  steps (a decode step writes only each sequence's newest position);
 - every program calls it, before any early return, so a kernel completes only
   after the kernel before it, and completion stays transitive along the chain;
 - ``gdc_launch_dependents`` comes right after the wait, so at most one kernel runs
