@@ -1,7 +1,8 @@
 """What the parts of a one-request decode step cost, on one GPU or on ``--tp N`` GPUs:
 the decode graph (the forward without LM head and sampling) replayed back to back as
 is, then re-captured with one part changed at a time: without the attention (the
-rotary + KV write and the decode kernels; timing only, the outputs are wrong),
+rotary + KV write and the decode kernels; timing only, the outputs are wrong), with
+the KV write alone or the decode kernels alone, with other decode tile configs,
 without communication (each rank's partial taken as the sum: timing only), with a
 fixed number of KV splits, with PDL off. Then the parts outside the graph: the LM
 head (with the logit gather under TP) and the argmax.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 from dataclasses import replace
 
 import torch
@@ -25,6 +27,8 @@ from graph_timing import replay_ms, us_per_call
 import orbitllm.kernels.paged_attention as pa
 import orbitllm.kernels.pdl as pdl
 import orbitllm.layers.triton_attention as ta
+from orbitllm.kernels.kv_write import rotary_store_kv_cache
+from orbitllm.kernels.paged_attention import paged_decode_attention
 from orbitllm.config import EngineConfig
 from orbitllm.executor.setup import build_rank_runner, resolve_tp_all_reduce
 from orbitllm.executor.tensor_parallel import _free_port, close_process_group, init_distributed
@@ -45,6 +49,20 @@ def patched(obj, name: str, value):
 
 def no_attention(self, q, k, v, k_cache, v_cache, meta, scale, sliding_window, rope=None):
     return q
+
+
+def kv_write_only(self, q, k, v, k_cache, v_cache, meta, scale, sliding_window, rope=None):
+    rotary_store_kv_cache(q, k, v, k_cache, v_cache, meta.slot_mapping, *rope)
+    return q
+
+
+def no_kv_write(self, q, k, v, k_cache, v_cache, meta, scale, sliding_window, rope=None):
+    return paged_decode_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
+                                  meta.block_tables, meta.max_seq_len, scale, sliding_window)
+
+
+def decode_config(*fields):
+    return patched(pa, "default_decode_config", lambda *a: pa.DecodeConfig(*fields))
 
 
 def no_communication():
@@ -92,12 +110,17 @@ def rank_main(rank: int, size: int, init_method: str, args) -> None:
 
     base = recaptured_ms()
     say(f"{args.model}, tp={size} ({cfg.tp_all_reduce}), context {ctx}: decode graph {base:.3f} ms")
-    variants = {"without attention": patched(ta.TritonAttentionBackend, "forward", no_attention),
+    attention = functools.partial(patched, ta.TritonAttentionBackend, "forward")
+    variants = {"without attention": attention(no_attention),
+                "KV write only": attention(kv_write_only),
+                "attention, no KV write": attention(no_kv_write),
                 "PDL off": patched(pdl, "_pdl_on", lambda i: False)}
     if size > 1:
         variants["without communication"] = no_communication()
     for splits in (8, 32):
         variants[f"{splits} KV splits"] = patched(pa, "choose_num_splits", lambda *a, s=splits, **k: s)
+    for fields in ((64, 4, 1), (64, 2, 1), (32, 4, 1), (64, 4, 3, 1), (64, 4, 1, 1)):
+        variants[f"decode config {fields}"] = decode_config(*fields)
     for name, change in variants.items():
         with change:
             ms = recaptured_ms()

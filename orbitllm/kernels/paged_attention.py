@@ -49,6 +49,7 @@ class DecodeConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    reduce_warps: int = 4   # the split reduce's
 
 
 # ----------------------------------------------------------------------------- shared tile step
@@ -443,7 +444,7 @@ def paged_decode_attention(
         _decode_reduce_kernel[(num_seqs, num_heads)](
             out, part_out, part_lse, query_start_loc, num_heads, splits, out.stride(0), out.stride(1),
             SPLITS_PAD=triton.next_power_of_2(splits),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, **pdl_args(q), num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, **pdl_args(q), num_warps=cfg.reduce_warps,
         )
     return out
 
