@@ -8,7 +8,6 @@ unwritten, fails loudly.
 """
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -33,7 +32,6 @@ from orbitllm.kernels import (  # noqa: E402
     store_kv_cache,
 )
 from orbitllm.kernels.gemv import GemvConfig, PeerSend, gemv  # noqa: E402
-from orbitllm.kernels.paged_attention import NewKV  # noqa: E402
 from orbitllm.kernels.peer_reduce import (  # noqa: E402
     RELEASED,
     peer_reduce_add_norm,
@@ -278,41 +276,6 @@ def test_decode_skips_padded_sequences() -> None:
         out = decode(step, 0.125, None, splits)
         assert_attention_close(out[:2], ref, step, FP32_REL)
         assert (out[2:] == 0).all(), "padded sequences should produce zeros"
-
-
-@pytest.mark.parametrize("rotary_dim", [64, 32])   # full, partial
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_with_rotary_and_kv_write_fused(rotary_dim: int, dtype: torch.dtype) -> None:
-    """The decode kernel given the unrotated step (``NewKV``) computes what
-    ``rotary_store_kv_cache`` followed by the decode kernel computes: same output and
-    same cache for every split count (bit for bit in the interpreter; on a GPU the
-    compiler may contract the rotation's products differently, one rounding apart);
-    q and k keep their values; a padded sequence (slot -1, seq_len 0) writes nothing."""
-    same = torch.equal if not CUDA else functools.partial(
-        torch.allclose, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5, equal_nan=True)
-    step = make_step([90, 33, 1, 140], [1] * 4, 8, 2, 64, 16, dtype)
-    m = step.meta
-    m.seq_lens = torch.cat([m.seq_lens, m.seq_lens.new_zeros(1)])
-    m.query_start_loc = torch.arange(m.num_seqs + 1, dtype=torch.int32, device=DEVICE)
-    m.block_tables = torch.cat([m.block_tables, m.block_tables.new_zeros(1, m.block_tables.shape[1])])
-    m.slot_mapping = torch.cat([m.slot_mapping, m.slot_mapping.new_full((1,), -1)])
-    step.q, step.k, step.v = (torch.cat([t, torch.randn(1, *t.shape[1:], device=DEVICE).to(dtype)])
-                              for t in (step.q, step.k, step.v))
-    positions = (m.seq_lens.long() - 1).clamp(min=0)
-    cos_sin = rope_cache(rotary_dim, 256)
-    for splits in (1, 3, 8):
-        q, k_cache, v_cache = step.q.clone(), step.k_cache.clone(), step.v_cache.clone()
-        rotary_store_kv_cache(q, step.k, step.v, k_cache, v_cache, m.slot_mapping, positions, cos_sin)
-        want = paged_decode_attention(q, k_cache, v_cache, m.query_start_loc, m.seq_lens,
-                                      m.block_tables, m.max_seq_len, 0.125, num_splits=splits)
-        q, k, k_cache2, v_cache2 = step.q.clone(), step.k.clone(), step.k_cache.clone(), step.v_cache.clone()
-        got = paged_decode_attention(q, k_cache2, v_cache2, m.query_start_loc, m.seq_lens,
-                                     m.block_tables, m.max_seq_len, 0.125, num_splits=splits,
-                                     new_kv=NewKV(k, step.v, m.slot_mapping, positions, cos_sin))
-        assert same(got, want)
-        assert same(k_cache2.nan_to_num(), k_cache.nan_to_num())
-        assert torch.equal(v_cache2.nan_to_num(), v_cache.nan_to_num())
-        assert torch.equal(q, step.q) and torch.equal(k, step.k)
 
 
 # ----------------------------------------------------------------------------- backend

@@ -256,68 +256,16 @@ def paged_prefill_attention(
 # ----------------------------------------------------------------------------- decode
 
 
-@dataclass(frozen=True)
-class NewKV:
-    """A decode step's keys and values, not yet rotated nor written, for the decode
-    kernel to do both: ``k``/``v`` ``[tokens, kv_heads, head_dim]``, their slots, the
-    positions and the rotary cos/sin cache (``[max_pos, rotary_dim]``, cos then sin)."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    slot_mapping: torch.Tensor
-    positions: torch.Tensor
-    cos_sin: torch.Tensor
-
-
-@triton.jit
-def _rope_rows(ptr, row_offs, row_ok, offs_d, cos, sin, HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Rows ``ptr + row_offs`` (``[R, BLOCK_D]``) with the rotary embedding (``cos``/``sin``:
-    ``[BLOCK_D]``, each dim's angle): rotate-half over the first ``2 * HALF`` dims, the
-    rest as they are; rounded to the rows' dtype, as ``_rotary_store_kv_kernel`` rounds."""
-    first = offs_d < HALF
-    rot = offs_d < 2 * HALF
-    partner = tl.where(first, offs_d + HALF, offs_d - HALF)
-    mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    a = tl.load(ptr + row_offs[:, None] + offs_d[None, :], mask=mask, other=0.0)
-    b = tl.load(ptr + row_offs[:, None] + partner[None, :], mask=mask & rot[None, :],
-                other=0.0).to(tl.float32)
-    x = a.to(tl.float32)
-    # (x1, x2) -> (x1 c - x2 s, x2 c + x1 s): x is x1 in the first half, x2 in the second.
-    r = tl.where(first[None, :], x * cos[None, :] - b * sin[None, :], x * cos[None, :] + b * sin[None, :])
-    return tl.where(rot[None, :], r.to(a.dtype), a)
-
-
-@triton.jit
-def _old_kv(k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off, offs_n, n_ok, new_pos,
-            stride_cb, stride_cs, offs_d, d_mask, PAGE: tl.constexpr):
-    """Keys and values ``offs_n`` of one sequence from the cache, zeros outside ``n_ok``
-    and at ``new_pos`` (the step's own position, merged in by ``_with_new``)."""
-    blk = tl.load(bt_row_ptr + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
-    ptrs = (blk * stride_cb + (offs_n % PAGE) * stride_cs + kv_head_off)[:, None] + offs_d[None, :]
-    mask = (n_ok & (offs_n != new_pos))[:, None] & d_mask[None, :]
-    k = tl.load(k_cache_ptr + ptrs, mask=mask, other=0.0)
-    v = tl.load(v_cache_ptr + ptrs, mask=mask, other=0.0)
-    return k, v
-
-
-@triton.jit
-def _with_new(k, v, offs_n, new_pos, k_new, v_new):
-    is_new = (offs_n == new_pos)[:, None]
-    return tl.where(is_new, k_new, k), tl.where(is_new, v_new, v)
-
-
 @triton.jit(do_not_specialize=["stride_bt"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
-    k_ptr, v_ptr, slot_ptr, pos_ptr, cos_sin_ptr,
     scale_log2, sliding_window, num_heads,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
-    stride_kt, stride_kh, stride_vt, stride_vh, stride_c,
     SPLIT: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr,
-    ROPE: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (sequence, KV head, split): the group's heads over one context partition.
 
@@ -327,16 +275,12 @@ def _decode_kernel(
     log-sum-exp (base 2) for ``_decode_reduce_kernel``. Sequences with no query row or
     ``seq_len == 0`` (CUDA-graph padding) write nothing / zeros and read no cache.
 
-    With ``ROPE`` the kernel also does ``_rotary_store_kv_kernel``'s work (the step's
-    ``q`` and new ``k`` come unrotated): each program rotates its group's queries in
-    registers, and the program whose partition holds the new position (the last) takes
-    the new key, rotated, and value from registers and writes them to their slot for
-    later steps. Without it, the new key and value are in the cache already.
-
-    With PDL the program loads its first tile of cached keys and values (all but the
-    new position), the position, slot and cos/sin before it waits for the kernel
-    before: none of it is written by the chain of kernels (``kernels/pdl.py``). The
-    block table -> keys chain of dependent loads runs while the kernel before does.
+    With PDL the program loads its first tile of keys and values before it waits for
+    the kernel before (the KV write): all but the newest position were written by
+    earlier steps, and the step's inputs (query rows, lengths, block table) by copies
+    before the chain of kernels began. The newest key and value, and the query, are
+    read after the wait. So the block table -> keys chain of dependent loads runs while
+    the KV write does, not after it.
     """
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -344,7 +288,6 @@ def _decode_kernel(
     q_row = tl.load(query_start_loc_ptr + seq)
     has_query = tl.load(query_start_loc_ptr + seq + 1) != q_row
     seq_len = tl.where(has_query, tl.load(seq_lens_ptr + seq), 0)
-    new_pos = seq_len - 1
 
     lo = 0
     if SLIDING:
@@ -354,23 +297,19 @@ def _decode_kernel(
     part = tl.cdiv(tl.cdiv(seq_len - lo_tile, num_splits), BLOCK_N) * BLOCK_N
     start = lo_tile + split * part
     end = tl.minimum(start + part, seq_len)
-    owner = (start <= new_pos) & (new_pos < end)
 
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     bt_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
     kv_head_off = kv_head.to(tl.int64) * stride_ch
+    # The first tile, but for the newest position (the last one; the query's own).
     offs_n = start + tl.arange(0, BLOCK_N)
     n_ok = (offs_n >= lo) & (offs_n < end)
-    k, v = _old_kv(k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off, offs_n, n_ok, new_pos,
-                   stride_cb, stride_cs, offs_d, d_mask, PAGE)
-    if ROPE:
-        rot = offs_d < 2 * HALF
-        cs_ptr = cos_sin_ptr + tl.load(pos_ptr + q_row, mask=has_query, other=0).to(tl.int64) * stride_c
-        angle = tl.where(offs_d < HALF, offs_d, offs_d - HALF)
-        cos = tl.load(cs_ptr + angle, mask=rot, other=0.0).to(tl.float32)
-        sin = tl.load(cs_ptr + HALF + angle, mask=rot, other=0.0).to(tl.float32)
-        slot = tl.load(slot_ptr + q_row, mask=has_query, other=-1).to(tl.int64)
+    blk = tl.load(bt_row_ptr + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
+    kv_ptrs = (blk * stride_cb + (offs_n % PAGE) * stride_cs + kv_head_off)[:, None] + offs_d[None, :]
+    old = (n_ok & (offs_n < seq_len - 1))[:, None] & d_mask[None, :]
+    k = tl.load(k_cache_ptr + kv_ptrs, mask=old, other=0.0)
+    v = tl.load(v_cache_ptr + kv_ptrs, mask=old, other=0.0)
 
     pdl_enter(PDL)
     if not has_query:
@@ -378,43 +317,23 @@ def _decode_kernel(
     rows = tl.arange(0, ROWS)
     head = kv_head * GROUP + rows
     row_ok = rows < GROUP
-    q_base = q_ptr + q_row.to(tl.int64) * stride_qt
-    # The new key and value: [1, BLOCK_D] rows, loaded by the owner only.
-    own_d = tl.where(owner, d_mask, False)[None, :]
-    if ROPE:
-        q = _rope_rows(q_base, head * stride_qh, row_ok, offs_d, cos, sin, HALF, HEAD_DIM)
-        k_new = _rope_rows(k_ptr + q_row.to(tl.int64) * stride_kt, tl.zeros([1], tl.int64) + kv_head * stride_kh,
-                           tl.where(owner, tl.full([1], 1, tl.int1), False), offs_d, cos, sin, HALF,
-                           HEAD_DIM).to(k_cache_ptr.dtype.element_ty)
-        v_new = tl.load(v_ptr + q_row.to(tl.int64) * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                        mask=own_d, other=0.0).to(v_cache_ptr.dtype.element_ty)
-        dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + kv_head_off + offs_d[None, :]
-        write = tl.where(slot >= 0, own_d, False)
-        tl.store(k_cache_ptr + dst, k_new, mask=write)
-        tl.store(v_cache_ptr + dst, v_new, mask=write)
-    else:
-        q = tl.load(q_base + head[:, None] * stride_qh + offs_d[None, :],
-                    mask=row_ok[:, None] & d_mask[None, :], other=0.0)
-        blk = tl.load(bt_row_ptr + new_pos // PAGE, mask=owner, other=0).to(tl.int64)
-        new_off = blk * stride_cb + (new_pos % PAGE) * stride_cs + kv_head_off + offs_d[None, :]
-        k_new = tl.load(k_cache_ptr + new_off, mask=own_d, other=0.0)
-        v_new = tl.load(v_cache_ptr + new_off, mask=own_d, other=0.0)
+    q = tl.load(q_ptr + q_row.to(tl.int64) * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_mask[None, :], other=0.0)
+    new = (n_ok & (offs_n == seq_len - 1))[:, None] & d_mask[None, :]
+    k = tl.where(new, tl.load(k_cache_ptr + kv_ptrs, mask=new, other=0.0), k)
+    v = tl.where(new, tl.load(v_cache_ptr + kv_ptrs, mask=new, other=0.0), v)
 
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
     # The query is the last position, so only [lo, end) bounds the keys (no causal mask).
-    k, v = _with_new(k, v, offs_n, new_pos, k_new, v_new)
     acc, m_i, l_i = _attend_kv(acc, m_i, l_i, q, 0, k, v, offs_n, n_ok, sliding_window, scale_log2,
                                CAUSAL=False, SLIDING=False, BOUNDS=True)
     for start_n in range(start + BLOCK_N, end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = (offs_n >= lo) & (offs_n < end)
-        k, v = _old_kv(k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off, offs_n, n_ok, new_pos,
-                       stride_cb, stride_cs, offs_d, d_mask, PAGE)
-        k, v = _with_new(k, v, offs_n, new_pos, k_new, v_new)
-        acc, m_i, l_i = _attend_kv(acc, m_i, l_i, q, 0, k, v, offs_n, n_ok, sliding_window,
-                                   scale_log2, CAUSAL=False, SLIDING=False, BOUNDS=True)
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, 0, k_cache_ptr, v_cache_ptr, bt_row_ptr, kv_head_off,
+            start_n, lo, end, sliding_window, scale_log2, stride_cb, stride_cs, offs_d, d_mask,
+            PAGE, BLOCK_N, CAUSAL=False, SLIDING=False, BOUNDS=True, MASK_D=BLOCK_D != HEAD_DIM)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_mask = row_ok[:, None] & d_mask[None, :]
@@ -489,15 +408,12 @@ def paged_decode_attention(
     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
     max_seq_len: int, scale: float, sliding_window: int | None = None,
     num_splits: int | None = None, out: torch.Tensor | None = None,
-    config: DecodeConfig | None = None, new_kv: NewKV | None = None,
+    config: DecodeConfig | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per sequence (``query_start_loc`` gives its row).
 
     ``num_splits`` (default: ``choose_num_splits`` from ``max_seq_len``) fixes the grid;
     any value is correct for any ``seq_lens``, so a CUDA graph may bake it in.
-    ``new_kv``: ``q`` and the step's keys are still unrotated, and the step's keys and
-    values are not in the cache yet: the kernel rotates them and writes them
-    (``rotary_store_kv_cache`` fused in; ``q`` and ``k`` keep their values).
     """
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_seqs, num_kv_heads = seq_lens.shape[0], k_cache.shape[2]
@@ -514,24 +430,14 @@ def paged_decode_attention(
         part_lse = torch.empty((num_seqs, num_heads, splits), dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused by the kernel without SPLIT
-    if new_kv is not None:
-        k, v = new_kv.k, new_kv.v
-        assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
-        assert new_kv.cos_sin.stride(-1) == 1
-        rope = (k, v, new_kv.slot_mapping, new_kv.positions, new_kv.cos_sin)
-        rope_strides = (k.stride(0), k.stride(1), v.stride(0), v.stride(1), new_kv.cos_sin.stride(0))
-    else:
-        rope, rope_strides = (q,) * 5, (0,) * 5
     _decode_kernel[(num_seqs, num_kv_heads, splits)](
         q, k_cache, v_cache, out, part_out, part_lse, block_tables, query_start_loc, seq_lens,
-        *rope, scale * LOG2E, sliding_window or 0, num_heads,
+        scale * LOG2E, sliding_window or 0, num_heads,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        *rope_strides,
         SPLIT=splits > 1, GROUP=group, ROWS=max(16, triton.next_power_of_2(group)),
         BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=k_cache.shape[1],
-        SLIDING=sliding_window is not None, ROPE=new_kv is not None,
-        HALF=new_kv.cos_sin.shape[1] // 2 if new_kv is not None else 1, **pdl_args(q),
+        SLIDING=sliding_window is not None, **pdl_args(q),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:

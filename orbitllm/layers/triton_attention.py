@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from orbitllm.kernels.kv_write import rotary_store_kv_cache, store_kv_cache
-from orbitllm.kernels.paged_attention import NewKV, paged_decode_attention, paged_prefill_attention
+from orbitllm.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
 from orbitllm.layers.attention import AttentionMetadata
 
 
@@ -26,13 +26,7 @@ class TritonAttentionBackend:
                 scale: float, sliding_window: int | None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """``rope``: (positions, cos/sin cache) when q and k still need the rotary
-        embedding; ``k`` is then left unrotated (only the cache holds rotated keys).
-        Decode steps rotate and write the new keys inside the decode kernel."""
-        if rope is not None and meta.max_query_len == 1:
-            return paged_decode_attention(
-                q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                meta.max_seq_len, scale, sliding_window, num_splits=meta.num_kv_splits,
-                new_kv=NewKV(k, v, meta.slot_mapping, *rope))
+        embedding; ``k`` is then left unrotated (only the cache holds rotated keys)."""
         if rope is not None:
             rotary_store_kv_cache(q, k, v, k_cache, v_cache, meta.slot_mapping, *rope)
         else:
