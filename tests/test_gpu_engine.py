@@ -89,6 +89,28 @@ def test_programmatic_dependent_launch_changes_no_bits(tiny_models, monkeypatch,
     assert with_pdl == without
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_rope_and_kv_write_in_the_qkv_gemv(tiny_models, monkeypatch, tp):
+    """``ORBITLLM_ROPE_GEMV=1``: one-row steps rotate q/k and write the KV cache in the
+    QKV projection's GEMV instead of the rotary + KV write kernel: the same tokens, and
+    logprobs within a rounding (the two kernels may contract the rotation differently)."""
+    if tp > torch.cuda.device_count():
+        pytest.skip("needs two GPUs")
+    from orbitllm.layers import linear
+    kwargs = dict(tensor_parallel_size=tp, max_num_seqs=8)
+    base_tokens, base_lps = _one_request_bf16(tiny_models["llama"], **kwargs)
+    monkeypatch.setenv("ORBITLLM_ROPE_GEMV", "1")   # read by the workers, which start afresh
+    linear.rope_in_gemv.cache_clear()
+    try:
+        assert linear.rope_in_gemv()
+        tokens, lps = _one_request_bf16(tiny_models["llama"], **kwargs)
+    finally:
+        monkeypatch.delenv("ORBITLLM_ROPE_GEMV")
+        linear.rope_in_gemv.cache_clear()
+    assert tokens == base_tokens
+    torch.testing.assert_close(torch.tensor(lps), torch.tensor(base_lps), rtol=0, atol=2e-2)
+
+
 def test_silu_fused_into_the_down_gemv_changes_no_bits(tiny_models, monkeypatch):
     """One-row bf16 steps apply the MLP's SiLU·mul inside the down projection's GEMV;
     with it as its own kernel (the path of larger steps), the request gets the same

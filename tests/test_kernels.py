@@ -31,7 +31,7 @@ from orbitllm.kernels import (  # noqa: E402
     rotary_store_kv_cache,
     store_kv_cache,
 )
-from orbitllm.kernels.gemv import GemvConfig, PeerSend, gemv  # noqa: E402
+from orbitllm.kernels.gemv import GemvConfig, PeerSend, RopeWrite, gemv  # noqa: E402
 from orbitllm.kernels.peer_reduce import (  # noqa: E402
     RELEASED,
     peer_reduce_add_norm,
@@ -387,6 +387,41 @@ def test_gemv_fused_silu_mul_equals_the_two_kernels(n: int, k: int, config, dtyp
     ref = torch.nn.functional.linear(silu_and_mul_ref(gate_up.float()), w.float())
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(fused.float(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("config", [GemvConfig(4, 64, 2, 2), GemvConfig(8, 32, 2, 1, preload=False)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("slot", [37, -1])   # a cache slot; -1: padding, nothing written
+def test_gemv_rope_epilogue_equals_gemv_then_rotary_kv_write(config, bias: bool, slot: int) -> None:
+    """A one-row QKV projection that rotates q and k and writes k and v to the cache in
+    its epilogue gives the bits of the GEMV followed by ``rotary_store_kv_cache``: the
+    same rotated q, the same cache (an untouched one when the slot is -1)."""
+    heads, kv_heads, head_dim, page, k = 4, 2, 32, 16, 96
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    n = q_size + 2 * kv_size
+    dtype = torch.bfloat16
+    x = torch.randn(1, k, device=DEVICE).to(dtype)
+    w = (torch.randn(n, k, device=DEVICE) * 0.1).to(dtype)
+    b = torch.randn(n, device=DEVICE).to(dtype) if bias else None
+    cos_sin = rope_cache(head_dim, 64)
+    positions = torch.tensor([45], device=DEVICE)
+    slots = torch.tensor([slot], device=DEVICE)
+    cache = torch.randn(2, 4, page, kv_heads, head_dim, device=DEVICE).to(dtype)
+
+    qkv = gemv(x, w, b, config=config)
+    q, kk, v = (t.reshape(1, -1, head_dim) for t in qkv.split([q_size, kv_size, kv_size], dim=-1))
+    q = q.clone()
+    want_cache = cache.clone()
+    rotary_store_kv_cache(q, kk, v, want_cache[0], want_cache[1], slots, positions, cos_sin)
+
+    got_cache = cache.clone()
+    out = torch.full((1, n), float("nan"), device=DEVICE).to(dtype)
+    gemv(x, w, b, out=out, config=config,
+         rope=RopeWrite(positions, slots, cos_sin, got_cache[0], got_cache[1], q_size, kv_size, head_dim))
+    assert torch.equal(out[:, :q_size].reshape(q.shape), q)
+    assert torch.equal(got_cache, want_cache)
+    if slot < 0:
+        assert torch.equal(got_cache, cache)
 
 
 def test_argmax_matches_torch() -> None:

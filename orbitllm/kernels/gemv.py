@@ -46,6 +46,24 @@ class PeerSend:
     world: int
 
 
+@dataclass(frozen=True)
+class RopeWrite:
+    """A one-row QKV projection's epilogue (``[q | k | v]``, full rotary, 16-bit): the
+    GEMV rotates q and k as ``rotary_store_kv_cache`` does and writes k and v to their
+    cache slot itself, so the decode attention follows the projection directly. Only
+    q goes to the output. ``positions``/``slots``: the row's (one element each);
+    ``cos_sin``: ``[max_pos, head_dim]``, cos then sin; caches ``[blocks, page,
+    kv_heads, head_dim]``; ``q_size``/``kv_size``: the widths of q and of k (= of v)."""
+    positions: torch.Tensor
+    slots: torch.Tensor
+    cos_sin: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    q_size: int
+    kv_size: int
+    head_dim: int
+
+
 @triton.jit
 def _load_w(w_ptrs, rows, cols, k, N, K, EVEN: tl.constexpr):
     if EVEN:   # N % BLOCK_N == 0 and K % BLOCK_K == 0: unmasked, vectorized loads
@@ -74,9 +92,11 @@ def _load_x(x_ptr, cols, k, K, EVEN: tl.constexpr, SILU_MUL: tl.constexpr):
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, send_addrs, send_offset, epoch_ptr, rank,
+    cs_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, stride_c, stride_cb, stride_cs,
+    stride_ch, q_size, kv_size,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
     PDL: tl.constexpr, PRELOAD: tl.constexpr, SEND: tl.constexpr, WORLD: tl.constexpr,
-    SILU_MUL: tl.constexpr,
+    SILU_MUL: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr,
 ):
     """Program p: output elements ``[p * BLOCK_N, (p + 1) * BLOCK_N)``, float32 sums.
 
@@ -86,8 +106,23 @@ def _gemv_kernel(
     start with their first chunk in registers. With ``SEND`` the output also goes
     to the peers as packets (``PeerSend``). With ``SILU_MUL`` the input is the MLP's
     ``[gate | up]`` row and the product takes ``silu(gate) * up``: the activation's own
-    kernel, and its boundary in the step, go away."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    kernel, and its boundary in the step, go away. With ``ROPE`` (``RopeWrite``) the
+    programs of q and k take rows in pairs ``(j, j + HALF)`` of one head, side by side,
+    so each can rotate its outputs; position, slot and cos/sin are loaded before the
+    wait (the step's inputs and a table: no kernel of the chain writes them)."""
+    pid = tl.program_id(0)
+    idx = tl.arange(0, BLOCK_N)
+    rows = pid * BLOCK_N + idx
+    if ROPE:
+        pairs = pid * (BLOCK_N // 2)   # the first (head, angle) pair of this program
+        in_rope = pid * BLOCK_N < q_size + kv_size
+        angle = pairs % HALF + tl.arange(0, BLOCK_N // 2)
+        rope_rows = (pairs // HALF) * (2 * HALF) + pairs % HALF + idx // 2 + (idx % 2) * HALF
+        rows = tl.where(in_rope, rope_rows, rows)
+        cs_row = cs_ptr + tl.load(pos_ptr).to(tl.int64) * stride_c
+        cos = tl.load(cs_row + angle).to(tl.float32)
+        sin = tl.load(cs_row + HALF + angle).to(tl.float32)
+        slot = tl.load(slot_ptr).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -105,9 +140,35 @@ def _gemv_kernel(
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
     y = y.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + rows, y, mask=rows < N)
+    if ROPE:
+        _rope_epilogue(y, rows, in_rope, cos, sin, slot, out_ptr, k_cache_ptr, v_cache_ptr,
+                       N, q_size, kv_size, stride_cb, stride_cs, stride_ch, BLOCK_N, HALF, PAGE)
+    else:
+        tl.store(out_ptr + rows, y, mask=rows < N)
     if SEND:
         send_packets(y, rows, rows < N, send_addrs, send_offset + rank * N, epoch_ptr, rank, WORLD)
+
+
+@triton.jit
+def _rope_epilogue(y, rows, in_rope, cos, sin, slot, out_ptr, k_cache_ptr, v_cache_ptr, N, q_size,
+                   kv_size, stride_cb, stride_cs, stride_ch, BLOCK_N: tl.constexpr,
+                   HALF: tl.constexpr, PAGE: tl.constexpr):
+    """Rotate the pairs (rounded as ``_rotary_store_kv_kernel`` rounds), store q to
+    ``out`` and k, v to cache slot ``slot`` (none when < 0)."""
+    x1, x2 = tl.split(tl.reshape(y, [BLOCK_N // 2, 2]))
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
+    r1 = (x1 * cos - x2 * sin).to(y.dtype)
+    r2 = (x2 * cos + x1 * sin).to(y.dtype)
+    y = tl.where(in_rope, tl.reshape(tl.join(r1, r2), [BLOCK_N]), y)
+    tl.store(out_ptr + rows, y, mask=rows < q_size)
+    is_k = (rows >= q_size) & (rows < q_size + kv_size)
+    is_v = (rows >= q_size + kv_size) & (rows < N)
+    r = tl.where(is_k, rows - q_size, rows - q_size - kv_size)   # within k or v
+    head_dim = 2 * HALF
+    dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + (r // head_dim) * stride_ch + r % head_dim
+    tl.store(k_cache_ptr + dst, y.to(k_cache_ptr.dtype.element_ty), mask=tl.where(slot >= 0, is_k, False))
+    tl.store(v_cache_ptr + dst, y.to(v_cache_ptr.dtype.element_ty), mask=tl.where(slot >= 0, is_v, False))
 
 
 def default_gemv_config(n: int, k: int) -> GemvConfig:
@@ -127,11 +188,14 @@ def default_gemv_config(n: int, k: int) -> GemvConfig:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          out: torch.Tensor | None = None, config: GemvConfig | None = None,
-         send: PeerSend | None = None, silu_mul: bool = False) -> torch.Tensor:
+         send: PeerSend | None = None, silu_mul: bool = False,
+         rope: RopeWrite | None = None) -> torch.Tensor:
     """``x [1, K] @ weight[N, K].T (+ bias)`` -> ``[1, N]`` in ``x``'s dtype, written into
     ``out`` when given, and sent to the peers with ``send`` (16-bit ``x`` only).
     With ``silu_mul``, ``x`` is ``[1, 2K]`` = ``[gate | up]`` and the product takes
-    ``silu_and_mul(x)``. ``weight`` needs contiguous rows; ``x`` is made contiguous."""
+    ``silu_and_mul(x)``. With ``rope`` (``RopeWrite``) only the rotated q lands in ``out``
+    (its first ``q_size`` columns); k and v go to the cache. ``weight`` needs contiguous
+    rows; ``x`` is made contiguous."""
     assert x.dim() == 2 and x.shape[0] == 1, "gemv takes one row"
     n, k = weight.shape
     assert x.shape[1] == (2 * k if silu_mul else k) and weight.stride(1) == 1
@@ -142,14 +206,28 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     cfg = config or default_gemv_config(n, k)
     block_k = min(cfg.block_k, triton.next_power_of_2(k))
     assert send is None or x.element_size() == 2, "packets carry 16-bit values"
+    if rope is not None:
+        half = rope.head_dim // 2
+        assert send is None and not silu_mul and rope.cos_sin.shape[1] == rope.head_dim
+        assert n == rope.q_size + 2 * rope.kv_size and (rope.q_size + rope.kv_size) % cfg.block_n == 0
+        assert cfg.block_n % 2 == 0 and half % (cfg.block_n // 2) == 0 and rope.cos_sin.stride(1) == 1
+        assert rope.k_cache.stride() == rope.v_cache.stride() and rope.k_cache.stride(-1) == 1
+        cache = rope.k_cache
+        rope_args = (rope.cos_sin, rope.positions, rope.slots, cache, rope.v_cache,
+                     rope.cos_sin.stride(0), cache.stride(0), cache.stride(1), cache.stride(2),
+                     rope.q_size, rope.kv_size)
+    else:
+        half = 1
+        rope_args = (x,) * 5 + (0,) * 6
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, weight, bias if bias is not None else x, out, n, k, weight.stride(0),
         send.addrs if send else x, send.offset if send else 0, send.epochs if send else x,
-        send.rank if send else 0,
+        send.rank if send else 0, *rope_args,
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         EVEN=n % cfg.block_n == 0 and k % block_k == 0,
         PRELOAD=cfg.preload, SEND=send is not None, WORLD=send.world if send else 1,
-        SILU_MUL=silu_mul, **pdl_args(x),
+        SILU_MUL=silu_mul, ROPE=rope is not None, HALF=half,
+        PAGE=rope.k_cache.shape[1] if rope is not None else 1, **pdl_args(x),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

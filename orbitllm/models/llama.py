@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from orbitllm.layers.attention import AttentionBackend, AttentionMetadata
 from orbitllm.layers.fused import fused_ops_for
-from orbitllm.layers.linear import linear, takes_gemv
+from orbitllm.layers.linear import linear, rope_in_gemv, takes_gemv
 from orbitllm.layers.norm import RMSNorm
 from orbitllm.layers.rotary import RotaryEmbedding, rope_parameters
 from orbitllm.layers.tensor_parallel import (Shard, VocabParallelEmbedding, check_shardable,
@@ -103,6 +103,14 @@ class Attention(nn.Module):
         self.sliding_window = spec.sliding_windows[layer]
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata, backend: AttentionBackend):
+        if self._rope_in_gemv(x, meta, backend):
+            from orbitllm.kernels.gemv import RopeWrite
+            write = RopeWrite(positions, meta.slot_mapping, self.rotary.cos_sin, kv_cache[0],
+                              kv_cache[1], self.q_size, self.kv_size, self.head_dim)
+            q = linear(x, self.qkv_proj.weight, self.qkv_proj.bias, rope=write)[:, :self.q_size]
+            o = backend.forward(q.view(-1, self.num_heads, self.head_dim), None, None, kv_cache[0],
+                                kv_cache[1], meta, self.scale, self.sliding_window, store_kv=False)
+            return self.shard.row_parallel(o.reshape(-1, self.q_size), self.o_proj.weight, ATTN_SLOT)
         qkv = linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -117,6 +125,15 @@ class Attention(nn.Module):
             q, k = self.rotary(positions, q, k)
             o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window)
         return self.shard.row_parallel(o.reshape(-1, self.q_size), self.o_proj.weight, ATTN_SLOT)
+
+
+    def _rope_in_gemv(self, x, meta: AttentionMetadata, backend: AttentionBackend) -> bool:
+        """One-row decode steps may rotate q/k and write the KV cache in the QKV GEMV's
+        epilogue (``ORBITLLM_ROPE_GEMV=1``): full rotary, no q/k norm, a Triton backend."""
+        return (meta.max_query_len == 1 and self.q_norm is None and rope_in_gemv()
+                and getattr(backend, "fuses_rotary", False)
+                and self.rotary.cos_sin.shape[1] == self.head_dim
+                and takes_gemv(x, self.qkv_proj.weight))
 
 
 class MLP(nn.Module):
