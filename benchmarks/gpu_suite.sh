@@ -35,6 +35,9 @@
 #           every GPU test
 #   parts   (two GPUs) 8B single request N=1 and N=2; the decode graph's parts at N=1 and N=2
 #           (benchmarks/step_parts.py); step profiles with the kernels outside the graph
+#   rope    (two GPUs) ORBITLLM_ROPE_GEMV (rotation + KV write in the QKV GEMV's epilogue):
+#           kernel and engine tests, the QKV microbenchmark, 8B single request N=1 and N=2
+#           with it off and on (an A/B in one call)
 #   tp      (two GPUs) Llama-3.1-8B single request N=1 / N=2, 8B throughput N=1,
 #           Llama-3.1-70B throughput N=2
 set -uo pipefail
@@ -120,6 +123,14 @@ print('argmax 1x128256: torch %.1f us, triton %.1f us' % tuple(
     timeout 200 python3 benchmarks/step_parts.py --tp 2 2>&1 | grep -v Warning | tee "$OUT/step_parts_tp2.txt"
     for n in 1 2; do timeout 120 python3 benchmarks/profile_tp.py --tp $n --tp-all-reduce auto --rows 45 2>&1 \
       | grep -v Warning | tee "$OUT/profile_tp$n.txt" | cut -c1-150 | head -60; done ;;
+  rope)
+    timeout 120 python3 -m pytest -q -x tests/test_kernels.py -k "rope_epilogue or gemv" 2>&1 | tail -2
+    timeout 150 python3 -m pytest -q -x -m gpu tests/test_gpu_engine.py -k "rope_and_kv_write" 2>&1 | tail -2
+    timeout 60 python3 benchmarks/rope_gemv_bench.py 2>&1 | grep -v Warn
+    T=80 run l8_single $S8
+    T=100 run l8_single_tp2 $S8 --tensor-parallel-size 2
+    ORBITLLM_ROPE_GEMV=1 T=80 run l8_single_rope $S8
+    ORBITLLM_ROPE_GEMV=1 T=100 run l8_single_tp2_rope $S8 --tensor-parallel-size 2 ;;
   all)
     T=80 run l8_single $S8
     T=100 run l8_single_tp2 $S8 --tensor-parallel-size 2
