@@ -276,11 +276,12 @@ def _decode_kernel(
     ``seq_len == 0`` (CUDA-graph padding) write nothing / zeros and read no cache.
 
     With PDL the program loads its first tile of keys and values before it waits for
-    the kernel before (the KV write): all but the newest position were written by
+    the kernel before (the KV write, or the QKV GEMV that writes the new key and value
+    with ``ORBITLLM_ROPE_GEMV``): all but the newest position were written by
     earlier steps, and the step's inputs (query rows, lengths, block table) by copies
     before the chain of kernels began. The newest key and value, and the query, are
     read after the wait. So the block table -> keys chain of dependent loads runs while
-    the KV write does, not after it.
+    the kernel before does, not after it.
     """
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
