@@ -281,6 +281,48 @@ def test_decode_skips_padded_sequences() -> None:
 # ----------------------------------------------------------------------------- backend
 
 
+@pytest.mark.skipif(CUDA, reason="on a GPU, test_gpu_engine.py runs the real path")
+def test_engine_rope_in_the_qkv_gemv_on_cpu(tiny_models, monkeypatch) -> None:
+    """``ORBITLLM_ROPE_GEMV=1`` end to end in the interpreter: one-row bf16 steps forced
+    onto the GEMV (CPU tensors), Triton attention; the QKV GEMV rotates and writes the
+    cache in decode steps, and the request gets the tokens and logprobs of the rotary
+    kernel's path, bit for bit."""
+    import orbitllm.layers.linear as linear_mod
+    import orbitllm.models.llama as llama
+    from conftest import assert_all_blocks_free
+    from orbitllm import LLM, SamplingParams
+
+    def takes(x, w):
+        return x.shape[0] == 1 and w.dtype in (torch.bfloat16, torch.float16) and linear_mod.gemv_enabled()
+    monkeypatch.setattr(linear_mod, "takes_gemv", takes)
+    monkeypatch.setattr(llama, "takes_gemv", takes)
+    taken = []
+    rope_in_gemv = llama.Attention._rope_in_gemv
+    monkeypatch.setattr(llama.Attention, "_rope_in_gemv",
+                        lambda self, *a: taken.append(rope_in_gemv(self, *a)) or taken[-1])
+
+    def run():
+        params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
+        with LLM(tiny_models["llama"], dtype="bfloat16", num_kv_blocks=64, max_model_len=256,
+                 attention_backend="triton", max_num_seqs=4) as llm:
+            out = llm.generate([{"prompt_token_ids": list(range(5, 40))}], params, use_tqdm=False)
+            assert_all_blocks_free(llm)
+        o = out[0].outputs[0]
+        return o.token_ids, [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs)]
+
+    base = run()
+    assert not any(taken)
+    monkeypatch.setenv("ORBITLLM_ROPE_GEMV", "1")
+    linear_mod.rope_in_gemv.cache_clear()
+    try:
+        fused = run()
+    finally:
+        monkeypatch.delenv("ORBITLLM_ROPE_GEMV")
+        linear_mod.rope_in_gemv.cache_clear()
+    assert sum(taken) == 2 * 5   # two layers, five one-row decode steps
+    assert fused == base
+
+
 @pytest.mark.parametrize("query_lens", [[1, 1, 1], [5, 1, 12]])
 def test_triton_backend_matches_torch(query_lens: list[int]) -> None:
     step = make_step([70, 20, 40], query_lens, 8, 2, 64, 16)
