@@ -37,7 +37,7 @@
 #           (benchmarks/step_parts.py); step profiles with the kernels outside the graph
 #   rope    (two GPUs) ORBITLLM_ROPE_GEMV (rotation + KV write in the QKV GEMV's epilogue):
 #           kernel and engine tests, the QKV microbenchmark, 8B single request N=1 and N=2
-#           with it off and on (an A/B in one call)
+#           with it off and on (an A/B in one call), the decode graph's parts at N=2
 #   tp      (two GPUs) Llama-3.1-8B single request N=1 / N=2, 8B throughput N=1,
 #           Llama-3.1-70B throughput N=2
 set -uo pipefail
@@ -130,7 +130,9 @@ print('argmax 1x128256: torch %.1f us, triton %.1f us' % tuple(
     T=80 run l8_single $S8
     T=100 run l8_single_tp2 $S8 --tensor-parallel-size 2
     ORBITLLM_ROPE_GEMV=1 T=80 run l8_single_rope $S8
-    ORBITLLM_ROPE_GEMV=1 T=100 run l8_single_tp2_rope $S8 --tensor-parallel-size 2 ;;
+    ORBITLLM_ROPE_GEMV=1 T=100 run l8_single_tp2_rope $S8 --tensor-parallel-size 2
+    timeout 150 python3 benchmarks/step_parts.py --tp 2 2>&1 | grep -v "Warning\|warn\|return func" \
+      | tee "$OUT/step_parts_tp2.txt" ;;
   all)
     T=80 run l8_single $S8
     T=100 run l8_single_tp2 $S8 --tensor-parallel-size 2

@@ -2,7 +2,8 @@
 the decode graph (the forward without LM head and sampling) replayed back to back as
 is, then re-captured with one part changed at a time: without the attention (the
 rotary + KV write and the decode kernels; timing only, the outputs are wrong), with
-the KV write alone or the decode kernels alone, with other decode tile configs,
+the KV write alone or the decode kernels alone, with the rotation and KV write in the
+QKV GEMV's epilogue (``ORBITLLM_ROPE_GEMV``), with other decode tile configs,
 without communication (each rank's partial taken as the sum: timing only), with a
 fixed number of KV splits, with PDL off. Then the parts outside the graph: the LM
 head (with the logit gather under TP) and the argmax.
@@ -27,6 +28,7 @@ from graph_timing import replay_ms, us_per_call
 import orbitllm.kernels.paged_attention as pa
 import orbitllm.kernels.pdl as pdl
 import orbitllm.layers.triton_attention as ta
+import orbitllm.models.llama as llama
 from orbitllm.kernels.kv_write import rotary_store_kv_cache
 from orbitllm.kernels.paged_attention import paged_decode_attention
 from orbitllm.config import EngineConfig
@@ -114,6 +116,7 @@ def rank_main(rank: int, size: int, init_method: str, args) -> None:
     variants = {"without attention": attention(no_attention),
                 "KV write only": attention(kv_write_only),
                 "attention, no KV write": attention(no_kv_write),
+                "rotary + KV write in the QKV GEMV": patched(llama, "rope_in_gemv", lambda: True),
                 "PDL off": patched(pdl, "_pdl_on", lambda i: False)}
     if size > 1:
         variants["without communication"] = no_communication()

@@ -8,6 +8,7 @@ unwritten, fails loudly.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -436,8 +437,8 @@ def test_gemv_fused_silu_mul_equals_the_two_kernels(n: int, k: int, config, dtyp
 @pytest.mark.parametrize("slot", [37, -1])   # a cache slot; -1: padding, nothing written
 def test_gemv_rope_epilogue_equals_gemv_then_rotary_kv_write(config, bias: bool, slot: int) -> None:
     """A one-row QKV projection that rotates q and k and writes k and v to the cache in
-    its epilogue gives the bits of the GEMV followed by ``rotary_store_kv_cache``: the
-    same rotated q, the same cache (an untouched one when the slot is -1)."""
+    its epilogue gives the bits of the GEMV followed by ``rotary_store_kv_cache`` (in the
+    interpreter): the same rotated q, the same cache (an untouched one when the slot is -1)."""
     heads, kv_heads, head_dim, page, k = 4, 2, 32, 16, 96
     q_size, kv_size = heads * head_dim, kv_heads * head_dim
     n = q_size + 2 * kv_size
@@ -460,8 +461,10 @@ def test_gemv_rope_epilogue_equals_gemv_then_rotary_kv_write(config, bias: bool,
     out = torch.full((1, n), float("nan"), device=DEVICE).to(dtype)
     gemv(x, w, b, out=out, config=config,
          rope=RopeWrite(positions, slots, cos_sin, got_cache[0], got_cache[1], q_size, kv_size, head_dim))
-    assert torch.equal(out[:, :q_size].reshape(q.shape), q)
-    assert torch.equal(got_cache, want_cache)
+    # On a GPU the two kernels may contract the rotation's products differently: a rounding apart.
+    same = torch.equal if not CUDA else functools.partial(torch.allclose, rtol=1e-2, atol=1e-5)
+    assert same(out[:, :q_size].reshape(q.shape), q)
+    assert same(got_cache, want_cache)
     if slot < 0:
         assert torch.equal(got_cache, cache)
 
