@@ -38,6 +38,8 @@
 #   rope    (two GPUs) ORBITLLM_ROPE_GEMV (rotation + KV write in the QKV GEMV's epilogue):
 #           kernel and engine tests, the QKV microbenchmark, 8B single request N=1 and N=2
 #           with it off and on (an A/B in one call), the decode graph's parts at N=2
+#   path    (two GPUs) step profiles with each kernel's share of the critical path, N=1 and N=2,
+#           ORBITLLM_ROPE_GEMV off and on
 #   tp      (two GPUs) Llama-3.1-8B single request N=1 / N=2, 8B throughput N=1,
 #           Llama-3.1-70B throughput N=2
 set -uo pipefail
@@ -133,6 +135,10 @@ print('argmax 1x128256: torch %.1f us, triton %.1f us' % tuple(
     ORBITLLM_ROPE_GEMV=1 T=100 run l8_single_tp2_rope $S8 --tensor-parallel-size 2
     timeout 150 python3 benchmarks/step_parts.py --tp 2 2>&1 | grep -v "Warning\|warn\|return func" \
       | tee "$OUT/step_parts_tp2.txt" ;;
+  path)
+    for r in 0 1; do for n in 1 2; do ORBITLLM_ROPE_GEMV=$r timeout 120 python3 benchmarks/profile_tp.py --tp $n \
+      --tp-all-reduce auto --rows 40 2>&1 | grep -v "Warning\|warn\|return func" | tee "$OUT/path_tp${n}_rope$r.txt" \
+      | cut -c1-150 | head -48; done; done ;;
   all)
     T=80 run l8_single $S8
     T=100 run l8_single_tp2 $S8 --tensor-parallel-size 2

@@ -2,7 +2,7 @@
 wall time per step; on the driver's host, the time spent launching a step and the
 time spent waiting for the step before (near zero: the host is the bottleneck);
 the driver's device time per step, and the kernels of 30 steps (torch.profiler on
-the driver, rank 0). With one GPU also the decode graph (the forward without the LM
+the driver, rank 0): what each adds to the step's critical path, and their totals. With one GPU also the decode graph (the forward without the LM
 head and sampling) replayed back to back: the step's device floor.
 
     python benchmarks/profile_tp.py --model llama3.1-8b --tp 2 --tp-all-reduce peer
@@ -68,9 +68,37 @@ def main() -> None:
         span = (max(e.time_range.end for e in kernels) - min(e.time_range.start for e in kernels))
         print(f"[{tag}] device kernels: {len(kernels) / steps:.0f} per step, busy {busy:.3f} ms/step, "
               f"span {span / steps / 1e3:.3f} ms/step")
+    print(critical_path_table(kernels, steps, args.rows))
     table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=args.rows,
                                       max_name_column_width=70)
     print(table)
+
+
+def critical_path_table(events, steps: int, rows: int) -> str:
+    """Which kernels the step's span is made of. Under PDL a kernel starts before the
+    one ahead of it ends, so its duration overstates its cost; here each kernel (in
+    start order) is charged only the time by which it pushes the latest end so far
+    further out, split into idle time before it starts and the rest ("adds"). Kernels
+    are told apart by the kernel before them (the GEMV after the attention's reduce is
+    o_proj, the one after a GEMV is down_proj)."""
+    totals: dict[str, list[float]] = {}   # kernel <- kernel before: [calls, idle, adds, duration]
+    frontier, before = None, "-"
+    for e in sorted(events, key=lambda e: e.time_range.start):
+        start, end = e.time_range.start, e.time_range.end
+        t = totals.setdefault(f"{e.name[:38]} <- {before[:28]}", [0, 0.0, 0.0, 0.0])
+        before = e.name
+        t[0] += 1
+        t[3] += end - start
+        if frontier is not None:
+            t[1] += max(0.0, start - frontier)
+            t[2] += max(0.0, end - max(start, frontier))
+        frontier = end if frontier is None else max(frontier, end)
+    lines = [f"{'kernel (critical path; us per step)':70} {'calls':>6} {'idle before':>12} "
+             f"{'adds':>8} {'mean dur':>9}"]
+    for name, (calls, idle, adds, dur) in sorted(totals.items(), key=lambda kv: -(kv[1][1] + kv[1][2]))[:rows]:
+        lines.append(f"{name[:70]:70} {calls / steps:6.1f} {idle / steps:12.1f} {adds / steps:8.1f} "
+                     f"{dur / calls:9.2f}")
+    return "\n".join(lines)
 
 
 def timed(obj, name: str, totals: dict) -> None:
