@@ -136,6 +136,15 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def rotate_half(x1, x2, cos, sin):
+    """(x1, x2) -> (x1 c - x2 s, x2 c + x1 s) in float32: the one expression of the
+    rotation, shared by the rotary kernels and the QKV GEMV's epilogue, so all round alike."""
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
 def _rotate_heads(x_ptr, t, stride_t, stride_h, num_heads, cos, sin,
                   HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
     """Rotate-half in place for all heads of token ``t``: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s)."""
@@ -143,10 +152,10 @@ def _rotate_heads(x_ptr, t, stride_t, stride_h, num_heads, cos, sin,
     j = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (h < num_heads) & (j < HALF)
     p1 = x_ptr + t * stride_t + h * stride_h + j
-    x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(p1, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty), mask=mask)
-    tl.store(p1 + HALF, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty), mask=mask)
+    r1, r2 = rotate_half(tl.load(p1, mask=mask, other=0.0), tl.load(p1 + HALF, mask=mask, other=0.0),
+                         cos, sin)
+    tl.store(p1, r1.to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(p1 + HALF, r2.to(x_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

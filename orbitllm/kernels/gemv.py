@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from orbitllm.kernels.fused_ops import silu_mul
+from orbitllm.kernels.fused_ops import rotate_half, silu_mul
 from orbitllm.kernels.pdl import pdl_args, pdl_enter
 from orbitllm.kernels.peer_reduce import send_packets
 
@@ -156,11 +156,8 @@ def _rope_epilogue(y, rows, in_rope, cos, sin, slot, out_ptr, k_cache_ptr, v_cac
     """Rotate the pairs (rounded as ``_rotary_store_kv_kernel`` rounds), store q to
     ``out`` and k, v to cache slot ``slot`` (none when < 0)."""
     x1, x2 = tl.split(tl.reshape(y, [BLOCK_N // 2, 2]))
-    x1 = x1.to(tl.float32)
-    x2 = x2.to(tl.float32)
-    r1 = (x1 * cos - x2 * sin).to(y.dtype)
-    r2 = (x2 * cos + x1 * sin).to(y.dtype)
-    y = tl.where(in_rope, tl.reshape(tl.join(r1, r2), [BLOCK_N]), y)
+    r1, r2 = rotate_half(x1, x2, cos, sin)
+    y = tl.where(in_rope, tl.reshape(tl.join(r1.to(y.dtype), r2.to(y.dtype)), [BLOCK_N]), y)
     tl.store(out_ptr + rows, y, mask=rows < q_size)
     is_k = (rows >= q_size) & (rows < q_size + kv_size)
     is_v = (rows >= q_size + kv_size) & (rows < N)

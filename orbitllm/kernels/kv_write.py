@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from orbitllm.kernels.fused_ops import _cos_sin, _rotate_heads, _warps_for
+from orbitllm.kernels.fused_ops import _cos_sin, _rotate_heads, _warps_for, rotate_half
 from orbitllm.kernels.pdl import pdl_args, pdl_enter
 
 
@@ -92,11 +92,11 @@ def _rotary_store_kv_kernel(
         dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + h * stride_ch
         mask = (h < num_kv_heads) & (j < HALF)
         src = k_ptr + t * stride_kt + h * stride_kh + j
-        x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+        r1, r2 = rotate_half(tl.load(src, mask=mask, other=0.0),
+                             tl.load(src + HALF, mask=mask, other=0.0), cos, sin)
         # Round to k's dtype first, as rotating k in place and then storing it would.
-        r1 = (x1 * cos - x2 * sin).to(k_ptr.dtype.element_ty)
-        r2 = (x2 * cos + x1 * sin).to(k_ptr.dtype.element_ty)
+        r1 = r1.to(k_ptr.dtype.element_ty)
+        r2 = r2.to(k_ptr.dtype.element_ty)
         tl.store(k_cache_ptr + dst + j, r1.to(k_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(k_cache_ptr + dst + HALF + j, r2.to(k_cache_ptr.dtype.element_ty), mask=mask)
         d = tl.arange(0, BLOCK_D)[None, :]
