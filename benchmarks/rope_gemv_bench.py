@@ -30,7 +30,7 @@ def main() -> None:
             qkv = gemv(x, w)
             q, k, v = (t.view(1, -1, D) for t in qkv.split([hq * D, hk * D, hk * D], -1))
             rotary_store_kv_cache(q, k, v, kc, vc, slot, pos, cs)
-        rw = RopeWrite(pos, slot, cs, kc, vc, hq * D, hk * D, D)
+        rw = RopeWrite(pos, slot, cs, kc, vc, hq * D)
         us = [1e3 * tt.do_bench_cudagraph(f) for f in (lambda: gemv(x, w), two, lambda: gemv(x, w, rope=rw))]
         print(f"N={tp}, QKV {n} x 4096: GEMV {us[0]:.2f} us, GEMV + rotary/KV-write kernel {us[1]:.2f} us, "
               f"GEMV with the epilogue {us[2]:.2f} us")

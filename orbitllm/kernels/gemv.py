@@ -53,15 +53,13 @@ class RopeWrite:
     cache slot itself, so the decode attention follows the projection directly. Only
     q goes to the output. ``positions``/``slots``: the row's (one element each);
     ``cos_sin``: ``[max_pos, head_dim]``, cos then sin; caches ``[blocks, page,
-    kv_heads, head_dim]``; ``q_size``/``kv_size``: the widths of q and of k (= of v)."""
+    kv_heads, head_dim]`` (their shape gives k's and v's width); ``q_size``: q's width."""
     positions: torch.Tensor
     slots: torch.Tensor
     cos_sin: torch.Tensor
     k_cache: torch.Tensor
     v_cache: torch.Tensor
     q_size: int
-    kv_size: int
-    head_dim: int
 
 
 @triton.jit
@@ -204,15 +202,16 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     block_k = min(cfg.block_k, triton.next_power_of_2(k))
     assert send is None or x.element_size() == 2, "packets carry 16-bit values"
     if rope is not None:
-        half = rope.head_dim // 2
-        assert send is None and not silu_mul and rope.cos_sin.shape[1] == rope.head_dim
-        assert n == rope.q_size + 2 * rope.kv_size and (rope.q_size + rope.kv_size) % cfg.block_n == 0
-        assert cfg.block_n % 2 == 0 and half % (cfg.block_n // 2) == 0 and rope.cos_sin.stride(1) == 1
-        assert rope.k_cache.stride() == rope.v_cache.stride() and rope.k_cache.stride(-1) == 1
         cache = rope.k_cache
+        kv_size, head_dim = cache.shape[2] * cache.shape[3], cache.shape[3]
+        half = head_dim // 2
+        assert send is None and not silu_mul and rope.cos_sin.shape[1] == head_dim
+        assert n == rope.q_size + 2 * kv_size and (rope.q_size + kv_size) % cfg.block_n == 0
+        assert cfg.block_n % 2 == 0 and half % (cfg.block_n // 2) == 0 and rope.cos_sin.stride(1) == 1
+        assert cache.stride() == rope.v_cache.stride() and cache.stride(-1) == 1
         rope_args = (rope.cos_sin, rope.positions, rope.slots, cache, rope.v_cache,
                      rope.cos_sin.stride(0), cache.stride(0), cache.stride(1), cache.stride(2),
-                     rope.q_size, rope.kv_size)
+                     rope.q_size, kv_size)
     else:
         half = 1
         rope_args = (x,) * 5 + (0,) * 6

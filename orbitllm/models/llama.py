@@ -104,13 +104,12 @@ class Attention(nn.Module):
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata, backend: AttentionBackend):
         if self._rope_in_gemv(x, meta, backend):
-            from orbitllm.kernels.gemv import RopeWrite
-            write = RopeWrite(positions, meta.slot_mapping, self.rotary.cos_sin, kv_cache[0],
-                              kv_cache[1], self.q_size, self.kv_size, self.head_dim)
-            q = linear(x, self.qkv_proj.weight, self.qkv_proj.bias, rope=write)[:, :self.q_size]
-            o = backend.forward(q.view(-1, self.num_heads, self.head_dim), None, None, kv_cache[0],
-                                kv_cache[1], meta, self.scale, self.sliding_window, store_kv=False)
-            return self.shard.row_parallel(o.reshape(-1, self.q_size), self.o_proj.weight, ATTN_SLOT)
+            o = self._attend_rope_in_gemv(positions, x, kv_cache, meta, backend)
+        else:
+            o = self._attend(positions, x, kv_cache, meta, backend)
+        return self.shard.row_parallel(o.reshape(-1, self.q_size), self.o_proj.weight, ATTN_SLOT)
+
+    def _attend(self, positions, x, kv_cache, meta: AttentionMetadata, backend: AttentionBackend):
         qkv = linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -119,13 +118,20 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if getattr(backend, "fuses_rotary", False):   # rotated with the KV write
-            o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale,
-                                self.sliding_window, rope=(positions, self.rotary.cos_sin))
-        else:
-            q, k = self.rotary(positions, q, k)
-            o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window)
-        return self.shard.row_parallel(o.reshape(-1, self.q_size), self.o_proj.weight, ATTN_SLOT)
+            return backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale,
+                                   self.sliding_window, rope=(positions, self.rotary.cos_sin))
+        q, k = self.rotary(positions, q, k)
+        return backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window)
 
+    def _attend_rope_in_gemv(self, positions, x, kv_cache, meta: AttentionMetadata,
+                             backend: AttentionBackend):
+        """The QKV GEMV rotates q/k and writes k, v to the cache; attention reads them."""
+        from orbitllm.kernels.gemv import RopeWrite
+        write = RopeWrite(positions, meta.slot_mapping, self.rotary.cos_sin, kv_cache[0],
+                          kv_cache[1], self.q_size)
+        q = linear(x, self.qkv_proj.weight, self.qkv_proj.bias, rope=write)[:, :self.q_size]
+        return backend.forward(q.view(-1, self.num_heads, self.head_dim), None, None, kv_cache[0],
+                               kv_cache[1], meta, self.scale, self.sliding_window, store_kv=False)
 
     def _rope_in_gemv(self, x, meta: AttentionMetadata, backend: AttentionBackend) -> bool:
         """One-row decode steps may rotate q/k and write the KV cache in the QKV GEMV's
