@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import functools
 from dataclasses import replace
+from unittest.mock import patch
 
 import torch
 import torch.distributed as dist
@@ -39,16 +40,6 @@ from orbitllm.layers.linear import linear
 from orbitllm.layers.tensor_parallel import Shard
 
 
-@contextlib.contextmanager
-def patched(obj, name: str, value):
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
-
-
 def no_attention(self, q, k, v, k_cache, v_cache, meta, scale, sliding_window, rope=None):
     return q
 
@@ -64,17 +55,17 @@ def no_kv_write(self, q, k, v, k_cache, v_cache, meta, scale, sliding_window, ro
 
 
 def decode_config(*fields):
-    return patched(pa, "default_decode_config", lambda *a: pa.DecodeConfig(*fields))
+    return patch.object(pa, "default_decode_config", lambda *a: pa.DecodeConfig(*fields))
 
 
 def no_communication():
     """Every rank takes its own partial as the sum (the shapes and kernels of the
     fused path's NCCL fallback, minus the collective)."""
     stack = contextlib.ExitStack()
-    stack.enter_context(patched(Shard, "all_reduce", lambda self, x: x))
-    stack.enter_context(patched(Shard, "row_parallel",
+    stack.enter_context(patch.object(Shard, "all_reduce", lambda self, x: x))
+    stack.enter_context(patch.object(Shard, "row_parallel",
                                 lambda self, x, w, slot, silu_mul=False: linear(x, w, silu_mul=silu_mul)))
-    stack.enter_context(patched(Shard, "reduce_norm",
+    stack.enter_context(patch.object(Shard, "reduce_norm",
                                 lambda self, partial, residual, norm, slot: norm(partial, residual)))
     return stack
 
@@ -112,16 +103,16 @@ def rank_main(rank: int, size: int, init_method: str, args) -> None:
 
     base = recaptured_ms()
     say(f"{args.model}, tp={size} ({cfg.tp_all_reduce}), context {ctx}: decode graph {base:.3f} ms")
-    attention = functools.partial(patched, ta.TritonAttentionBackend, "forward")
+    attention = functools.partial(patch.object, ta.TritonAttentionBackend, "forward")
     variants = {"without attention": attention(no_attention),
                 "KV write only": attention(kv_write_only),
                 "attention, no KV write": attention(no_kv_write),
-                "rotary + KV write in the QKV GEMV": patched(llama, "rope_in_gemv", lambda: True),
-                "PDL off": patched(pdl, "_pdl_on", lambda i: False)}
+                "rotary + KV write in the QKV GEMV": patch.object(llama, "rope_in_gemv", lambda: True),
+                "PDL off": patch.object(pdl, "_pdl_on", lambda i: False)}
     if size > 1:
         variants["without communication"] = no_communication()
     for splits in (8, 32):
-        variants[f"{splits} KV splits"] = patched(pa, "choose_num_splits", lambda *a, s=splits, **k: s)
+        variants[f"{splits} KV splits"] = patch.object(pa, "choose_num_splits", lambda *a, s=splits, **k: s)
     for fields in ((64, 4, 1), (64, 2, 1), (32, 4, 1), (64, 4, 3, 1), (64, 4, 1, 1)):
         variants[f"decode config {fields}"] = decode_config(*fields)
     for name, change in variants.items():
