@@ -8,17 +8,20 @@ without communication (each rank's partial taken as the sum: timing only), with 
 fixed number of KV splits, with PDL off. Then the parts outside the graph: the LM
 head (with the logit gather under TP) and the argmax.
 
+``--shard-of N`` runs one process as rank 0 of an N-way split with every collective
+taken out: a tensor-parallel rank's shapes and kernels, timed on one GPU (the step of
+``--tp N``'s "without communication" variant).
+
 Each rank builds its shard directly (no engine, no scheduler), so every rank can
 re-capture its graph; under TP the ranks replay in lockstep (their all-reduces meet).
 
-    python benchmarks/step_parts.py [--model llama3.1-8b] [--context 768] [--tp 2]
+    python benchmarks/step_parts.py [--model llama3.1-8b] [--context 768] [--tp 2 | --shard-of 2]
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import functools
-from dataclasses import replace
 from unittest.mock import patch
 
 import torch
@@ -70,19 +73,39 @@ def no_communication():
     return stack
 
 
+def lone_shard():
+    """One rank of a split with no peers: every collective returns this rank's part."""
+    stack = no_communication()
+    stack.enter_context(patch.object(Shard, "gather_last_dim", lambda self, x: x))
+    stack.enter_context(patch.object(Shard, "broadcast", lambda self, x: x))
+    stack.enter_context(patch.object(Shard, "min_over_ranks", lambda self, value, device: value))
+    return stack
+
+
 def rank_main(rank: int, size: int, init_method: str, args) -> None:
+    if args.shard_of > 1:
+        with lone_shard():
+            measure(Shard(0, args.shard_of), "nccl", "", args)
+        return
     cfg = EngineConfig(model=args.model, load_format="dummy", max_model_len=2048, max_num_seqs=1,
                        tensor_parallel_size=size)
     # Resolved as the driver does, from the first GPU (every rank must agree).
-    cfg = replace(cfg, tp_all_reduce=resolve_tp_all_reduce(cfg, torch.device("cuda", 0)))
+    measure(Shard(rank, size), resolve_tp_all_reduce(cfg, torch.device("cuda", 0)), init_method, args)
+
+
+def measure(shard: Shard, all_reduce: str, init_method: str, args) -> None:
+    rank, size = shard.rank, shard.size
+    cfg = EngineConfig(model=args.model, load_format="dummy", max_model_len=2048, max_num_seqs=1,
+                       tensor_parallel_size=size, tp_all_reduce=all_reduce)
     device = torch.device("cuda", rank)
-    shard = Shard(rank, size)
-    if size > 1:
+    lone = args.shard_of > 1
+    if size > 1 and not lone:
         init_distributed(shard, init_method, device)
     torch.cuda.set_device(device)
     runner = build_rank_runner(cfg, shard, device)
-    sync = dist.barrier if size > 1 else (lambda: None)
+    sync = dist.barrier if size > 1 and not lone else (lambda: None)
     graphs = runner.graphs
+    graphs.with_logits = False   # the forward alone, as under TP; the LM head is timed last
     ctx = args.context   # one request whose newest token sits at position ctx - 1
     graphs.input_ids[0] = 100
     graphs.positions[0] = ctx - 1
@@ -102,14 +125,15 @@ def rank_main(rank: int, size: int, init_method: str, args) -> None:
             print(line, flush=True)
 
     base = recaptured_ms()
-    say(f"{args.model}, tp={size} ({cfg.tp_all_reduce}), context {ctx}: decode graph {base:.3f} ms")
+    setting = f"rank 0 of {size}, no communication" if lone else f"tp={size} ({cfg.tp_all_reduce})"
+    say(f"{args.model}, {setting}, context {ctx}: decode graph {base:.3f} ms")
     attention = functools.partial(patch.object, ta.TritonAttentionBackend, "forward")
     variants = {"without attention": attention(no_attention),
                 "KV write only": attention(kv_write_only),
                 "attention, no KV write": attention(no_kv_write),
                 "rotary + KV write in the QKV GEMV": patch.object(llama, "rope_in_gemv", lambda: True),
                 "PDL off": patch.object(pdl, "_pdl_on", lambda i: False)}
-    if size > 1:
+    if size > 1 and not lone:
         variants["without communication"] = no_communication()
     for splits in (8, 32):
         variants[f"{splits} KV splits"] = patch.object(pa, "choose_num_splits", lambda *a, s=splits, **k: s)
@@ -120,9 +144,9 @@ def rank_main(rank: int, size: int, init_method: str, args) -> None:
             ms = recaptured_ms()
         say(f"  {name:24} {ms:.3f} ms ({ms - base:+.3f})")
     say(f"  as is, again             {recaptured_ms():.3f} ms")
-    hidden = graphs.outputs[1]
+    hidden = graphs.outputs[1].hidden
     model = runner.model
-    say(f"  LM head{' + gather' if size > 1 else ''}: "
+    say(f"  LM head{' + gather' if size > 1 and not lone else ''}: "
         f"{us_per_call(lambda i: model.compute_logits(hidden), 8, 20, sync):.1f} us")
     logits = model.compute_logits(hidden)   # a collective under TP: every rank calls it
     if rank == 0:
@@ -130,7 +154,7 @@ def rank_main(rank: int, size: int, init_method: str, args) -> None:
         say(f"  argmax: {us_per_call(lambda i: argmax(logits), 8, 20):.1f} us")
     sync()
     runner.shutdown()
-    if size > 1:
+    if size > 1 and not lone:
         close_process_group()
 
 
@@ -139,6 +163,7 @@ def main() -> None:
     p.add_argument("--model", default="llama3.1-8b")
     p.add_argument("--context", type=int, default=768)
     p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--shard-of", type=int, default=1)
     p.add_argument("--reps", type=int, default=100)
     args = p.parse_args()
     if args.tp == 1:

@@ -120,3 +120,25 @@ def test_silu_fused_into_the_down_gemv_changes_no_bits(tiny_models, monkeypatch)
     takes = llama.takes_gemv
     monkeypatch.setattr(llama, "takes_gemv", lambda x, w: takes(x, w) and x.shape[1] == w.shape[1])
     assert _one_request_bf16(tiny_models["llama"], max_num_seqs=8) == fused
+
+
+def test_decode_graph_logits_sample_like_eager_steps(tiny_models):
+    """On one GPU the decode graph holds the LM head and the greedy argmax. Greedy rows
+    beside sampled ones (the graph's argmax is taken), then rows with banned EOS and
+    penalties (it is not): the same tokens and logprobs as steps without graphs."""
+    def params(temperature=0.0, **kw):
+        return SamplingParams(max_tokens=20, temperature=temperature, ignore_eos=True, **kw)
+    batches = [[params(), params(0.8, seed=11, logprobs=3), params(logprobs=0), params()],
+               [params(), params(0.8, seed=12), params(min_tokens=20, logprobs=1),
+                params(repetition_penalty=1.3)]]
+    results = {}
+    for name, kwargs in {"eager": dict(enforce_eager=True), "graphs": dict(max_num_seqs=8)}.items():
+        with LLM(tiny_models["llama"], dtype="float32", num_kv_blocks=128, max_model_len=1024,
+                 **kwargs) as llm:
+            assert (llm.engine.runner.graphs is not None) == (name == "graphs")
+            outs = [o.outputs[0] for ps in batches
+                    for o in llm.generate(_prompts(), ps, use_tqdm=False)]
+            assert_all_blocks_free(llm)
+        results[name] = ([o.token_ids for o in outs], [o.cumulative_logprob or 0.0 for o in outs])
+    assert results["graphs"][0] == results["eager"][0]
+    assert results["graphs"][1] == pytest.approx(results["eager"][1], abs=1e-4)

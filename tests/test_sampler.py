@@ -132,3 +132,35 @@ def test_greedy_rows_beside_sampled_rows(greedy_rows):
             assert seen == {5}
         else:
             assert len(seen) > 5   # 60 draws over 16 near-uniform tokens
+
+
+def test_precomputed_argmax_is_used_only_where_nothing_changes_the_logits():
+    """The decode graph hands the sampler its argmax. Greedy rows take it (with or
+    without logprobs, in a mixed batch too); with banned tokens or penalties the
+    sampler takes its own argmax of the changed logits."""
+    torch.manual_seed(3)
+    logits = torch.randn(4, 8)
+    ids = logits.argmax(-1)
+    sampler = Sampler(0, torch.device("cpu"))
+    greedy = SamplingParams(temperature=0)
+    assert sampler(logits.clone(), _batch(greedy, 4), ids).token_ids is ids
+    with_lps = sampler(logits.clone(), _batch(SamplingParams(temperature=0, logprobs=2), 4), ids)
+    assert with_lps.token_ids.tolist() == ids.tolist()
+    assert torch.equal(with_lps.logprobs, logits.log_softmax(-1).gather(1, ids[:, None]).squeeze(1))
+    mixed = [Request("g", [1, 2], greedy), Request("s", [1, 2], SamplingParams(temperature=1.0), seed=7)]
+    batch = SamplingBatch.build(mixed, 8, torch.device("cpu"), eos_token_ids=set())
+    sentinel = torch.tensor([5, 5])   # not an argmax: shows which rows take the given ids
+    out = sampler(logits[:2].clone(), batch, sentinel)
+    alone = Sampler(0, torch.device("cpu"))(logits[1:2].clone(), SamplingBatch.build(
+        mixed[1:], 8, torch.device("cpu"), eos_token_ids=set()))
+    assert out.token_ids.tolist() == [5, alone.token_ids.item()]
+    # The top token banned (EOS under min_tokens) or penalized: the given argmax is stale.
+    top = int(ids[0])
+    banned = [Request("b", [1, 2], SamplingParams(temperature=0, min_tokens=3))]
+    out = sampler(logits[:1].clone(), SamplingBatch.build(banned, 8, torch.device("cpu"), {top}), ids[:1])
+    assert out.token_ids.item() == int(logits[0].clone().index_fill_(0, torch.tensor([top]), -1e9).argmax())
+    penalized = [Request("p", [top], SamplingParams(temperature=0, repetition_penalty=50.0))]
+    assert logits[0, top] > 0   # so the penalty divides it 50-fold and it is no longer the top
+    out = sampler(logits[:1].clone(), SamplingBatch.build(penalized, 8, torch.device("cpu"), set()),
+                  ids[:1])
+    assert out.token_ids.item() != top

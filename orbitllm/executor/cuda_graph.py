@@ -4,12 +4,34 @@ A decode step launches hundreds of small kernels; replaying a captured graph
 removes their launch cost. Each graph reads fixed input buffers, so a batch is
 padded up to the next captured size: padded rows have ``seq_len`` 0 and slot
 -1, which the Triton kernels skip.
+
+On one GPU the graph also holds the LM head and the greedy argmax (every row of a
+decode step samples), so a greedy step launches no kernel of its own after the
+replay but the copy of its tokens to the host. Under tensor parallelism the logits
+are gathered eagerly, as in every other step.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from orbitllm.layers.attention import AttentionMetadata
+from orbitllm.layers.fused import fused_ops_for
+
+
+@dataclass
+class ForwardOutput:
+    """A forward pass's hidden states; from a decode graph on one GPU also every row's
+    logits and their argmax (else None)."""
+
+    hidden: torch.Tensor
+    logits: torch.Tensor | None = None
+    greedy_ids: torch.Tensor | None = None
+
+    def rows(self, n: int) -> "ForwardOutput":
+        cut = lambda t: None if t is None else t[:n]
+        return ForwardOutput(self.hidden[:n], cut(self.logits), cut(self.greedy_ids))
 
 
 def batch_size_ladder(max_bs: int) -> list[int]:
@@ -22,6 +44,7 @@ class DecodeGraphs:
                  max_seq_len: int) -> None:
         self.model, self.backend, self.kv_cache = model, backend, kv_cache
         self.max_seq_len = max_seq_len
+        self.with_logits = model.shard.size == 1
         device = kv_cache.device
         self.sizes = batch_size_ladder(max_bs)
         self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=device)
@@ -30,7 +53,7 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros((max_bs, max_blocks), dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
-        self.outputs: dict[int, torch.Tensor] = {}   # each graph's hidden-state output
+        self.outputs: dict[int, ForwardOutput] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     def _meta(self, bs: int) -> AttentionMetadata:
@@ -39,9 +62,14 @@ class DecodeGraphs:
             seq_lens=self.seq_lens[:bs], block_tables=self.block_tables[:bs],
             max_query_len=1, max_seq_len=self.max_seq_len)
 
-    def _forward(self, bs: int) -> torch.Tensor:
-        return self.model(self.input_ids[:bs], self.positions[:bs], self.kv_cache,
-                          self._meta(bs), self.backend)
+    def _forward(self, bs: int) -> ForwardOutput:
+        hidden = self.model(self.input_ids[:bs], self.positions[:bs], self.kv_cache,
+                            self._meta(bs), self.backend)
+        if not self.with_logits:
+            return ForwardOutput(hidden)
+        logits = self.model.compute_logits(hidden)
+        ops = fused_ops_for(logits)
+        return ForwardOutput(hidden, logits, ops.argmax(logits) if ops else logits.argmax(-1))
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -70,8 +98,8 @@ class DecodeGraphs:
     def padded_size(self, n: int) -> int | None:
         return next((s for s in self.sizes if s >= n), None)
 
-    def run(self, n: int, input_ids, positions, slots, seq_lens, block_tables) -> torch.Tensor:
-        """Copy a decode batch of ``n`` rows into the buffers, replay, return hidden[:n]."""
+    def run(self, n: int, input_ids, positions, slots, seq_lens, block_tables) -> ForwardOutput:
+        """Copy a decode batch of ``n`` rows into the buffers, replay, return its rows' outputs."""
         bs = self.padded_size(n)
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
         self.positions[:n].copy_(positions, non_blocking=True)
@@ -82,4 +110,4 @@ class DecodeGraphs:
             self.slots[n:bs].fill_(-1)
             self.seq_lens[n:bs].fill_(0)
         self.graphs[bs].replay()
-        return self.outputs[bs][:n]
+        return self.outputs[bs].rows(n)

@@ -14,7 +14,7 @@ import torch
 
 from orbitllm.engine.request import Request
 from orbitllm.engine.scheduler import SchedulerOutput
-from orbitllm.executor.cuda_graph import DecodeGraphs
+from orbitllm.executor.cuda_graph import DecodeGraphs, ForwardOutput
 from orbitllm.layers.attention import AttentionMetadata, get_attention_backend
 from orbitllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from orbitllm.models.llama import LlamaForCausalLM
@@ -160,13 +160,13 @@ class ModelRunner:
         """
         inputs = self._prepare(sched, prev)
         prev_tokens = prev.out.token_ids if inputs["fix_rows"].size else None
-        hidden, sample_rows = self._forward(inputs, prev_tokens)
+        fwd, sample_rows = self._forward(inputs, prev_tokens)
         step = LaunchedStep(inputs["sample_reqs"])
         if step.sample_reqs:
-            logits = self.model.compute_logits(hidden[sample_rows])
+            logits, greedy_ids = self._sample_logits(fwd, sample_rows, len(step.sample_reqs))
             batch = SamplingBatch.build(step.sample_reqs, logits.shape[-1], self.device,
                                         self.eos_token_ids, self.staging.upload)
-            step.out = self.sampler(logits, batch)
+            step.out = self.sampler(logits, batch, greedy_ids)
             self.model.shard.broadcast(step.out.token_ids)   # for the workers' next step
             step.host_ids = step.out.token_ids
             if self.device.type == "cuda":
@@ -175,22 +175,33 @@ class ModelRunner:
                 step.ready = torch.cuda.Event()
                 step.ready.record()
         for req, rows, targets in inputs["prompt_logprob_rows"]:
-            step.prompt_logprobs[req.request_id] = self._prompt_logprobs(req, hidden[rows], targets)
+            step.prompt_logprobs[req.request_id] = self._prompt_logprobs(req, fwd.hidden[rows], targets)
         return step
+
+    def _sample_logits(self, fwd: ForwardOutput, sample_rows: torch.Tensor,
+                       num_sampled: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The sampled rows' logits, and their argmax where the decode graph took it.
+        A decode step's rows usually all sample; one holding a one-token prompt chunk
+        does not, so then the graph's rows are picked out."""
+        if fwd.logits is None:
+            return self.model.compute_logits(fwd.hidden[sample_rows]), None
+        if num_sampled == fwd.logits.shape[0]:
+            return fwd.logits, fwd.greedy_ids
+        return fwd.logits[sample_rows], fwd.greedy_ids[sample_rows]
 
     @torch.inference_mode()
     def mirror_step(self, inputs: dict) -> None:
         """A tensor-parallel worker's half of the driver's ``launch``: the same forward
         and the same collectives in the same order (``compute_logits`` gathers land on
         the driver; the sampled ids come back, to fill the next step's pending tokens)."""
-        hidden, sample_rows = self._forward(inputs, self._prev_tokens)
+        fwd, sample_rows = self._forward(inputs, self._prev_tokens)
         self._prev_tokens = None
         if sample_rows.numel():
-            self.model.compute_logits(hidden[sample_rows])
+            self.model.compute_logits(fwd.hidden[sample_rows])
             self._prev_tokens = self.model.shard.broadcast(
                 torch.empty(sample_rows.numel(), dtype=torch.int64, device=self.device))
         for rows in inputs["logit_rows"]:
-            self.model.compute_logits(hidden[rows])
+            self.model.compute_logits(fwd.hidden[rows])
 
     def finish(self, step: "LaunchedStep") -> StepResult:
         """Wait for a launched step and read its sampled tokens (the step's one sync)."""
@@ -259,9 +270,9 @@ class ModelRunner:
         }
 
     def _forward(self, inputs: dict,
-                 prev_tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Upload the step's arrays (two copies in all) and run the model; returns the
-        hidden states and the device index of the rows to sample. ``prev_tokens``: the
+                 prev_tokens: torch.Tensor | None) -> tuple[ForwardOutput, torch.Tensor]:
+        """Upload the step's arrays (two copies in all) and run the model; returns its
+        output and the device index of the rows to sample. ``prev_tokens``: the
         previous step's sampled ids, still on the device, for the rows in ``fix_rows``."""
         input_ids, positions, slots, sample_rows, fix_rows, fix_src = self.staging.upload(
             [inputs["input_ids"], inputs["positions"], inputs["slots"], inputs["sample_rows"],
@@ -277,7 +288,7 @@ class ModelRunner:
             slot_mapping=slots, query_start_loc=qsl, seq_lens=seq_lens, block_tables=tables,
             max_query_len=inputs["max_query_len"], max_seq_len=inputs["max_seq_len"],
             query_start_loc_cpu=inputs["qsl"].tolist(), seq_lens_cpu=inputs["seq_lens"].tolist())
-        return self.model(input_ids, positions, self.kv_cache, meta, self.backend), sample_rows
+        return ForwardOutput(self.model(input_ids, positions, self.kv_cache, meta, self.backend)), sample_rows
 
     def _collect(self, result: StepResult, reqs: list[Request], out: SamplerOutput,
                  ids: list[int]) -> None:

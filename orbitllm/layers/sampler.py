@@ -23,8 +23,8 @@ _MASK64 = (1 << 63) - 1
 class SamplingBatch:
     """Per-row sampling settings as device tensors, built from the scheduled requests."""
 
-    temperature: torch.Tensor        # [B] float32 (1.0 on greedy rows)
-    greedy: torch.Tensor             # [B] bool
+    temperature: torch.Tensor | None  # [B] float32 (1.0 on greedy rows); None if all greedy
+    greedy: torch.Tensor | None       # [B] bool; None if all greedy
     top_k: torch.Tensor | None       # [B] int64, vocab size where disabled
     top_p: torch.Tensor | None       # [B] float32
     min_p: torch.Tensor | None       # [B] float32
@@ -44,19 +44,28 @@ class SamplingBatch:
         upload = upload or (lambda arrays, name: [torch.from_numpy(a).to(device) for a in arrays])
         ps = [r.params for r in reqs]
         greedy = np.fromiter((p.greedy for p in ps), bool, len(ps))
+        all_greedy = bool(greedy.all())
+        ban_rows, ban_cols = _banned(reqs, eos_token_ids)
+        banned = None
+        if ban_rows.size:
+            banned = tuple(upload([ban_rows, ban_cols], "sampling_ban"))
+        penalties = None
+        if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in ps):
+            penalties = _penalty_tensors(reqs, device)
+        nlp = max((p.logprobs for p in ps if p.logprobs is not None), default=-1)
+        if all_greedy:   # nothing else to move to the device, nor to launch
+            return cls(temperature=None, greedy=None, top_k=None, top_p=None, min_p=None,
+                       penalties=penalties, banned=banned, generators=[None] * len(ps),
+                       num_logprobs=nlp, all_greedy=True, any_greedy=True)
         floats = np.empty((3, len(ps)), np.float32)   # temperature (0: greedy), top_p, min_p
         floats[0] = [0.0 if g else p.temperature for p, g in zip(ps, greedy)]
         floats[1] = [p.top_p for p in ps]
         floats[2] = [p.min_p for p in ps]
         top_k = np.fromiter((p.top_k if p.top_k > 0 else vocab_size for p in ps), np.int64, len(ps))
-        ban_rows, ban_cols = _banned(reqs, eos_token_ids)
         (floats_d,) = upload([floats], "sampling_f32")
-        top_k_d, ban_rows_d, ban_cols_d = upload([top_k, ban_rows, ban_cols], "sampling_i64")
+        (top_k_d,) = upload([top_k], "sampling_i64")
         temp = floats_d[0]
         is_greedy = temp == 0
-        penalties = None
-        if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in ps):
-            penalties = _penalty_tensors(reqs, device)
         gens = []
         for r in reqs:
             if r.seed is None or r.params.greedy:
@@ -65,14 +74,13 @@ class SamplingBatch:
             g = torch.Generator(device=device)
             g.manual_seed((r.seed * 1_000_003 + r.num_output_tokens + r.num_pending) & _MASK64)
             gens.append(g)
-        nlp = max((p.logprobs for p in ps if p.logprobs is not None), default=-1)
         return cls(
             temperature=torch.where(is_greedy, 1.0, temp), greedy=is_greedy,
             top_k=top_k_d if any(p.top_k > 0 for p in ps) else None,
             top_p=floats_d[1] if any(p.top_p < 1 for p in ps) else None,
             min_p=floats_d[2] if any(p.min_p > 0 for p in ps) else None,
-            penalties=penalties, banned=(ban_rows_d, ban_cols_d) if ban_rows.size else None,
-            generators=gens, num_logprobs=nlp, all_greedy=bool(greedy.all()),
+            penalties=penalties, banned=banned,
+            generators=gens, num_logprobs=nlp, all_greedy=False,
             any_greedy=bool(greedy.any()))
 
 
@@ -154,7 +162,14 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch,
+                 greedy_ids: torch.Tensor | None = None) -> SamplerOutput:
+        """``greedy_ids``: ``logits.argmax(-1)`` when the caller has it already (the
+        decode graph's); used unless banned tokens or penalties change the logits."""
+        if batch.banned is not None or batch.penalties is not None:
+            greedy_ids = None
+        if batch.all_greedy and greedy_ids is not None and batch.num_logprobs < 0:
+            return SamplerOutput(greedy_ids)
         logits = logits.float()
         raw_logprobs = logits.log_softmax(-1) if batch.num_logprobs >= 0 else None
         if batch.banned is not None:
@@ -164,10 +179,11 @@ class Sampler:
             logits = apply_penalties(logits, batch.penalties)
         ops = fused_ops_for(logits)
         argmax = ops.argmax if ops is not None else (lambda x: x.argmax(-1))
+        if greedy_ids is None and batch.any_greedy:
+            greedy_ids = argmax(logits)   # a full-vocab pass
         if batch.all_greedy:
-            token_ids = argmax(logits)
+            token_ids = greedy_ids
         else:
-            greedy_ids = argmax(logits) if batch.any_greedy else None   # a full-vocab pass
             logits = logits / batch.temperature[:, None]
             logits = apply_top_k_top_p_min_p(logits, batch.top_k, batch.top_p, batch.min_p)
             probs = logits.softmax(-1)
