@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
 
-from orbitllm.kernels.fused_ops import argmax  # noqa: E402
+from orbitllm.kernels.fused_ops import argmax, gumbel_sample  # noqa: E402
 from orbitllm.kernels import (  # noqa: E402
     apply_rotary_emb,
     apply_rotary_emb_ref,
@@ -484,6 +484,56 @@ def test_argmax_matches_torch() -> None:
     assert got.dtype == torch.int64
     assert got.tolist() == x.argmax(-1).tolist() == [got[0].item(), 700, 0, 4321, n - 1, 10]
     assert argmax(x[:, ::2]).tolist() == x[:, ::2].argmax(-1).tolist()   # strided rows
+
+
+def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs.double() * counts.sum()
+    return (((counts.double() - expected) ** 2) / expected).sum().item()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_gumbel_sample_draws_from_the_softmax(temperature: float) -> None:
+    """Rows of the same logits, each with its own seed: the tokens' frequencies match
+    softmax(logits / T) (chi-square; every token at least 1.7% likely, so each expected
+    count is large enough for the test)."""
+    rows = 4000 if CUDA else 600
+    logits = torch.tensor([1.0, 0.5, 0.2, 0.0, -0.3, -0.5, 0.8, 0.6], device=DEVICE)
+    temp = torch.full((rows,), temperature, device=DEVICE)
+    seeds = torch.arange(rows, device=DEVICE) * 7919 + 12345
+    got = gumbel_sample(logits.expand(rows, -1), temp, seeds)
+    chi2 = _chi2(torch.bincount(got, minlength=8).cpu(), (logits / temperature).softmax(-1).cpu())
+    assert chi2 < 24.3, chi2   # 99.9th percentile of chi-square with 7 degrees of freedom
+
+
+def test_gumbel_sample_blocks_of_a_row_compete_fairly() -> None:
+    """Three likely tokens in the three blocks of a 5,000-token row, the rest near zero:
+    drawn in proportion 0.2 : 0.3 : 0.5 (chi-square)."""
+    rows = 2000 if CUDA else 200
+    wide = torch.full((rows, 5000), -40.0, device=DEVICE)
+    cols = [100, 2500, 4999]
+    wide[:, cols] = torch.tensor([0.2, 0.3, 0.5], device=DEVICE).log()
+    got = gumbel_sample(wide, torch.ones(rows, device=DEVICE), torch.arange(rows, device=DEVICE) + 99)
+    assert set(got.tolist()) <= set(cols)
+    counts = torch.tensor([(got == c).sum().item() for c in cols])
+    assert _chi2(counts, torch.tensor([0.2, 0.3, 0.5])) < 13.8   # 2 degrees of freedom, 99.9th
+
+
+def test_gumbel_sample_rows_depend_on_their_seed_alone() -> None:
+    """A row's draw is the same in any batch and at any row; another seed draws
+    differently; a temperature of 0 takes the argmax (bf16 logits read as they are)."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3000, device=DEVICE).to(torch.bfloat16)
+    temp = torch.tensor([1.0, 0.0, 1.0, 0.7, 0.0, 1.0], device=DEVICE)
+    seeds = torch.tensor([5, 6, 7, 8, 9, 5], device=DEVICE)
+    got = gumbel_sample(x, temp, seeds)
+    assert got[[1, 4]].tolist() == x[[1, 4]].float().argmax(-1).tolist()
+    assert got[0] == got[5] or not torch.equal(x[0], x[5])
+    for i in range(6):
+        assert gumbel_sample(x[i:i + 1], temp[i:i + 1], seeds[i:i + 1]).item() == got[i].item()
+    flipped = gumbel_sample(x.flip(0), temp.flip(0), seeds.flip(0))
+    assert flipped.flip(0).tolist() == got.tolist()
+    other = [gumbel_sample(x[:1], temp[:1], torch.tensor([s], device=DEVICE)).item() for s in range(20)]
+    assert len(set(other)) > 10   # 3,000 near-even choices: new seeds, new draws
 
 
 def rope_cache(rotary_dim: int, max_position: int, theta: float = 10000.0) -> torch.Tensor:

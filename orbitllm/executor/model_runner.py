@@ -165,7 +165,7 @@ class ModelRunner:
         if step.sample_reqs:
             logits, greedy_ids = self._sample_logits(fwd, sample_rows, len(step.sample_reqs))
             batch = SamplingBatch.build(step.sample_reqs, logits.shape[-1], self.device,
-                                        self.eos_token_ids, self.staging.upload)
+                                        self.eos_token_ids, self.staging.upload, self.sampler.rng)
             step.out = self.sampler(logits, batch, greedy_ids)
             self.model.shard.broadcast(step.out.token_ids)   # for the workers' next step
             step.host_ids = step.out.token_ids

@@ -1,9 +1,11 @@
 """Batched sampling on the device: penalties, temperature, top-k/top-p/min-p, seeds, logprobs.
 
-All rows are processed together; the only per-row Python work is drawing
-noise for rows with their own seed (one call per such row, not per token).
-Sampling uses the exponential race (argmax of p / E, E ~ Exp(1)), which draws
-exactly from p and lets seeded and unseeded rows share one code path.
+All rows are processed together. On the GPU, without top-k/top-p/min-p, one
+kernel draws every row by the Gumbel-max trick (argmax of logits / T plus Gumbel
+noise), its noise keyed by a seed per row: the request's own, else one drawn from
+the sampler's generator. Otherwise the rows go through the exponential race (argmax
+of p / E, E ~ Exp(1)) after the filters, drawing noise for each seeded row (one call
+per such row, not per token). Both draw exactly from p.
 """
 from __future__ import annotations
 
@@ -23,28 +25,33 @@ _MASK64 = (1 << 63) - 1
 class SamplingBatch:
     """Per-row sampling settings as device tensors, built from the scheduled requests."""
 
-    temperature: torch.Tensor | None  # [B] float32 (1.0 on greedy rows); None if all greedy
-    greedy: torch.Tensor | None       # [B] bool; None if all greedy
-    top_k: torch.Tensor | None       # [B] int64, vocab size where disabled
-    top_p: torch.Tensor | None       # [B] float32
-    min_p: torch.Tensor | None       # [B] float32
-    penalties: tuple | None          # (token ids [B, L] padded with -1, output mask [B, L], rep, pres, freq)
-    banned: tuple | None             # (row idx, token idx) tensors: EOS/stop ids before min_tokens
-    generators: list[torch.Generator | None]
-    num_logprobs: int                # max top-N asked (-1: none)
+    temperature: torch.Tensor | None  # [B] float32, 0 on greedy rows; None if all greedy
+    seeds: torch.Tensor | None        # [B] int64 noise seeds (the request's, else drawn); None if all greedy
+    row_seeds: list[int | None]       # the requests' own seeds per step (None: unseeded or greedy)
+    top_k: torch.Tensor | None        # [B] int64, vocab size where disabled
+    top_p: torch.Tensor | None        # [B] float32
+    min_p: torch.Tensor | None        # [B] float32
+    penalties: tuple | None           # (token ids [B, L] padded with -1, output mask [B, L], rep, pres, freq)
+    banned: tuple | None              # (row idx, token idx) tensors: EOS/stop ids before min_tokens
+    num_logprobs: int                 # max top-N asked (-1: none)
     all_greedy: bool
     any_greedy: bool
 
+    @property
+    def filtered(self) -> bool:
+        return self.top_k is not None or self.top_p is not None or self.min_p is not None
+
     @classmethod
     def build(cls, reqs: list[Request], vocab_size: int, device: torch.device,
-              eos_token_ids: set[int], upload: Callable | None = None) -> "SamplingBatch":
+              eos_token_ids: set[int], upload: Callable | None = None,
+              rng: np.random.Generator | None = None) -> "SamplingBatch":
         """``upload(arrays, name)`` moves host arrays to the device without a blocking
         copy (a pageable ``torch.tensor(..., device=cuda)`` would wait for the step
-        in flight and undo the overlap)."""
+        in flight and undo the overlap). ``rng`` draws the noise seeds of rows that
+        have none of their own (the sampler's, so a run repeats under the engine seed)."""
         upload = upload or (lambda arrays, name: [torch.from_numpy(a).to(device) for a in arrays])
         ps = [r.params for r in reqs]
         greedy = np.fromiter((p.greedy for p in ps), bool, len(ps))
-        all_greedy = bool(greedy.all())
         ban_rows, ban_cols = _banned(reqs, eos_token_ids)
         banned = None
         if ban_rows.size:
@@ -53,34 +60,29 @@ class SamplingBatch:
         if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in ps):
             penalties = _penalty_tensors(reqs, device)
         nlp = max((p.logprobs for p in ps if p.logprobs is not None), default=-1)
-        if all_greedy:   # nothing else to move to the device, nor to launch
-            return cls(temperature=None, greedy=None, top_k=None, top_p=None, min_p=None,
-                       penalties=penalties, banned=banned, generators=[None] * len(ps),
+        if greedy.all():   # nothing else to move to the device
+            return cls(temperature=None, seeds=None, row_seeds=[None] * len(ps), top_k=None,
+                       top_p=None, min_p=None, penalties=penalties, banned=banned,
                        num_logprobs=nlp, all_greedy=True, any_greedy=True)
         floats = np.empty((3, len(ps)), np.float32)   # temperature (0: greedy), top_p, min_p
         floats[0] = [0.0 if g else p.temperature for p, g in zip(ps, greedy)]
         floats[1] = [p.top_p for p in ps]
         floats[2] = [p.min_p for p in ps]
         top_k = np.fromiter((p.top_k if p.top_k > 0 else vocab_size for p in ps), np.int64, len(ps))
+        # A seeded row's noise depends on its seed and its place in the output alone.
+        row_seeds = [None if r.seed is None or r.params.greedy else
+                     (r.seed * 1_000_003 + r.num_output_tokens + r.num_pending) & _MASK64 for r in reqs]
+        rng = rng or np.random.default_rng()
+        drawn = rng.integers(0, _MASK64, len(ps), dtype=np.int64)
+        seeds = np.asarray([d if s is None else s for s, d in zip(row_seeds, drawn.tolist())], np.int64)
         (floats_d,) = upload([floats], "sampling_f32")
-        (top_k_d,) = upload([top_k], "sampling_i64")
-        temp = floats_d[0]
-        is_greedy = temp == 0
-        gens = []
-        for r in reqs:
-            if r.seed is None or r.params.greedy:
-                gens.append(None)
-                continue
-            g = torch.Generator(device=device)
-            g.manual_seed((r.seed * 1_000_003 + r.num_output_tokens + r.num_pending) & _MASK64)
-            gens.append(g)
+        top_k_d, seeds_d = upload([top_k, seeds], "sampling_i64")
         return cls(
-            temperature=torch.where(is_greedy, 1.0, temp), greedy=is_greedy,
+            temperature=floats_d[0], seeds=seeds_d, row_seeds=row_seeds,
             top_k=top_k_d if any(p.top_k > 0 for p in ps) else None,
             top_p=floats_d[1] if any(p.top_p < 1 for p in ps) else None,
             min_p=floats_d[2] if any(p.min_p > 0 for p in ps) else None,
-            penalties=penalties, banned=banned,
-            generators=gens, num_logprobs=nlp, all_greedy=False,
+            penalties=penalties, banned=banned, num_logprobs=nlp, all_greedy=False,
             any_greedy=bool(greedy.any()))
 
 
@@ -161,6 +163,7 @@ class Sampler:
     def __init__(self, seed: int, device: torch.device) -> None:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        self.rng = np.random.default_rng(seed)   # noise seeds of unseeded rows (GPU path)
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch,
                  greedy_ids: torch.Tensor | None = None) -> SamplerOutput:
@@ -168,35 +171,42 @@ class Sampler:
         decode graph's); used unless banned tokens or penalties change the logits."""
         if batch.banned is not None or batch.penalties is not None:
             greedy_ids = None
-        if batch.all_greedy and greedy_ids is not None and batch.num_logprobs < 0:
-            return SamplerOutput(greedy_ids)
-        logits = logits.float()
+        if batch.num_logprobs >= 0 or batch.banned is not None or batch.penalties is not None:
+            logits = logits.float()   # (the kernels below read 16-bit logits as they are)
         raw_logprobs = logits.log_softmax(-1) if batch.num_logprobs >= 0 else None
         if batch.banned is not None:
             # new_full fills on the device: a host tensor here would be a blocking copy.
             logits = logits.index_put(batch.banned, logits.new_full((), float("-inf")))
         if batch.penalties is not None:
             logits = apply_penalties(logits, batch.penalties)
-        ops = fused_ops_for(logits)
-        argmax = ops.argmax if ops is not None else (lambda x: x.argmax(-1))
-        if greedy_ids is None and batch.any_greedy:
-            greedy_ids = argmax(logits)   # a full-vocab pass
-        if batch.all_greedy:
-            token_ids = greedy_ids
-        else:
-            logits = logits / batch.temperature[:, None]
-            logits = apply_top_k_top_p_min_p(logits, batch.top_k, batch.top_p, batch.min_p)
-            probs = logits.softmax(-1)
-            noise = torch.empty_like(probs).exponential_(generator=self.generator)
-            for i, g in enumerate(batch.generators):
-                if g is not None:
-                    noise[i].exponential_(generator=g)
-            sampled = argmax(probs / noise)
-            token_ids = sampled if greedy_ids is None else torch.where(batch.greedy, greedy_ids, sampled)
-        out = SamplerOutput(token_ids)
+        out = SamplerOutput(self._draw(logits, batch, greedy_ids))
         if raw_logprobs is not None:
-            out.logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
+            out.logprobs = raw_logprobs.gather(1, out.token_ids[:, None]).squeeze(1)
             out.ranks = (raw_logprobs > out.logprobs[:, None]).sum(-1) + 1
             if batch.num_logprobs > 0:
                 out.top_logprobs, out.top_ids = raw_logprobs.topk(batch.num_logprobs, dim=-1)
         return out
+
+    def _draw(self, logits: torch.Tensor, batch: SamplingBatch,
+              greedy_ids: torch.Tensor | None) -> torch.Tensor:
+        ops = fused_ops_for(logits)
+        argmax = ops.argmax if ops is not None else (lambda x: x.argmax(-1))
+        if batch.all_greedy:
+            return greedy_ids if greedy_ids is not None else argmax(logits)
+        if ops is not None and not batch.filtered:
+            # On the GPU: the Gumbel-max draw in one pass over the logits (greedy rows too).
+            return ops.gumbel_sample(logits, batch.temperature, batch.seeds)
+        # The exponential race: argmax of p / E with E ~ Exp(1) draws exactly from p.
+        logits = logits.float()
+        if greedy_ids is None and batch.any_greedy:
+            greedy_ids = argmax(logits)   # a full-vocab pass
+        greedy = batch.temperature == 0
+        logits = logits / torch.where(greedy, 1.0, batch.temperature)[:, None]
+        logits = apply_top_k_top_p_min_p(logits, batch.top_k, batch.top_p, batch.min_p)
+        probs = logits.softmax(-1)
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for i, seed in enumerate(batch.row_seeds):
+            if seed is not None:
+                noise[i].exponential_(generator=torch.Generator(probs.device).manual_seed(seed))
+        sampled = argmax(probs / noise)
+        return sampled if greedy_ids is None else torch.where(greedy, greedy_ids, sampled)
