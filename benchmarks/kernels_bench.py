@@ -11,6 +11,8 @@ Every kernel is checked against a reference before it is timed (median of
 graph (as the engine runs decode), over enough copies of the inputs to defeat the
 L2 cache, so that Python launch overhead does not hide the GPU time.
 ``--sweep`` also times decode split counts and alternative prefill tiles.
+``--split-configs`` only times split decode (small batches) with the default tiles
+against the 3-stage, 4-warp-reduce tiles of larger batches.
 The table is printed and, if ``OUT`` is set, written to ``$OUT/kernels.txt``.
 
     python3 benchmarks/kernels_bench.py [--sweep]
@@ -162,6 +164,24 @@ def sweep_decode_splits() -> list[Row]:
     return rows
 
 
+def split_configs() -> list[Row]:
+    """Small batches, where the context is split: the default split tiles against the
+    3-stage tiles (and 4-warp reduce) that larger batches use, for Llama-8B's heads and
+    their half under two-way tensor parallelism."""
+    rows = []
+    for name, hq, hkv in (("llama3.1-8b", 32, 8), ("llama3.1-8b/2", 16, 4)):
+        for batch in (1, 4, 16):
+            for ctx in (768, 4096, 16384):
+                kv_bytes = 2 * batch * ctx * hkv * 128 * DTYPE.itemsize
+                cases = [decode_case(batch, ctx, hq, hkv, 128) for _ in range(copies_for(kv_bytes))]
+                err = rel_err(run_decode(*cases[0]), decode_reference(*cases[0]))
+                new = graph_ms([lambda c=c: run_decode(*c) for c in cases])
+                old = graph_ms([lambda c=c: run_decode(*c, config=DecodeConfig(64, 4, 3)) for c in cases])
+                rows.append((name, str(batch), str(ctx), f"{new * 1e3:.1f}", f"{old * 1e3:.1f}",
+                             check(f"decode {name} {batch}x{ctx}", err)))
+    return rows
+
+
 # ----------------------------------------------------------------------------- prefill
 
 
@@ -270,8 +290,13 @@ def table(title: str, header: Row, rows: list[Row]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sweep", action="store_true", help="also time alternative tile configs")
+    parser.add_argument("--split-configs", action="store_true", help="only the split decode tiles")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.split_configs:
+        print(table("split decode: default tiles against (64, 4, 3) (graph replay)", (
+            "heads", "batch", "ctx", "us", "us (64, 4, 3)", "rel err"), split_configs()))
+        return
     props = torch.cuda.get_device_properties(DEV)
     copy_gbs = copy_bandwidth_gbs()
     parts = [f"device: {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, "

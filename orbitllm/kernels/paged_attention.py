@@ -384,13 +384,19 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def default_decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:
+def default_decode_config(head_dim: int, dtype: torch.dtype, device: torch.device,
+                          short_split: bool = False) -> DecodeConfig:
     """64-key tiles, 3 stages: at or near the best of the configs swept on an H100 (batch
     64/256, contexts 1k-4k, reading KV at 96-100% of copy bandwidth); narrower tiles where
-    wide heads or float32 would overflow shared memory; tiny tiles for the CPU interpreter."""
+    wide heads or float32 would overflow shared memory; tiny tiles for the CPU interpreter.
+    ``short_split``: a split step whose programs walk at most three tiles each (small
+    batches, short contexts) takes 1 stage and a 1-warp reduce: nothing to pipeline.
+    An 8B decode step at context 768 on an H200 was 0.05 ms faster so; with longer
+    splits the 3 stages win (``kernels_bench.py --split-configs``, calls 48 and 51)."""
     if device.type != "cuda":
         return DecodeConfig(16, 4, 1)
-    return DecodeConfig(64 if head_dim * dtype.itemsize <= 512 else 32, 4, 3)
+    block_n = 64 if head_dim * dtype.itemsize <= 512 else 32
+    return DecodeConfig(block_n, 4, 1, 1) if short_split else DecodeConfig(block_n, 4, 3)
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
@@ -424,6 +430,8 @@ def paged_decode_attention(
     check_cache(k_cache, v_cache)
     cfg = config or default_decode_config(head_dim, k_cache.dtype, q.device)
     splits = num_splits or choose_num_splits(num_seqs, num_kv_heads, max_seq_len, q.device, cfg.block_n)
+    if config is None and splits > 1 and triton.cdiv(max_seq_len, splits) <= 3 * cfg.block_n:
+        cfg = default_decode_config(head_dim, k_cache.dtype, q.device, short_split=True)
     group = num_heads // num_kv_heads
     block_d = triton.next_power_of_2(head_dim)
     if splits > 1:
