@@ -288,7 +288,8 @@ class ModelRunner:
             slot_mapping=slots, query_start_loc=qsl, seq_lens=seq_lens, block_tables=tables,
             max_query_len=inputs["max_query_len"], max_seq_len=inputs["max_seq_len"],
             query_start_loc_cpu=inputs["qsl"].tolist(), seq_lens_cpu=inputs["seq_lens"].tolist())
-        return ForwardOutput(self.model(input_ids, positions, self.kv_cache, meta, self.backend)), sample_rows
+        hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
+        return ForwardOutput(hidden), sample_rows
 
     def _collect(self, result: StepResult, reqs: list[Request], out: SamplerOutput,
                  ids: list[int]) -> None:
