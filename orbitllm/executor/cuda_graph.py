@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from orbitllm.layers.attention import AttentionMetadata
-from orbitllm.layers.fused import fused_ops_for
+from orbitllm.layers.fused import argmax
 
 
 @dataclass
@@ -68,8 +68,7 @@ class DecodeGraphs:
         if not self.with_logits:
             return ForwardOutput(hidden)
         logits = self.model.compute_logits(hidden)
-        ops = fused_ops_for(logits)
-        return ForwardOutput(hidden, logits, ops.argmax(logits) if ops else logits.argmax(-1))
+        return ForwardOutput(hidden, logits, argmax(logits))
 
     @torch.inference_mode()
     def capture(self) -> None:

@@ -24,3 +24,10 @@ def _kernels() -> ModuleType | None:
 def fused_ops_for(x: torch.Tensor) -> ModuleType | None:
     """The fused-kernel module when ``x`` lives on a GPU and Triton is there, else None."""
     return _kernels() if x.is_cuda else None
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(-1)``: on a GPU by the Triton kernel (a row split over many programs),
+    else by torch."""
+    ops = fused_ops_for(x)
+    return ops.argmax(x) if ops is not None else x.argmax(-1)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from orbitllm.engine.request import Request
-from orbitllm.layers.fused import fused_ops_for
+from orbitllm.layers.fused import argmax, fused_ops_for
 
 _MASK64 = (1 << 63) - 1
 
@@ -189,10 +189,9 @@ class Sampler:
 
     def _draw(self, logits: torch.Tensor, batch: SamplingBatch,
               greedy_ids: torch.Tensor | None) -> torch.Tensor:
-        ops = fused_ops_for(logits)
-        argmax = ops.argmax if ops is not None else (lambda x: x.argmax(-1))
         if batch.all_greedy:
             return greedy_ids if greedy_ids is not None else argmax(logits)
+        ops = fused_ops_for(logits)
         if ops is not None and not batch.filtered:
             # On the GPU: the Gumbel-max draw in one pass over the logits (greedy rows too).
             return ops.gumbel_sample(logits, batch.temperature, batch.seeds)
