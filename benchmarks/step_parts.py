@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+from dataclasses import replace
 from unittest.mock import patch
 
 import torch
@@ -83,20 +84,20 @@ def lone_shard():
 
 
 def rank_main(rank: int, size: int, init_method: str, args) -> None:
-    if args.shard_of > 1:
-        with lone_shard():
-            measure(Shard(0, args.shard_of), "nccl", "", args)
-        return
+    lone = args.shard_of > 1
+    shard = Shard(0, args.shard_of) if lone else Shard(rank, size)
     cfg = EngineConfig(model=args.model, load_format="dummy", max_model_len=2048, max_num_seqs=1,
-                       tensor_parallel_size=size)
-    # Resolved as the driver does, from the first GPU (every rank must agree).
-    measure(Shard(rank, size), resolve_tp_all_reduce(cfg, torch.device("cuda", 0)), init_method, args)
+                       tensor_parallel_size=shard.size)
+    # Resolved as the driver does, from the first GPU (every rank must agree); a lone
+    # rank has no peers to map.
+    cfg = replace(cfg, tp_all_reduce="nccl" if lone else
+                  resolve_tp_all_reduce(cfg, torch.device("cuda", 0)))
+    with lone_shard() if lone else contextlib.nullcontext():
+        measure(shard, cfg, init_method, args)
 
 
-def measure(shard: Shard, all_reduce: str, init_method: str, args) -> None:
+def measure(shard: Shard, cfg: EngineConfig, init_method: str, args) -> None:
     rank, size = shard.rank, shard.size
-    cfg = EngineConfig(model=args.model, load_format="dummy", max_model_len=2048, max_num_seqs=1,
-                       tensor_parallel_size=size, tp_all_reduce=all_reduce)
     device = torch.device("cuda", rank)
     lone = args.shard_of > 1
     if size > 1 and not lone:
