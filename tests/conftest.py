@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3"]
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -54,6 +54,17 @@ def tiny_config(family: str, vocab_size: int):
     if family == "qwen3":
         return tf.Qwen3Config(**{**common, "num_key_value_heads": 1}, head_dim=32,
                               tie_word_embeddings=True)
+    if family == "gemma3":
+        # Both layer types (a 16-token window, shorter than most test prompts), both rope
+        # bases (the global one scaled), an attention scale that is not the head size's.
+        # A larger init makes every greedy step repeat the last token.
+        return tf.Gemma3TextConfig(
+            **{**common, "initializer_range": 0.02}, head_dim=32, query_pre_attn_scalar=24,
+            sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                             "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                "rope_theta": 1000000.0}},
+            architectures=["Gemma3ForCausalLM"])
     raise ValueError(family)
 
 
@@ -63,6 +74,13 @@ def build_tiny_model(family: str, path) -> str:
     torch.manual_seed(1234)
     config = tiny_config(family, len(tok))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if family == "gemma3":
+        # Gemma initializes its norms' offsets from one to zero: randomize them, so that a
+        # norm computed as ``w`` instead of ``1 + w`` (or two norms swapped) shows.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0.0, 0.5)
     model.save_pretrained(str(path), safe_serialization=True)
     return str(path)
 

@@ -16,13 +16,16 @@ import torch
 
 from orbitllm.layers.tensor_parallel import Shard
 from orbitllm.models.errors import ModelLoadError
+from orbitllm.models.gemma3 import Gemma3ForCausalLM, Gemma3Spec
 from orbitllm.models.llama import DecoderSpec, LlamaForCausalLM
 
+# Architecture name -> (spec read from the config, model class).
 SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,
-    "Qwen2ForCausalLM": LlamaForCausalLM,
-    "Qwen3ForCausalLM": LlamaForCausalLM,
+    "LlamaForCausalLM": (DecoderSpec, LlamaForCausalLM),
+    "MistralForCausalLM": (DecoderSpec, LlamaForCausalLM),
+    "Qwen2ForCausalLM": (DecoderSpec, LlamaForCausalLM),
+    "Qwen3ForCausalLM": (DecoderSpec, LlamaForCausalLM),
+    "Gemma3ForCausalLM": (Gemma3Spec, Gemma3ForCausalLM),
 }
 
 
@@ -119,9 +122,10 @@ def _check_architecture(config, source: str) -> None:
                              f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
 
 
-def build_model(ckpt: Checkpoint, shard: Shard = Shard()) -> LlamaForCausalLM:
+def build_model(ckpt: Checkpoint, shard: Shard = Shard()) -> LlamaForCausalLM | Gemma3ForCausalLM:
     arch = next(a for a in ckpt.config.architectures if a in SUPPORTED_ARCHITECTURES)
-    return SUPPORTED_ARCHITECTURES[arch](DecoderSpec.from_config(ckpt.config), shard)
+    spec_class, model_class = SUPPORTED_ARCHITECTURES[arch]
+    return model_class(spec_class.from_config(ckpt.config), shard)
 
 
 def _download(repo_id: str) -> Path:

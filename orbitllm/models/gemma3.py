@@ -1,0 +1,312 @@
+"""Gemma 3 text decoders (``Gemma3ForCausalLM``: 270M, 1B, and the text towers of the larger ones).
+
+What sets Gemma 3 apart from the Llama family, each checked against transformers:
+- RMSNorm scales by ``1 + w`` in float32 (``GemmaRMSNorm``), and every layer has four of
+  them: before and after attention, before and after the MLP (the "sandwich"), plus the
+  per-head q/k norms;
+- the embedding is multiplied by ``sqrt(hidden_size)``, rounded to the model dtype first;
+- attention scores are scaled by ``query_pre_attn_scalar ** -0.5``, not by the head size;
+- layers alternate between sliding-window attention (``layer_types``; 5 of every 6) with a
+  local rope base and full attention with the global base and the rope scaling, so the
+  model keeps one rotary table per layer type;
+- the MLP is gated GELU (tanh approximation); the LM head is the embedding (tied).
+
+Under tensor parallelism the partial sums of o_proj and down_proj go through a plain
+all-reduce: Gemma normalizes them before the residual add, which the fused peer-memory
+all-reduce + add + RMSNorm does not do, so that path is not used here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from orbitllm.layers.attention import AttentionBackend, AttentionMetadata
+from orbitllm.layers.linear import linear
+from orbitllm.layers.norm import GemmaRMSNorm
+from orbitllm.layers.rotary import RotaryEmbedding
+from orbitllm.layers.tensor_parallel import (Shard, VocabParallelEmbedding, check_shardable,
+                                             kv_heads_per_rank)
+from orbitllm.models.errors import ModelLoadError
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+@dataclass
+class Gemma3Spec:
+    """What the forward pass needs to know about a Gemma 3 checkpoint."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    query_pre_attn_scalar: float
+    tie_word_embeddings: bool
+    layer_types: list[str]                    # SLIDING or FULL, per layer
+    sliding_window: int
+    rope: dict[str, tuple[float, dict]]       # layer type -> (theta, rope parameters)
+
+    @property
+    def sliding_windows(self) -> list[int | None]:
+        return [self.sliding_window if t == SLIDING else None for t in self.layer_types]
+
+    @classmethod
+    def from_config(cls, config) -> "Gemma3Spec":
+        """From a transformers 5 ``Gemma3TextConfig`` (or the GGUF loader's equivalent):
+        rope settings live in ``rope_parameters`` keyed by layer type."""
+        _check_supported(config)
+        layer_types = list(config.layer_types)
+        if set(layer_types) - {SLIDING, FULL}:
+            raise ModelLoadError(f"layer_types: unknown attention types {sorted(set(layer_types) - {SLIDING, FULL})}")
+        params = getattr(config, "rope_parameters", None) or {}
+        rope = {}
+        for kind in (SLIDING, FULL):
+            if not isinstance(params.get(kind), dict) or "rope_theta" not in params[kind]:
+                raise ModelLoadError(f"rope_parameters: no rope_theta for {kind!r} layers")
+            rope[kind] = (float(params[kind]["rope_theta"]), params[kind])
+        return cls(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=config.head_dim,
+            rms_norm_eps=config.rms_norm_eps,
+            max_position_embeddings=config.max_position_embeddings,
+            query_pre_attn_scalar=float(config.query_pre_attn_scalar),
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", True)),
+            layer_types=layer_types,
+            sliding_window=int(config.sliding_window),
+            rope=rope,
+        )
+
+
+def _check_supported(config) -> None:
+    """Refuse, by name, the Gemma 3 options this implementation does not compute
+    (no released Gemma 3 checkpoint sets them)."""
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(config, name, None) is not None:
+            raise ModelLoadError(f"{name}={getattr(config, name)}: logit soft-capping is not supported")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ModelLoadError("use_bidirectional_attention: only causal attention is supported")
+    if getattr(config, "attention_bias", False):
+        raise ModelLoadError("attention_bias: Gemma 3 projections with biases are not supported")
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    if act != "gelu_pytorch_tanh":
+        raise ModelLoadError(f"hidden_activation {act!r}: only gelu_pytorch_tanh is supported")
+
+
+class Gemma3Rotary(nn.Module):
+    """One rotary table per layer type; ``build_cache`` fills both."""
+
+    def __init__(self, spec: Gemma3Spec) -> None:
+        super().__init__()
+        self.by_type = nn.ModuleDict({
+            kind: RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, theta, params)
+            for kind, (theta, params) in spec.rope.items()})
+
+    def build_cache(self, device: torch.device) -> None:
+        for rotary in self.by_type.values():
+            rotary.build_cache(device)
+
+
+class Gemma3Attention(nn.Module):
+    """This rank's heads: QKV column-parallel, q/k norms, rotary of the layer's type,
+    o_proj row-parallel (summed over the ranks)."""
+
+    def __init__(self, spec: Gemma3Spec, layer: int, rotary: RotaryEmbedding, shard: Shard) -> None:
+        super().__init__()
+        self.shard = shard
+        self.num_heads = spec.num_heads // shard.size
+        self.num_kv_heads = kv_heads_per_rank(spec.num_kv_heads, shard.size)
+        self.head_dim = spec.head_dim
+        self.q_size = self.num_heads * spec.head_dim
+        self.kv_size = self.num_kv_heads * spec.head_dim
+        self.qkv_proj = nn.Linear(spec.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, spec.hidden_size, bias=False)
+        self.q_norm = GemmaRMSNorm(spec.head_dim, spec.rms_norm_eps)
+        self.k_norm = GemmaRMSNorm(spec.head_dim, spec.rms_norm_eps)
+        self.rotary = rotary
+        self.scale = spec.query_pre_attn_scalar ** -0.5
+        self.sliding_window = spec.sliding_windows[layer]
+
+    def forward(self, positions, x, kv_cache, meta: AttentionMetadata, backend: AttentionBackend):
+        q, k, v = linear(x, self.qkv_proj.weight).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim))
+        k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim))
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        if getattr(backend, "fuses_rotary", False):   # rotated with the KV write
+            o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale,
+                                self.sliding_window, rope=(positions, self.rotary.cos_sin))
+        else:
+            q, k = self.rotary(positions, q, k)
+            o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window)
+        return self.shard.all_reduce(linear(o.reshape(-1, self.q_size), self.o_proj.weight))
+
+
+class Gemma3MLP(nn.Module):
+    """This rank's columns of gate/up and rows of down_proj: ``down(gelu_tanh(gate) * up)``."""
+
+    def __init__(self, spec: Gemma3Spec, shard: Shard) -> None:
+        super().__init__()
+        self.shard = shard
+        size = spec.intermediate_size // shard.size
+        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * size, bias=False)
+        self.down_proj = nn.Linear(size, spec.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = linear(x, self.gate_up_proj.weight).chunk(2, dim=-1)
+        return self.shard.all_reduce(linear(F.gelu(gate, approximate="tanh") * up, self.down_proj.weight))
+
+
+class Gemma3DecoderLayer(nn.Module):
+    def __init__(self, spec: Gemma3Spec, layer: int, rotary: RotaryEmbedding, shard: Shard) -> None:
+        super().__init__()
+        norm = lambda: GemmaRMSNorm(spec.hidden_size, spec.rms_norm_eps)  # noqa: E731
+        self.input_layernorm = norm()
+        self.self_attn = Gemma3Attention(spec, layer, rotary, shard)
+        self.post_attention_layernorm = norm()
+        self.pre_feedforward_layernorm = norm()
+        self.mlp = Gemma3MLP(spec, shard)
+        self.post_feedforward_layernorm = norm()
+
+    def forward(self, positions, x, residual, kv_cache, meta, backend):
+        """``x``: the scaled embedding (first layer, ``residual`` None) or the previous
+        layer's normalized MLP output, not yet added to the residual stream. Returns
+        this layer's normalized MLP output and the residual stream."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        attn = self.post_attention_layernorm(self.self_attn(positions, h, kv_cache, meta, backend))
+        h, residual = self.pre_feedforward_layernorm(attn, residual)
+        return self.post_feedforward_layernorm(self.mlp(h)), residual
+
+
+class Gemma3ForCausalLM(nn.Module):
+    """Decoder + LM head, with the runner-facing surface of ``LlamaForCausalLM``:
+    ``forward`` returns hidden states, ``compute_logits`` the logits of the rows the
+    sampler needs. Built for one ``shard`` of a tensor-parallel group."""
+
+    # HF name fragment -> (our fused parameter, shard index)
+    _stacked = {
+        "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, spec: Gemma3Spec, shard: Shard = Shard()) -> None:
+        super().__init__()
+        check_shardable(spec.num_heads, spec.num_kv_heads, spec.intermediate_size, shard.size)
+        shard = replace(shard, peer_reduce=None)   # see the module docstring
+        self.spec = spec
+        self.shard = shard
+        self.num_kv_heads = kv_heads_per_rank(spec.num_kv_heads, shard.size)   # in this rank's cache
+        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, shard)
+        self.rotary = Gemma3Rotary(spec)
+        self.layers = nn.ModuleList(
+            Gemma3DecoderLayer(spec, i, self.rotary.by_type[kind], shard)
+            for i, kind in enumerate(spec.layer_types))
+        self.norm = GemmaRMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = None if spec.tie_word_embeddings else nn.Linear(
+            spec.hidden_size, self.embed_tokens.rows, bias=False)
+
+    def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata,
+                backend: AttentionBackend) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        # transformers rounds the scale to the model dtype before multiplying (sqrt(640) is
+        # 25.25 in bfloat16); a host scalar, so a captured graph holds no tensor for it.
+        x = x * torch.tensor(self.spec.hidden_size ** 0.5, dtype=x.dtype).item()
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x, residual = layer(positions, x, residual, kv_cache, meta, backend)
+        return self.norm(x, residual)[0]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits of ``hidden``'s rows. Under tensor parallelism every rank must call
+        this for the same rows; the full logits land on the driver (None elsewhere)."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        logits = linear(hidden, weight)
+        if self.shard.size == 1:
+            return logits
+        full = self.shard.gather_last_dim(logits)
+        return None if full is None else full[:, :self.spec.vocab_size]
+
+    # --- checkpoint ----------------------------------------------------------------------
+
+    def _part_sizes(self, fused: str) -> list[int]:
+        s = self.spec
+        if fused == "qkv_proj":
+            q, kv = s.num_heads // self.shard.size * s.head_dim, self.num_kv_heads * s.head_dim
+            return [q, kv, kv]
+        return [s.intermediate_size // self.shard.size] * 2
+
+    def weight_slice(self, hf_name: str, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+        """(dim, start, length) of the checkpoint tensor ``hf_name`` that this rank
+        holds; None when every rank holds all of it (norms)."""
+        s, shard = self.spec, self.shard
+        q_start, q_len = shard.split(s.num_heads * s.head_dim)
+        if ".q_proj." in hf_name:
+            return 0, q_start, q_len
+        if ".k_proj." in hf_name or ".v_proj." in hf_name:
+            first_head = shard.rank * s.num_kv_heads // shard.size
+            return 0, first_head * s.head_dim, self.num_kv_heads * s.head_dim
+        if ".o_proj." in hf_name:
+            return 1, q_start, q_len
+        if ".gate_proj." in hf_name or ".up_proj." in hf_name:
+            return 0, *shard.split(s.intermediate_size)
+        if ".down_proj." in hf_name:
+            return 1, *shard.split(s.intermediate_size)
+        if hf_name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            start = self.embed_tokens.start
+            return 0, start, max(0, min(self.embed_tokens.rows, shape[0] - start))
+        return None
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+        """Copy HF-named tensors (this rank's slices) in one at a time; every parameter,
+        and every part of a fused one, must be filled."""
+        params = dict(self.named_parameters())
+        loaded: dict[str, set[int | None]] = {}
+        for hf_name, tensor in weights:
+            name, part = self._map_name(hf_name)
+            if name is None:
+                continue
+            if name not in params:
+                raise ModelLoadError(f"{source}: unexpected tensor {hf_name!r} for Gemma 3")
+            data = params[name].data
+            if self.shard.size > 1 and name in ("embed_tokens.weight", "lm_head.weight"):
+                data[tensor.shape[0]:].zero_()     # padding of the last rank's vocab part
+                target = data[:tensor.shape[0]]
+            elif part is None:
+                target = data
+            else:
+                sizes = self._part_sizes(name.split(".")[-2])
+                target = data.narrow(0, sum(sizes[:part]), sizes[part])
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise ModelLoadError(f"{source}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
+                                     f"expected {tuple(target.shape)}")
+            target.copy_(tensor)
+            loaded.setdefault(name, set()).add(part)
+        missing = sorted(n for n in params if n not in loaded or (
+            n.endswith(("qkv_proj.weight", "gate_up_proj.weight"))
+            and len(loaded[n]) != len(self._part_sizes(n.split(".")[-2]))))
+        if missing:
+            raise ModelLoadError(f"{source}: checkpoint lacks (part of) {missing[:5]}"
+                                 f"{' ...' if len(missing) > 5 else ''}")
+
+    def _map_name(self, hf_name: str) -> tuple[str | None, int | None]:
+        name = hf_name.removeprefix("model.")
+        if name == "lm_head.weight" and self.lm_head is None:
+            return None, None   # tied: the embedding is the head
+        for frag, (fused, part) in self._stacked.items():
+            if f".{frag}." in name:
+                return name.replace(frag, fused), part
+        return name, None
