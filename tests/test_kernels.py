@@ -259,6 +259,28 @@ def test_decode_sliding_window(window: int) -> None:
         assert_attention_close(decode(step, 0.125, window, splits), ref, step, FP32_REL)
 
 
+@pytest.mark.parametrize("window", [None, 20])
+def test_head_dim_256_prefill_decode_and_rotary_write(window: int | None) -> None:
+    """Gemma 3's head size (256) and group (4 query heads per KV head, as the 270M): the
+    rotary + KV write, the prefill kernel and the split decode kernel, sliding window or not."""
+    scale = 256 ** -0.5
+    step = make_step(MIXED_SEQ_LENS, MIXED_QUERY_LENS, 4, 1, 256, 16)
+    cache = rope_cache(256, 100)
+    positions = torch.randint(0, 100, (step.q.shape[0],), device=DEVICE)
+    q = step.q.clone()
+    ref_q, ref_k = apply_rotary_emb_ref(step.q, step.k, positions, cache)
+    rotary_store_kv_cache(q, step.k, step.v, step.k_cache, step.v_cache, step.meta.slot_mapping,
+                          positions, cache)
+    torch.testing.assert_close(q, ref_q, **FP32_TOL)
+    step = Step(ref_q, ref_k, step.v, step.k_cache, step.v_cache, step.meta)
+    assert_attention_close(prefill(step, scale, window), reference(step, scale, window), step, FP32_REL)
+    step = make_step([70, 9, 33], [1, 1, 1], 4, 1, 256, 16)
+    ref = reference(step, scale, window)
+    store(step)
+    for splits in (1, 3):
+        assert_attention_close(decode(step, scale, window, splits), ref, step, FP32_REL)
+
+
 def test_decode_skips_padded_sequences() -> None:
     """CUDA-graph padding: extra sequences with seq_len 0 and slot -1 stay harmless."""
     step = make_step([90, 33], [1, 1], 4, 1, 64, 16)
@@ -645,7 +667,7 @@ def test_gpu_fused_ops_bf16() -> None:
 
 
 @pytest.mark.skipif(CUDA, reason="test_gpu_engine.py covers the model on GPUs")
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
 def test_triton_backend_model_matches_torch_backend(tiny_models, family: str) -> None:
     """The model on the Triton backend (rotary fused into the KV write, prefill and
     decode kernels) in the interpreter gives the PyTorch backend's greedy tokens."""

@@ -16,7 +16,7 @@ import mmap
 import os
 import shutil
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -70,6 +70,16 @@ _DENSE_LAYER = frozenset(
     for part in ("attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 )
 _QKV_BIAS = frozenset({"attn_q.bias", "attn_k.bias", "attn_v.bias"})
+# Gemma's sandwich norms: llama.cpp calls the norm before the MLP ffn_norm, as Llama's
+# second norm, and adds the two after attention and after the MLP.
+_GEMMA3_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_GEMMA3_LAYER = _DENSE_LAYER | {
+    f"{part}.weight" for part in ("attn_q_norm", "attn_k_norm", "post_attention_norm", "post_ffw_norm")}
 # Llama 3.1's rope frequency factors: transformers' GGUF loader drops this tensor, and so do we.
 _DROPPED_TENSORS = frozenset({"rope_freqs.weight"})
 
@@ -97,6 +107,12 @@ class Qwen3GGUFConfig(PretrainedConfig):
     model_type = "qwen3"
 
 
+class Gemma3GGUFConfig(PretrainedConfig):
+    """The fields of transformers' Gemma3TextConfig (see LlamaGGUFConfig for why not that class)."""
+
+    model_type = "gemma3_text"
+
+
 @dataclass(frozen=True)
 class _Architecture:
     """What one GGUF `general.architecture` means in transformers terms."""
@@ -106,6 +122,8 @@ class _Architecture:
     layer_tensors: frozenset[str]
     optional_layer_tensors: frozenset[str]
     rotary_permuted: bool  # llama.cpp's converter interleaves the Q/K rows of this architecture
+    layer_names: dict[str, str] = field(default_factory=lambda: _LAYER_NAMES)  # GGUF part -> HF module
+    norms_store_one_plus: bool = False  # llama.cpp's converter stored Gemma's (1 + w) norm scales
 
 
 ARCHITECTURES = {
@@ -117,6 +135,10 @@ ARCHITECTURES = {
         _DENSE_LAYER | {"attn_q_norm.weight", "attn_k_norm.weight"},
         frozenset(),
         False,
+    ),
+    "gemma3": _Architecture(
+        Gemma3GGUFConfig, "Gemma3ForCausalLM", _GEMMA3_LAYER, frozenset(), False,
+        layer_names=_GEMMA3_LAYER_NAMES, norms_store_one_plus=True,
     ),
 }
 
@@ -158,8 +180,10 @@ class GGUFCheckpoint:
         self.path = resolve_gguf_file(path)
         self._cache_dir = cache_dir
         self._mmap = _map_file(self.path)
-        self.metadata, self.tensors = _parse(self.path, self._mmap)
+        self.metadata, tensors = _parse(self.path, self._mmap)
         self.architecture = _architecture(self.path, self.metadata)
+        names = ARCHITECTURES[self.architecture].layer_names
+        self.tensors = [replace(info, hf_name=_hf_name(info.gguf_name, names)) for info in tensors]
         _check_tensors(self.path, self.architecture, self.tensors, self._block_count())
         self.config = _build_config(self.path, self.architecture, self.metadata, self.tensors)
         _check_shapes(self.path, self.config, self.tensors)
@@ -233,7 +257,10 @@ class GGUFCheckpoint:
         raw = np.frombuffer(self._mmap, dtype=np.uint8, count=info.nbytes, offset=info.start)
         values = dequantize(raw.reshape(*info.shape[:-1], -1), info.ggml_type)
         tensor = torch.from_numpy(values if values.flags.writeable else values.copy())
-        if ARCHITECTURES[self.architecture].rotary_permuted:
+        arch = ARCHITECTURES[self.architecture]
+        if arch.norms_store_one_plus and info.gguf_name.endswith("norm.weight"):
+            tensor = tensor - 1  # back to the checkpoint's offset from one, as transformers loads it
+        if arch.rotary_permuted:
             if info.gguf_name.endswith((".attn_q.weight", ".attn_q.bias")):
                 tensor = _unpermute_rotary(tensor, self.config.num_attention_heads)
             elif info.gguf_name.endswith((".attn_k.weight", ".attn_k.bias")):
@@ -382,16 +409,17 @@ def _tensor_info(
         raise ModelLoadError(
             f"truncated file: tensor {name!r} needs bytes up to {start + nbytes}, the file has {file_size}", path
         )
-    return TensorInfo(name, _hf_name(name), tuple(reversed(dims)), ggml_type, start, nbytes)
+    # The Hugging Face name depends on the architecture, which is read after the table.
+    return TensorInfo(name, "", tuple(reversed(dims)), ggml_type, start, nbytes)
 
 
-def _hf_name(gguf_name: str) -> str:
+def _hf_name(gguf_name: str, layer_names: dict[str, str]) -> str:
     """The Hugging Face name of a GGUF tensor, or "" for a name this loader does not know."""
     if gguf_name in _TOP_LEVEL_NAMES:
         return _TOP_LEVEL_NAMES[gguf_name]
     parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in layer_names:
+        return f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{parts[3]}"
     return ""
 
 
@@ -450,7 +478,12 @@ def _build_config(
     by_name = {info.gguf_name: info for info in tensors}
     num_heads = required("attention.head_count")
     rope = {"rope_type": "default", "rope_theta": optional("rope.freq_base", 10000.0)}
+    rope |= _rope_scaling(path, architecture, metadata)
     arch = ARCHITECTURES[architecture]
+    if architecture == "gemma3":
+        specific = _gemma3_fields(required("block_count"), required("attention.sliding_window"), rope)
+    else:
+        specific = dict(hidden_act="silu", rope_parameters=rope)
     return arch.config_class(
         architectures=[arch.model_class],
         vocab_size=by_name["token_embd.weight"].shape[0],
@@ -460,10 +493,8 @@ def _build_config(
         num_attention_heads=num_heads,
         num_key_value_heads=optional("attention.head_count_kv", num_heads),
         head_dim=by_name["blk.0.attn_q.weight"].shape[0] // num_heads,
-        hidden_act="silu",
         max_position_embeddings=required("context_length"),
         rms_norm_eps=required("attention.layer_norm_rms_epsilon", float),
-        rope_parameters=rope | _rope_scaling(path, architecture, metadata),
         tie_word_embeddings="output.weight" not in by_name,
         attention_bias="blk.0.attn_q.bias" in by_name,
         mlp_bias=False,
@@ -471,6 +502,34 @@ def _build_config(
         eos_token_id=metadata.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=metadata.get("tokenizer.ggml.padding_token_id"),
         dtype=_natural_dtype(tensors),
+        **specific,
+    )
+
+
+# Gemma 3 settings that llama.cpp's GGUF does not store: llama.cpp and transformers both fix
+# them for the architecture (transformers' query_pre_attn_scalar default is right for every
+# released size but the 27B, whose 168 no GGUF carries).
+GEMMA3_SLIDING_PATTERN = 6  # every sixth layer attends globally, the others in the window
+GEMMA3_LOCAL_ROPE_THETA = 10000.0
+GEMMA3_QUERY_PRE_ATTN_SCALAR = 256
+
+
+def _gemma3_fields(num_layers: int, sliding_window: int, rope: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 3's own config fields: the layer pattern and one rope setting per layer type
+    (the file's base and scaling are the global layers')."""
+    return dict(
+        hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=GEMMA3_QUERY_PRE_ATTN_SCALAR,
+        sliding_window=sliding_window,
+        layer_types=["full_attention" if (i + 1) % GEMMA3_SLIDING_PATTERN == 0 else "sliding_attention"
+                     for i in range(num_layers)],
+        rope_parameters={
+            "full_attention": rope,
+            "sliding_attention": {"rope_type": "default", "rope_theta": GEMMA3_LOCAL_ROPE_THETA},
+        },
+        attn_logit_softcapping=None,
+        final_logit_softcapping=None,
+        use_bidirectional_attention=False,
     )
 
 
@@ -511,6 +570,8 @@ def _check_shapes(path: Path, config, tensors: list[TensorInfo]) -> None:
         "model.norm.weight": (hidden,),
         "input_layernorm.weight": (hidden,),
         "post_attention_layernorm.weight": (hidden,),
+        "pre_feedforward_layernorm.weight": (hidden,),
+        "post_feedforward_layernorm.weight": (hidden,),
         "q_proj.weight": (q_rows, hidden),
         "k_proj.weight": (kv_rows, hidden),
         "v_proj.weight": (kv_rows, hidden),
