@@ -8,7 +8,6 @@ unwritten, fails loudly.
 """
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 

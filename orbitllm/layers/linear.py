@@ -186,11 +186,12 @@ class RowParallelLinear(LinearBase):
     def input_part(self) -> tuple[int, int, int]:
         return *self.shard.split(self.full_input_size), self.full_input_size
 
-    def forward(self, x: torch.Tensor, act: SiluAndMul | None = None) -> torch.Tensor:
-        """``act``: ``x`` is the activation's input (an MLP's ``[gate | up]``); the decode
-        GEMV applies it as it loads ``x`` where it takes the step, so the activation's
-        own kernel does not run."""
-        silu_mul = act is not None and act.fuses_into_gemv and self.quant_method.uses_gemv(self, x)
+    def forward(self, x: torch.Tensor, act: nn.Module | None = None) -> torch.Tensor:
+        """``act``: ``x`` is the activation's input (an MLP's ``[gate | up]``). One the
+        decode GEMV can apply (``SiluAndMul``: ``fuses_into_gemv``) is applied as the
+        GEMV loads ``x`` where it takes the step, so its own kernel does not run."""
+        silu_mul = (isinstance(act, SiluAndMul) and act.fuses_into_gemv
+                    and self.quant_method.uses_gemv(self, x))
         if act is not None and not silu_mul:
             x = act(x)
         fast = self.shard.peer_reduce

@@ -10,10 +10,10 @@ from orbitllm.layers.tensor_parallel import Shard
 
 
 class RMSNorm(nn.Module):
-    """``shard``: where ``forward`` gets a ``residual``, ``x`` is a row-parallel layer's
-    partial output, summed over the ranks first: by the fused peer-memory kernel
-    (sum + add + norm in one) when the partial sits in its buffer, else by an
-    all-reduce."""
+    """``shard``: the ranks over which ``x`` is a row-parallel layer's partial output
+    where ``forward`` gets a ``residual`` (the default, one rank: ``x`` is whole). It is
+    summed over them first: by the fused peer-memory kernel (sum + add + norm in one)
+    when the partial sits in its buffer, else by an all-reduce."""
 
     def __init__(self, dim: int, eps: float, shard: Shard = Shard()) -> None:
         super().__init__()
