@@ -21,16 +21,18 @@ from dataclasses import dataclass, replace
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from orbitllm.layers.attention import AttentionBackend, AttentionMetadata
-from orbitllm.layers.linear import linear
+from orbitllm.layers.activation import GeluTanhAndMul
+from orbitllm.layers.attention import Attention, AttentionBackend, AttentionMetadata
+from orbitllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from orbitllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from orbitllm.layers.norm import GemmaRMSNorm
 from orbitllm.layers.rotary import RotaryEmbedding
-from orbitllm.layers.tensor_parallel import (Shard, VocabParallelEmbedding, check_shardable,
-                                             kv_heads_per_rank)
+from orbitllm.layers.tensor_parallel import ReduceSlot, Shard, check_shardable, kv_heads_per_rank
+from orbitllm.layers.weight_loading import CheckpointTensor
 from orbitllm.models.errors import ModelLoadError
+from orbitllm.models.weights import load_checkpoint_weights
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -120,52 +122,46 @@ class Gemma3Rotary(nn.Module):
 
 
 class Gemma3Attention(nn.Module):
-    """This rank's heads: QKV column-parallel, q/k norms, rotary of the layer's type,
-    o_proj row-parallel (summed over the ranks)."""
+    """This rank's heads: QKV column-parallel, q/k norms, the rotary of the layer's type,
+    o_proj row-parallel (summed over the ranks here: a norm, not an add, comes next)."""
 
     def __init__(self, spec: Gemma3Spec, layer: int, rotary: RotaryEmbedding, shard: Shard) -> None:
         super().__init__()
         self.shard = shard
-        self.num_heads = spec.num_heads // shard.size
-        self.num_kv_heads = kv_heads_per_rank(spec.num_kv_heads, shard.size)
+        self.qkv_proj = QKVParallelLinear(spec.hidden_size, spec.head_dim, spec.num_heads,
+                                          spec.num_kv_heads, shard)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = spec.head_dim
-        self.q_size = self.num_heads * spec.head_dim
-        self.kv_size = self.num_kv_heads * spec.head_dim
-        self.qkv_proj = nn.Linear(spec.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
-        self.o_proj = nn.Linear(self.q_size, spec.hidden_size, bias=False)
+        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, shard,
+                                        reduce_slot=ReduceSlot.ATTENTION)
         self.q_norm = GemmaRMSNorm(spec.head_dim, spec.rms_norm_eps)
         self.k_norm = GemmaRMSNorm(spec.head_dim, spec.rms_norm_eps)
-        self.rotary = rotary
-        self.scale = spec.query_pre_attn_scalar ** -0.5
-        self.sliding_window = spec.sliding_windows[layer]
+        self.attn = Attention(spec.query_pre_attn_scalar ** -0.5, rotary, spec.sliding_windows[layer])
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata, backend: AttentionBackend):
-        q, k, v = linear(x, self.qkv_proj.weight).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = self.q_norm(q.reshape(-1, self.num_heads, self.head_dim))
         k = self.k_norm(k.reshape(-1, self.num_kv_heads, self.head_dim))
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        if getattr(backend, "fuses_rotary", False):   # rotated with the KV write
-            o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale,
-                                self.sliding_window, rope=(positions, self.rotary.cos_sin))
-        else:
-            q, k = self.rotary(positions, q, k)
-            o = backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window)
-        return self.shard.all_reduce(linear(o.reshape(-1, self.q_size), self.o_proj.weight))
+        o = self.attn(positions, q, k, v, kv_cache, meta, backend)
+        return self.shard.all_reduce(self.o_proj(o.reshape(-1, self.q_size)))
 
 
 class Gemma3MLP(nn.Module):
-    """This rank's columns of gate/up and rows of down_proj: ``down(gelu_tanh(gate) * up)``."""
+    """This rank's columns of gate/up and rows of down_proj: ``down(gelu_tanh(gate) * up)``,
+    summed over the ranks."""
 
     def __init__(self, spec: Gemma3Spec, shard: Shard) -> None:
         super().__init__()
         self.shard = shard
-        size = spec.intermediate_size // shard.size
-        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * size, bias=False)
-        self.down_proj = nn.Linear(size, spec.hidden_size, bias=False)
+        self.gate_up_proj = MergedColumnParallelLinear(spec.hidden_size, [spec.intermediate_size] * 2, shard)
+        self.act_fn = GeluTanhAndMul()
+        self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, shard,
+                                           reduce_slot=ReduceSlot.MLP)
 
     def forward(self, x):
-        gate, up = linear(x, self.gate_up_proj.weight).chunk(2, dim=-1)
-        return self.shard.all_reduce(linear(F.gelu(gate, approximate="tanh") * up, self.down_proj.weight))
+        return self.shard.all_reduce(self.down_proj(self.gate_up_proj(x), act=self.act_fn))
 
 
 class Gemma3DecoderLayer(nn.Module):
@@ -193,15 +189,19 @@ class Gemma3DecoderLayer(nn.Module):
 
 
 class Gemma3ForCausalLM(nn.Module):
-    """Decoder + LM head, with the runner-facing surface of ``LlamaForCausalLM``:
-    ``forward`` returns hidden states, ``compute_logits`` the logits of the rows the
-    sampler needs. Built for one ``shard`` of a tensor-parallel group."""
+    """Decoder + LM head (a ``models.interface.CausalLM``): ``forward`` returns hidden
+    states, ``compute_logits`` the logits of the rows the sampler needs. Built for one
+    ``shard`` of a tensor-parallel group."""
 
-    # HF name fragment -> (our fused parameter, shard index)
+    # HF name fragment -> (our fused parameter, shard id)
     _stacked = {
-        "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
+
+    @classmethod
+    def from_config(cls, config, shard: Shard = Shard()) -> "Gemma3ForCausalLM":
+        return cls(Gemma3Spec.from_config(config), shard)
 
     def __init__(self, spec: Gemma3Spec, shard: Shard = Shard()) -> None:
         super().__init__()
@@ -216,8 +216,12 @@ class Gemma3ForCausalLM(nn.Module):
             Gemma3DecoderLayer(spec, i, self.rotary.by_type[kind], shard)
             for i, kind in enumerate(spec.layer_types))
         self.norm = GemmaRMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.lm_head = None if spec.tie_word_embeddings else nn.Linear(
-            spec.hidden_size, self.embed_tokens.rows, bias=False)
+        self.lm_head = None if spec.tie_word_embeddings else ParallelLMHead(
+            spec.vocab_size, spec.hidden_size, shard)
+
+    def build_caches(self, device: torch.device) -> None:
+        """Two rotary tables: the sliding layers' and the full layers'."""
+        self.rotary.build_cache(device)
 
     def forward(self, input_ids, positions, kv_caches, meta: AttentionMetadata,
                 backend: AttentionBackend) -> torch.Tensor:
@@ -233,80 +237,17 @@ class Gemma3ForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits of ``hidden``'s rows. Under tensor parallelism every rank must call
         this for the same rows; the full logits land on the driver (None elsewhere)."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = linear(hidden, weight)
-        if self.shard.size == 1:
-            return logits
-        full = self.shard.gather_last_dim(logits)
-        return None if full is None else full[:, :self.spec.vocab_size]
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return head.compute_logits(hidden)
 
-    # --- checkpoint ----------------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, CheckpointTensor]], source: str) -> None:
+        load_checkpoint_weights(self, weights, source, self._map_name)
 
-    def _part_sizes(self, fused: str) -> list[int]:
-        s = self.spec
-        if fused == "qkv_proj":
-            q, kv = s.num_heads // self.shard.size * s.head_dim, self.num_kv_heads * s.head_dim
-            return [q, kv, kv]
-        return [s.intermediate_size // self.shard.size] * 2
-
-    def weight_slice(self, hf_name: str, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
-        """(dim, start, length) of the checkpoint tensor ``hf_name`` that this rank
-        holds; None when every rank holds all of it (norms)."""
-        s, shard = self.spec, self.shard
-        q_start, q_len = shard.split(s.num_heads * s.head_dim)
-        if ".q_proj." in hf_name:
-            return 0, q_start, q_len
-        if ".k_proj." in hf_name or ".v_proj." in hf_name:
-            first_head = shard.rank * s.num_kv_heads // shard.size
-            return 0, first_head * s.head_dim, self.num_kv_heads * s.head_dim
-        if ".o_proj." in hf_name:
-            return 1, q_start, q_len
-        if ".gate_proj." in hf_name or ".up_proj." in hf_name:
-            return 0, *shard.split(s.intermediate_size)
-        if ".down_proj." in hf_name:
-            return 1, *shard.split(s.intermediate_size)
-        if hf_name.endswith(("embed_tokens.weight", "lm_head.weight")):
-            start = self.embed_tokens.start
-            return 0, start, max(0, min(self.embed_tokens.rows, shape[0] - start))
-        return None
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
-        """Copy HF-named tensors (this rank's slices) in one at a time; every parameter,
-        and every part of a fused one, must be filled."""
-        params = dict(self.named_parameters())
-        loaded: dict[str, set[int | None]] = {}
-        for hf_name, tensor in weights:
-            name, part = self._map_name(hf_name)
-            if name is None:
-                continue
-            if name not in params:
-                raise ModelLoadError(f"{source}: unexpected tensor {hf_name!r} for Gemma 3")
-            data = params[name].data
-            if self.shard.size > 1 and name in ("embed_tokens.weight", "lm_head.weight"):
-                data[tensor.shape[0]:].zero_()     # padding of the last rank's vocab part
-                target = data[:tensor.shape[0]]
-            elif part is None:
-                target = data
-            else:
-                sizes = self._part_sizes(name.split(".")[-2])
-                target = data.narrow(0, sum(sizes[:part]), sizes[part])
-            if tuple(target.shape) != tuple(tensor.shape):
-                raise ModelLoadError(f"{source}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
-                                     f"expected {tuple(target.shape)}")
-            target.copy_(tensor)
-            loaded.setdefault(name, set()).add(part)
-        missing = sorted(n for n in params if n not in loaded or (
-            n.endswith(("qkv_proj.weight", "gate_up_proj.weight"))
-            and len(loaded[n]) != len(self._part_sizes(n.split(".")[-2]))))
-        if missing:
-            raise ModelLoadError(f"{source}: checkpoint lacks (part of) {missing[:5]}"
-                                 f"{' ...' if len(missing) > 5 else ''}")
-
-    def _map_name(self, hf_name: str) -> tuple[str | None, int | None]:
+    def _map_name(self, hf_name: str) -> tuple[str, object] | None:
         name = hf_name.removeprefix("model.")
         if name == "lm_head.weight" and self.lm_head is None:
-            return None, None   # tied: the embedding is the head
-        for frag, (fused, part) in self._stacked.items():
+            return None   # tied: the embedding is the head
+        for frag, (fused, shard_id) in self._stacked.items():
             if f".{frag}." in name:
-                return name.replace(frag, fused), part
+                return name.replace(frag, fused), shard_id
         return name, None
