@@ -138,6 +138,7 @@ def _offline(llm: LLM, prompt, **params):
 
 def test_models_health_version(server, client):
     assert [m.id for m in client.models.list()] == [MODEL]
+    assert client.models.list().data[0].root == MODEL   # a name, never the server's path
     assert httpx.get(server.url + "/health").status_code == 200
     import orbitllm
     assert httpx.get(server.url + "/version").json() == {"version": orbitllm.__version__}
@@ -453,7 +454,7 @@ def test_sigterm_finishes_in_flight_refuses_new_exits_zero(model_path, tmp_path)
     srv = ServerProcess(model_path, tmp_path, "--shutdown-timeout", str(deadline_s),
                         "--max-model-len", "2048").wait_ready()
     results: dict[int, list[str]] = {}
-    all_started = threading.Barrier(5)
+    all_started = threading.Barrier(6)
 
     def stream(i: int, max_tokens: int, n: int = 1) -> None:
         body = {"model": MODEL, "prompt": PROMPTS[i], "max_tokens": max_tokens,
@@ -472,6 +473,18 @@ def test_sigterm_finishes_in_flight_refuses_new_exits_zero(model_path, tmp_path)
 
     threads = [threading.Thread(target=stream, args=(i, 30)) for i in range(3)]
     threads.append(threading.Thread(target=stream, args=(3, 2000, 8)))   # past the deadline
+    plain: list[httpx.Response] = []
+
+    def post_plain() -> None:
+        post = threading.Thread(target=lambda: plain.append(httpx.post(
+            srv.v1 + "/completions", timeout=60, json={"model": MODEL, "prompt": PROMPTS[4],
+                                                       "max_tokens": 2000, "n": 8, "ignore_eos": True})))
+        post.start()
+        time.sleep(0.5)   # admitted before the signal
+        all_started.wait()
+        post.join(60)
+
+    threads.append(threading.Thread(target=post_plain))
     [t.start() for t in threads]
     all_started.wait(timeout=60)
     srv.proc.send_signal(signal.SIGTERM)
@@ -492,6 +505,7 @@ def test_sigterm_finishes_in_flight_refuses_new_exits_zero(model_path, tmp_path)
     # The long one is cut at the deadline, and its client is told so.
     assert results[3][-1] == "[DONE]", (results[3][-3:], srv.output()[-3000:])
     assert json.loads(results[3][-2])["error"]["code"] == "server_shutdown"
+    assert plain[0].status_code == 503 and plain[0].json()["error"]["code"] == "server_shutdown"
     srv.stop()
 
 
