@@ -165,6 +165,10 @@ HOSTILE = [
      400, "chat_template"),
     ("prompt far over the context", "/completions",
      json.dumps({"prompt": "x " * 400_000}), 400, "prompt"),
+    ("deeply nested body", "/completions",
+     '{"prompt": ' + "[" * 50000 + "]" * 50000 + "}", 400, None),
+    ("an integer of 100,000 digits", "/completions", '{"prompt": "hi", "n": ' + "9" * 100000 + "}", 400, None),
+    ("too many prompts", "/completions", json.dumps({"prompt": [[5, 6]] * 5000}), 400, "prompt"),
     ("body over the size limit", "/completions",
      json.dumps({"prompt": "x" * (TOO_BIG + 10)}), 413, None),
 ]

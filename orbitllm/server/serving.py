@@ -101,6 +101,7 @@ class ServerSettings:
     max_stream_buffer: int = 1024          # outputs a stream may hold unread ...
     stream_stall_timeout: float = 60.0     # ... or seconds its oldest may wait, then abort
     idle_connection_timeout: float = 5.0   # a connection with no request is closed after it
+    max_sequences_per_request: int = 256   # prompts x n of one completions call
 
 
 @dataclass
@@ -458,17 +459,21 @@ class OpenAIServing:
         arrival = time.monotonic()
         model = self._check_model(body.model)
         params = self._params(body)
-        prompts = await self._completion_prompts(body.prompt)
+        prompts = await self._completion_prompts(body.prompt, params.n)
         fmt = CompletionFormatter(f"cmpl-{uuid.uuid4().hex}", model, body, prompts, self.tokenizer)
         return await self._run(body, request, prompts, params, fmt, arrival)
 
-    async def _completion_prompts(self, prompt) -> list[PromptInput]:
+    async def _completion_prompts(self, prompt, n: int) -> list[PromptInput]:
         if isinstance(prompt, str):
             prompt = [prompt]
         elif prompt and isinstance(prompt[0], int):
             prompt = [prompt]
         if not prompt:
             raise APIError(400, "prompt: must not be empty", param="prompt")
+        limit = self.settings.max_sequences_per_request
+        if len(prompt) * n > limit:
+            raise APIError(400, f"prompt: {len(prompt)} prompts x n={n} asks for more than this "
+                                f"server's {limit} sequences per request", param="prompt")
         texts = [p for p in prompt if isinstance(p, str)]
         for text in texts:
             self._check_text_size("prompt", text)
