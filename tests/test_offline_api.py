@@ -154,7 +154,7 @@ def test_incremental_detokenization_of_multibyte_text(llm):
 
 
 def test_priority_runs_urgent_requests_first(tiny_models):
-    small = LLM(tiny_models["qwen2"], num_kv_blocks=64, max_num_seqs=1)
+    small = LLM(tiny_models["qwen2"], num_kv_blocks=64, max_num_seqs=1, scheduling_policy="priority")
     params = SamplingParams(max_tokens=2, **GREEDY)
     for i, prio in enumerate([5, 0, 9]):
         small.engine.add_request(f"r{i}", {"prompt_token_ids": [5, 6, 7]}, params, priority=prio)

@@ -16,7 +16,7 @@ from orbitllm.engine.scheduler import Scheduler, SchedulerOutput
 from orbitllm.executor.model_runner import LaunchedStep, ModelRunner, StepResult
 from orbitllm.executor.setup import EngineParts, build_engine_parts
 from orbitllm.outputs import CompletionOutput, Logprob, RequestOutput
-from orbitllm.sampling_params import SamplingParams
+from orbitllm.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, check_text
 
 
 @dataclass
@@ -64,10 +64,9 @@ class LLMEngine:
         params = params or SamplingParams()
         if request_id in self._groups:
             raise ValueError(f"request_id: {request_id!r} is already running")
+        self.check_params(params, priority)
         text, ids = self._tokenize(prompt)
         self._validate(ids, params)
-        if params.stop_strings and self.tokenizer is None:
-            raise ValueError("stop: stop strings need a tokenizer")
         if params.max_tokens is None:
             params = _with_max_tokens(params, self.max_model_len - len(ids))
         children, detoks = [], []
@@ -90,6 +89,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("prompt: this engine has no tokenizer; pass prompt_token_ids")
+            check_text("prompt", prompt)
             return prompt, self.tokenizer.encode(prompt) if prompt else []
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
@@ -101,19 +101,37 @@ class LLMEngine:
             return None, list(prompt)
         raise ValueError(f"prompt: expected a string, token ids or a dict, got {type(prompt).__name__}")
 
+    def check_params(self, params: SamplingParams, priority: int = 0) -> None:
+        """What ``SamplingParams`` cannot check alone (it does not know the model):
+        raises ValueError naming the field. Cheap and thread-safe, so the server runs
+        it before it builds anything per choice."""
+        if params.n > self.config.max_n:
+            raise ValueError(f"n: at most {self.config.max_n} choices per request (max_n), got {params.n}")
+        if isinstance(priority, bool) or not isinstance(priority, int) or not INT64_MIN <= priority <= INT64_MAX:
+            raise ValueError(f"priority: must be an integer that fits in 64 bits, got {priority!r}")
+        if priority and self.config.scheduling_policy != "priority":
+            raise ValueError(f"priority: {priority} asked for, but the engine schedules first come, "
+                             "first served (start it with scheduling_policy='priority')")
+        bad = next((t for t in params.stop_token_ids if t >= self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"stop_token_ids: {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(params, name)
+            if n is not None and n > self.vocab_size:
+                raise ValueError(f"{name}: {n} exceeds the vocabulary size {self.vocab_size}")
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop: stop strings need a tokenizer")
+
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
             raise ValueError("prompt: must not be empty")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt: {len(ids)} tokens, but max_model_len is {self.max_model_len} "
                              "(the prompt must leave room for at least one generated token)")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt_token_ids: {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        for name in ("logprobs", "prompt_logprobs"):
-            n = getattr(params, name)
-            if n is not None and n > self.vocab_size:
-                raise ValueError(f"{name}: {n} exceeds the vocabulary size {self.vocab_size}")
+        bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int)
+                    or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt_token_ids: {bad!r} is outside the vocabulary (0..{self.vocab_size - 1})")
 
     def abort_request(self, request_id: str) -> None:
         group = self._groups.pop(request_id, None)
