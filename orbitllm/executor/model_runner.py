@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from orbitllm.engine.step_data import ScheduledRequest, SchedulerOutput
+from orbitllm.engine.step_data import SchedulerOutput
 from orbitllm.executor.cuda_graph import DecodeGraphs, ForwardOutput
-from orbitllm.executor.step_inputs import PromptLogprobGroup, StepInputs, StepSampling
+from orbitllm.executor.step_inputs import PromptLogprobGroup, StepInputs
 from orbitllm.layers.attention import AttentionMetadata, get_attention_backend
 from orbitllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRows
 from orbitllm.models.llama import LlamaForCausalLM
@@ -222,58 +222,9 @@ class ModelRunner:
         return result
 
     def prepare(self, sched: SchedulerOutput, prev: "LaunchedStep | None" = None) -> StepInputs:
-        """Flatten the step into host arrays (vectorized: the per-request work is a
-        few attribute reads and one list extend). ``prev``: the step in flight, whose
-        sampled ids feed the inputs still pending."""
-        scheduled = sched.scheduled
-        B = len(scheduled)
-        starts = np.fromiter((s.num_computed_tokens for s in scheduled), np.int64, B)
-        qlens = np.fromiter((s.num_new_tokens for s in scheduled), np.int64, B)
-        num_sampled = np.fromiter((s.num_sampled for s in scheduled), np.int64, B)
-        ends = starts + qlens
-        qsl = np.zeros(B + 1, np.int64)
-        np.cumsum(qlens, out=qsl[1:])
-        T = int(qsl[-1])
-        tokens: list[int] = []
-        pending_rows: list[int] = []   # rows whose token is still on the device (sampled by prev)
-        pending_src: list[int] = []    # and their index among prev's sampled ids
-        prompt_rows: list[int] = []
-        groups: list[PromptLogprobGroup] = []
-        for s in scheduled:
-            if s.prompt_logprob_targets is not None:
-                targets = s.prompt_logprob_targets
-                prompt_rows += range(len(tokens), len(tokens) + len(targets))
-                groups.append(PromptLogprobGroup(s.request_id, s.params.prompt_logprobs, targets))
-            tokens += s.token_ids
-            missing = s.num_new_tokens - len(s.token_ids)
-            if missing:   # the last positions: what prev sampled for this request
-                src = prev.rows_of[s.request_id]
-                pending_rows += range(len(tokens), len(tokens) + missing)
-                pending_src += src[len(src) - missing:]
-                tokens += [0] * missing
-        positions = np.repeat(starts - qsl[:-1], qlens) + np.arange(T)
-        width = max(len(s.block_ids) for s in scheduled)
-        table = np.zeros((B, width), np.int32)
-        for i, s in enumerate(scheduled):
-            table[i, :len(s.block_ids)] = s.block_ids
-        seq_of_row = np.repeat(np.arange(B), qlens)
-        bs = self.block_size
-        slots = table[seq_of_row, positions // bs].astype(np.int64) * bs + positions % bs
-        # Sequence i samples its last num_sampled[i] rows.
-        S = int(num_sampled.sum())
-        first_of_seq = np.repeat(np.cumsum(num_sampled) - num_sampled, num_sampled)
-        sample_rows = np.repeat(qsl[1:] - num_sampled, num_sampled) + np.arange(S) - first_of_seq
-        seq_lens = ends.astype(np.int32)
-        return StepInputs(
-            input_ids=np.asarray(tokens, dtype=np.int64), positions=positions, slots=slots,
-            query_start_loc=qsl.astype(np.int32), seq_lens=seq_lens, block_tables=table,
-            sample_rows=sample_rows, pending_rows=np.asarray(pending_rows, np.int64),
-            pending_src=np.asarray(pending_src, np.int64),
-            prompt_rows=np.asarray(prompt_rows, np.int64),
-            prompt_counts=np.asarray([len(g.targets) for g in groups], np.int64),
-            max_query_len=int(qlens.max()), max_seq_len=int(seq_lens.max()),
-            sampling=StepSampling(_sampling_rows([s for s in scheduled if s.num_sampled], S),
-                                  groups))
+        """The step's inputs; ``prev``: the step in flight, whose sampled ids feed
+        the inputs still pending."""
+        return StepInputs.build(sched, self.block_size, prev.rows_of if prev is not None else None)
 
     def _forward(self, inputs: StepInputs,
                  prev_tokens: torch.Tensor | None) -> tuple[ForwardOutput, torch.Tensor]:
@@ -327,16 +278,3 @@ class ModelRunner:
             out.append((t, chosen[j].item(), int(ranks[j]), tops))
         return out
 
-
-def _sampling_rows(sampled: list[ScheduledRequest], num_rows: int) -> SamplingRows:
-    """One row per sampled position, in batch order: a sequence's k-th sampled row
-    draws its output token ``num_output_tokens + k``. Rows with penalties carry the
-    sequence's history as it stood when the step was scheduled."""
-    seqs = sampled if len(sampled) == num_rows else [
-        s for s in sampled for _ in range(s.num_sampled)]
-    index = [s.num_output_tokens for s in seqs] if seqs is sampled else [
-        s.num_output_tokens + k for s in sampled for k in range(s.num_sampled)]
-    return SamplingRows(
-        request_ids=[s.request_id for s in seqs], params=[s.params for s in seqs],
-        seeds=[s.seed for s in seqs], output_index=index,
-        histories=[s.history for s in seqs], num_prompt_tokens=[s.num_prompt_tokens for s in seqs])

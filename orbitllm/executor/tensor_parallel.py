@@ -92,7 +92,7 @@ class StepChannel:
 
     CAPACITY = 1 << 13
     ARRAYS = [(f.name, f.metadata["wire"]) for f in fields(StepInputs)
-              if f.metadata.get("wire", int) is not int]
+              if f.metadata.get("wire") not in (None, int)]
     INTS = [f.name for f in fields(StepInputs) if f.metadata.get("wire") is int]
     HEADER = 2 + len(INTS) + 2 * len(ARRAYS)   # command, total, ints, (rows, columns) each
     STEP, STOP = 1, 0
@@ -102,14 +102,7 @@ class StepChannel:
         self.buffer = torch.zeros(self.CAPACITY, dtype=torch.int64)
 
     def send(self, inputs: StepInputs) -> None:
-        arrays = [getattr(inputs, name) for name, _ in self.ARRAYS]
-        total = self.HEADER + sum(a.size for a in arrays)
-        # A 1-D array's column count is -1.
-        shapes = [d for a in arrays for d in (a.shape if a.ndim == 2 else (a.shape[0], -1))]
-        header = np.asarray([self.STEP, total] + [getattr(inputs, n) for n in self.INTS] + shapes,
-                            np.int64)
-        packed = np.concatenate([header] + [a.astype(np.int64, copy=False).ravel() for a in arrays])
-        self._broadcast(packed)
+        self._broadcast(self.pack(inputs))
 
     def send_stop(self) -> None:
         header = np.zeros(self.HEADER, np.int64)
@@ -128,19 +121,33 @@ class StepChannel:
         the driver stops."""
         dist.broadcast(self.buffer, 0, group=self.group)
         packed = self.buffer.numpy()
-        header = packed[:self.HEADER].tolist()
-        cmd, total = header[:2]
+        cmd, total = packed[:2].tolist()
         if cmd == self.STOP:
             return None
         if total > self.CAPACITY:
             tail = torch.empty(total - self.CAPACITY, dtype=torch.int64)
             dist.broadcast(tail, 0, group=self.group)
             packed = np.concatenate([packed, tail.numpy()])
-        body = packed[self.HEADER:total].copy()
-        values = dict(zip(self.INTS, header[2:2 + len(self.INTS)]))
-        shapes = header[2 + len(self.INTS):]
+        return self.unpack(packed[:total])
+
+    @classmethod
+    def pack(cls, inputs: StepInputs) -> np.ndarray:
+        arrays = [getattr(inputs, name) for name, _ in cls.ARRAYS]
+        total = cls.HEADER + sum(a.size for a in arrays)
+        # A 1-D array's column count is -1.
+        shapes = [d for a in arrays for d in (a.shape if a.ndim == 2 else (a.shape[0], -1))]
+        header = np.asarray([cls.STEP, total] + [getattr(inputs, n) for n in cls.INTS] + shapes,
+                            np.int64)
+        return np.concatenate([header] + [a.astype(np.int64, copy=False).ravel() for a in arrays])
+
+    @classmethod
+    def unpack(cls, packed: np.ndarray) -> StepInputs:
+        header = packed[:cls.HEADER].tolist()
+        body = packed[cls.HEADER:].copy()   # the arrays must outlive the receive buffer
+        values = dict(zip(cls.INTS, header[2:2 + len(cls.INTS)]))
+        shapes = header[2 + len(cls.INTS):]
         offset = 0
-        for i, (name, dtype) in enumerate(self.ARRAYS):
+        for i, (name, dtype) in enumerate(cls.ARRAYS):
             rows, cols = shapes[2 * i], shapes[2 * i + 1]
             size = rows * cols if cols >= 0 else rows
             array = body[offset:offset + size].astype(dtype, copy=False)
