@@ -30,8 +30,8 @@ def test_step_flops_match_the_shapes(tiny_models, family):
     assert flops.head_per_row == 2 * spec.vocab_size * h
 
     # A chunk of 5 new tokens after 7 computed ones, and a decode token after 20.
-    chunk = SimpleNamespace(num_new_tokens=5, request=SimpleNamespace(num_computed_tokens=12))
-    decode = SimpleNamespace(num_new_tokens=1, request=SimpleNamespace(num_computed_tokens=21))
+    chunk = SimpleNamespace(num_new_tokens=5, num_computed_tokens=7)
+    decode = SimpleNamespace(num_new_tokens=1, num_computed_tokens=20)
     pairs = sum(7 + i + 1 for i in range(5)) + 21
     want = flops.dense_per_token * 6 + flops.attn_per_pair * pairs + 2 * flops.head_per_row
     assert flops.step([chunk, decode]) == pytest.approx(want)

@@ -2,7 +2,9 @@
 
 One step reads top to bottom: the scheduler picks requests and token counts,
 the model runner computes them and samples, and postprocessing appends tokens,
-detokenizes, checks stop conditions and frees finished requests' blocks.
+detokenizes, checks stop conditions and frees finished requests' blocks. The
+runner sees plain step data (``step_data``); the engine keeps each in-flight
+step's Requests beside it to map the runner's results back by request id.
 """
 from __future__ import annotations
 
@@ -12,11 +14,22 @@ from dataclasses import dataclass, field, replace
 from orbitllm.config import EngineConfig
 from orbitllm.engine.detokenizer import IncrementalDetokenizer
 from orbitllm.engine.request import Request, RequestStatus
-from orbitllm.engine.scheduler import Scheduler, SchedulerOutput
-from orbitllm.executor.model_runner import LaunchedStep, ModelRunner, StepResult
+from orbitllm.engine.scheduler import Scheduler
+from orbitllm.engine.step_data import SchedulerOutput
+from orbitllm.executor.model_runner import LaunchedStep, ModelRunner
 from orbitllm.executor.setup import EngineParts, build_engine_parts
 from orbitllm.outputs import CompletionOutput, Logprob, RequestOutput
 from orbitllm.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, check_text
+
+
+@dataclass
+class _InFlight:
+    """A launched step: its plain data, the engine's Requests in the same order, and
+    the runner's handle on the device work."""
+
+    sched: SchedulerOutput
+    requests: list[Request]
+    launched: LaunchedStep
 
 
 @dataclass
@@ -51,10 +64,10 @@ class LLMEngine:
         # Overlap: schedule and launch step n+1 before reading step n's tokens (GPU only;
         # on CPU the "device" is this thread, so there is nothing to overlap with).
         self.overlap = config.async_scheduling and self.runner.device.type == "cuda"
-        self._inflight: tuple[SchedulerOutput, LaunchedStep] | None = None
+        self._inflight: _InFlight | None = None
         self._groups: dict[str, _Group] = {}
         self._child_group: dict[str, _Group] = {}
-        self.last_scheduled = None   # the last step's SchedulerOutput, for stats
+        self.last_scheduled: SchedulerOutput | None = None   # the last step's, for stats
 
     # ---- requests in -------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int] | dict,
@@ -153,25 +166,25 @@ class LLMEngine:
         postprocesses step n while the device runs n+1. Requests that need their
         latest token on the host (penalties, prompt logprobs) drain the pipeline first.
         """
-        sched = self.scheduler.schedule()
-        self.last_scheduled = sched
+        schedule = self.scheduler.schedule()
         outputs: list[RequestOutput] = []
-        if sched.is_empty:
+        if schedule.is_empty:
+            self.last_scheduled = SchedulerOutput()
             return self._drain()
-        if self._inflight is not None and _needs_host_tokens(sched):
+        if self._inflight is not None and schedule.needs_host_tokens:
             outputs += self._drain()
-        prev = self._inflight[1] if self._inflight is not None else None
+        # Built after any drain: it copies the tokens the host knows now.
+        sched = self.last_scheduled = schedule.step_data()
+        prev = self._inflight.launched if self._inflight is not None else None
         launched = self.runner.launch(sched, prev)
         now = time.monotonic()
-        for s in sched.scheduled:
-            req = s.request
+        for s, req in zip(sched.scheduled, schedule.requests):
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
             req.num_computed_tokens += s.num_new_tokens
-        for req in launched.sample_reqs:
-            req.num_pending += 1
+            req.num_pending += s.num_sampled
         outputs += self._drain()
-        self._inflight = (sched, launched)
+        self._inflight = _InFlight(sched, schedule.requests, launched)
         if not self.overlap:
             outputs += self._drain()
         return outputs
@@ -180,23 +193,26 @@ class LLMEngine:
         """Read back the step in flight (if any) and postprocess it."""
         if self._inflight is None:
             return []
-        sched, launched = self._inflight
-        self._inflight = None
-        result = self.runner.finish(launched)
-        for req in launched.sample_reqs:
-            req.num_pending -= 1
+        step, self._inflight = self._inflight, None
+        result = self.runner.finish(step.launched)
         touched: dict[str, _Group] = {}
         now = time.monotonic()
-        for s in sched.scheduled:
-            req = s.request
+        for s, req in zip(step.sched.scheduled, step.requests):
+            req.num_pending -= s.num_sampled
             group = self._child_group.get(req.request_id)
             if group is None or req.is_finished:
                 continue
             touched[group.request_id] = group
-            if req.request_id in result.prompt_logprobs:
-                self._add_prompt_logprobs(req, result.prompt_logprobs[req.request_id])
-            if req.request_id in result.sampled:
-                self._append_token(req, group, result, now)
+            rid = req.request_id
+            if rid in result.prompt_logprobs:
+                self._add_prompt_logprobs(req, result.prompt_logprobs[rid])
+            tokens = result.sampled.get(rid)
+            if tokens is not None:
+                logprobs = result.logprobs.get(rid)
+                for k, token in enumerate(tokens):
+                    if req.is_finished:   # a stop among several tokens drops the rest
+                        break
+                    self._append_token(req, group, token, logprobs[k] if logprobs else None, now)
         outputs = []
         for g in touched.values():
             finished = g.finished
@@ -208,13 +224,14 @@ class LLMEngine:
                     self._child_group.pop(c.request_id, None)
         return outputs
 
-    def _append_token(self, req: Request, group: _Group, result: StepResult, now: float) -> None:
-        token = result.sampled[req.request_id]
+    def _append_token(self, req: Request, group: _Group, token: int, logprob: tuple | None,
+                      now: float) -> None:
+        """``logprob``: (the token's logprob, its rank, [(top id, top logprob), ...]), if asked."""
         req.output_token_ids.append(token)
         if req.first_token_time is None:
             req.first_token_time = now
-        if req.request_id in result.logprobs:
-            lp, rank, tops = result.logprobs[req.request_id]
+        if logprob is not None:
+            lp, rank, tops = logprob
             req.cumulative_logprob += lp
             entry = {tid: Logprob(l, r + 1, self._piece(tid)) for r, (tid, l) in enumerate(tops)}
             entry[token] = Logprob(lp, rank, self._piece(token))
@@ -290,17 +307,6 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stop tensor-parallel workers now (otherwise at interpreter exit)."""
         self.runner.shutdown()
-
-
-def _needs_host_tokens(sched: SchedulerOutput) -> bool:
-    """Penalties and prompt logprobs read tokens on the host, so they cannot run
-    ahead of the previous step's results."""
-    for s in sched.scheduled:
-        p = s.request.params
-        if (p.prompt_logprobs is not None or p.repetition_penalty != 1
-                or p.presence_penalty or p.frequency_penalty):
-            return True
-    return False
 
 
 def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
