@@ -55,7 +55,7 @@ def main() -> None:
 
     graphs = eng.runner.graphs
     if args.tp == 1 and graphs is not None:   # the forward alone, back to back (no host)
-        print(f"[{tag}] decode graph replayed alone: {replay_ms(graphs.graphs[1], args.steps):.3f} ms")
+        print(f"[{tag}] decode graph replayed alone: {replay_ms(graphs.graphs[(1, 1)], args.steps):.3f} ms")
 
     steps = 30
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

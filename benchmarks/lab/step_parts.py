@@ -117,7 +117,7 @@ def measure(shard: Shard, cfg: EngineConfig, init_method: str, args) -> None:
         graphs.release()
         graphs.capture()
         sync()
-        return replay_ms(graphs.graphs[1], args.reps, sync)
+        return replay_ms(graphs.graphs[(1, 1)], args.reps, sync)
 
     def say(line: str) -> None:   # as it comes, so that a hang still leaves the lines before
         if rank == 0:

@@ -8,6 +8,8 @@ step's Requests beside it to map the runner's results back by request id.
 """
 from __future__ import annotations
 
+import collections
+import logging
 import time
 from dataclasses import dataclass, field, replace
 
@@ -15,11 +17,13 @@ from orbitllm.config import EngineConfig
 from orbitllm.engine.detokenizer import IncrementalDetokenizer
 from orbitllm.engine.request import Request, RequestStatus
 from orbitllm.engine.scheduler import Scheduler
-from orbitllm.engine.step_data import SchedulerOutput
+from orbitllm.engine.step_data import RequestFault, SchedulerOutput
 from orbitllm.executor.model_runner import LaunchedStep, ModelRunner
 from orbitllm.executor.setup import EngineParts, build_engine_parts
 from orbitllm.outputs import CompletionOutput, Logprob, RequestOutput
 from orbitllm.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, check_text
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,6 +69,7 @@ class LLMEngine:
         # on CPU the "device" is this thread, so there is nothing to overlap with).
         self.overlap = config.async_scheduling and self.runner.device.type == "cuda"
         self._inflight: _InFlight | None = None
+        self._suspects: collections.deque[str] = collections.deque()   # to run alone, in turn
         self._groups: dict[str, _Group] = {}
         self._child_group: dict[str, _Group] = {}
         self.last_scheduled: SchedulerOutput | None = None   # the last step's, for stats
@@ -166,7 +171,10 @@ class LLMEngine:
         postprocesses step n while the device runs n+1. Requests that need their
         latest token on the host (penalties, prompt logprobs) drain the pipeline first.
         """
-        schedule = self.scheduler.schedule()
+        if self._suspects and self._inflight is not None:
+            return self._drain()   # a solo step must not overlap the step before
+        only = self._next_suspect()
+        schedule = self.scheduler.schedule(only)
         outputs: list[RequestOutput] = []
         if schedule.is_empty:
             self.last_scheduled = SchedulerOutput()
@@ -176,7 +184,14 @@ class LLMEngine:
         # Built after any drain: it copies the tokens the host knows now.
         sched = self.last_scheduled = schedule.step_data()
         prev = self._inflight.launched if self._inflight is not None else None
-        launched = self.runner.launch(sched, prev)
+        try:
+            launched = self.runner.launch(sched, prev)
+        except Exception as e:
+            if only is not None:
+                self._suspects.popleft()
+            return outputs + self._drain() + self._step_failed(schedule.requests, e, only is not None)
+        if only is not None:
+            self._suspects.popleft()   # it runs fine alone
         now = time.monotonic()
         for s, req in zip(sched.scheduled, schedule.requests):
             if req.first_scheduled_time is None:
@@ -188,6 +203,57 @@ class LLMEngine:
         if not self.overlap:
             outputs += self._drain()
         return outputs
+
+    # ---- a step that fails -------------------------------------------------------
+    def _step_failed(self, requests: list[Request], error: Exception,
+                     solo: bool) -> list[RequestOutput]:
+        """Fail only the requests the failure is tied to; the others lose nothing (their
+        counters did not move, so the next step computes the same positions again).
+
+        A ``RequestFault`` names its requests. Any other failure of a step with several
+        requests is narrowed down first: each of them then runs one step alone
+        (``_suspects``), and a request whose solo step fails is the one failed."""
+        if isinstance(error, RequestFault):
+            culprits = [r for r in requests if r.request_id in set(error.request_ids)]
+        elif solo or len(requests) == 1:
+            culprits = requests
+        else:
+            log.error("a step of %d requests failed (%s: %s); running each alone to find which",
+                      len(requests), type(error).__name__, error)
+            self._drop_unwritten_blocks(requests)
+            self._suspects.extend(r.request_id for r in requests)
+            return []
+        log.error("failing request(s) %s: the step failed", [r.request_id for r in culprits],
+                  exc_info=error)
+        self._drop_unwritten_blocks(culprits)
+        touched = {}
+        for req in culprits:
+            group = self._child_group.get(req.request_id)
+            if group is not None and not req.is_finished:
+                self._finish(req, "error")
+                touched[group.request_id] = group
+        return [self._end_group(g) for g in touched.values() if self._report(g)]
+
+    def _drop_unwritten_blocks(self, failed: list[Request]) -> None:
+        """Blocks that requests of a failed step were to fill are in the prefix cache
+        already (registered at allocation), and another request may have taken them as
+        cached. Their KV may never have been written, so such a request starts over."""
+        bs = self.kv.block_size
+        doomed = {b for r in failed for b in self.kv.forget_unwritten(r)}
+        for req in list(self.scheduler.running):
+            if doomed.intersection(self.kv.block_ids(req.request_id)[:req.num_computed_tokens // bs]):
+                self.scheduler.preempt(req)
+
+    def _next_suspect(self) -> str | None:
+        """The request to run alone this step, while a failed step is narrowed down."""
+        while self._suspects:
+            rid = self._suspects[0]
+            group = self._child_group.get(rid)
+            req = next((c for c in group.children if c.request_id == rid), None) if group else None
+            if req is not None and req in self.scheduler.running:
+                return rid
+            self._suspects.popleft()   # finished, aborted or preempted meanwhile
+        return None
 
     def _drain(self) -> list[RequestOutput]:
         """Read back the step in flight (if any) and postprocess it."""
@@ -203,26 +269,38 @@ class LLMEngine:
             if group is None or req.is_finished:
                 continue
             touched[group.request_id] = group
-            rid = req.request_id
-            if rid in result.prompt_logprobs:
-                self._add_prompt_logprobs(req, result.prompt_logprobs[rid])
-            tokens = result.sampled.get(rid)
-            if tokens is not None:
-                logprobs = result.logprobs.get(rid)
-                for k, token in enumerate(tokens):
-                    if req.is_finished:   # a stop among several tokens drops the rest
-                        break
-                    self._append_token(req, group, token, logprobs[k] if logprobs else None, now)
-        outputs = []
-        for g in touched.values():
-            finished = g.finished
-            if finished or not g.final_only:
-                outputs.append(self._make_output(g, finished))
-            if finished:
-                self._groups.pop(g.request_id, None)
-                for c in g.children:
-                    self._child_group.pop(c.request_id, None)
-        return outputs
+            try:
+                self._postprocess(req, group, result, now)
+            except Exception:   # one request's detokenizing or stop check: fail it alone
+                log.exception("postprocessing request %s failed", req.request_id)
+                if not req.is_finished:
+                    self._finish(req, "error")
+        return [self._end_group(g) for g in touched.values() if self._report(g)]
+
+    def _postprocess(self, req: Request, group: _Group, result, now: float) -> None:
+        rid = req.request_id
+        if rid in result.prompt_logprobs:
+            self._add_prompt_logprobs(req, result.prompt_logprobs[rid])
+        tokens = result.sampled.get(rid)
+        if tokens is not None:
+            logprobs = result.logprobs.get(rid)
+            for k, token in enumerate(tokens):
+                if req.is_finished:   # a stop among several tokens drops the rest
+                    break
+                self._append_token(req, group, token, logprobs[k] if logprobs else None, now)
+
+    @staticmethod
+    def _report(group: _Group) -> bool:
+        return group.finished or not group.final_only
+
+    def _end_group(self, group: _Group) -> RequestOutput:
+        """The group's output; a finished group is forgotten."""
+        finished = group.finished
+        if finished:
+            self._groups.pop(group.request_id, None)
+            for c in group.children:
+                self._child_group.pop(c.request_id, None)
+        return self._make_output(group, finished)
 
     def _append_token(self, req: Request, group: _Group, token: int, logprob: tuple | None,
                       now: float) -> None:

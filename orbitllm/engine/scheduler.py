@@ -83,7 +83,9 @@ class Scheduler:
             self.waiting = [item for item in self.waiting if item[1] is not req]
         self.kv.free(req)
 
-    def schedule(self) -> Schedule:
+    def schedule(self, only: str | None = None) -> Schedule:
+        """``only``: a step of that one running request and nothing else (the engine
+        isolating which request of a failed step fails)."""
         out = Schedule()
         budget = self.max_num_batched_tokens
         granted: dict[str, int] = {}
@@ -92,6 +94,8 @@ class Scheduler:
             if budget <= 0:
                 break
             if req.status != RequestStatus.RUNNING:   # preempted earlier in this loop
+                continue
+            if only is not None and req.request_id != only:
                 continue
             if req.max_tokens_reached or req.num_tokens >= self.max_model_len:
                 continue   # its last token is still in flight; it finishes when that lands
@@ -110,7 +114,7 @@ class Scheduler:
                 budget -= num_new
 
         # Admit waiting requests only when nobody was preempted: memory is tight.
-        while (not out.preempted and self.waiting and budget > 0
+        while (only is None and not out.preempted and self.waiting and budget > 0
                and len(self.running) < self.max_num_seqs):
             req = self.waiting[0][1]
             hits, num_hit = [], 0
@@ -138,6 +142,11 @@ class Scheduler:
     def _pick_victim(self) -> Request:
         # Lowest priority (largest value) first; among equals the most recently started.
         return max(reversed(self.running), key=lambda r: r.priority)
+
+    def preempt(self, req: Request) -> None:
+        """Free a running request's blocks and queue it to be recomputed."""
+        if req in self.running:
+            self._preempt(req)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

@@ -58,3 +58,13 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+
+class RequestFault(RuntimeError):
+    """A step failed for reasons tied to these requests (their sampling rows, their
+    prompt logprobs): the engine fails them and the rest of the step runs again."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"requests {request_ids[:4]} failed: {type(cause).__name__}: {cause}")
+        self.request_ids = request_ids
+        self.cause = cause

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from orbitllm.engine.step_data import SchedulerOutput
+from orbitllm.engine.step_data import RequestFault, SchedulerOutput
 from orbitllm.executor.cuda_graph import DecodeGraphs, ForwardOutput
 from orbitllm.executor.step_inputs import PromptLogprobGroup, StepInputs
 from orbitllm.layers.attention import AttentionMetadata, get_attention_backend
@@ -173,9 +173,12 @@ class ModelRunner:
         step = LaunchedStep(rows if len(rows) else None)
         if len(rows):
             logits, greedy_ids = self._sample_logits(fwd, sample_rows, len(rows))
-            batch = SamplingBatch.build(rows, logits.shape[-1], self.device,
-                                        self.eos_token_ids, self.staging.upload, self.sampler.rng)
-            step.out = self.sampler(logits, batch, greedy_ids)
+            try:
+                step.out = self._sample(logits, rows, greedy_ids)
+            except Exception as e:
+                # The workers wait for this step's ids: give them some, then name the rows.
+                self.model.shard.broadcast(torch.zeros(len(rows), dtype=torch.int64, device=self.device))
+                raise RequestFault(self._failing_rows(logits, rows), e) from e
             self.model.shard.broadcast(step.out.token_ids)   # for the workers' next step
             step.host_ids = step.out.token_ids
             if self.device.type == "cuda":
@@ -184,8 +187,29 @@ class ModelRunner:
                 step.ready = torch.cuda.Event()
                 step.ready.record()
         for group, hidden_rows in zip(inputs.sampling.prompt_logprobs, inputs.prompt_groups()):
-            step.prompt_logprobs[group.request_id] = self._prompt_logprobs(group, fwd.hidden[hidden_rows])
+            try:
+                step.prompt_logprobs[group.request_id] = self._prompt_logprobs(group, fwd.hidden[hidden_rows])
+            except Exception as e:
+                raise RequestFault([group.request_id], e) from e
         return step
+
+    def _sample(self, logits: torch.Tensor, rows: SamplingRows,
+                greedy_ids: torch.Tensor | None) -> SamplerOutput:
+        batch = SamplingBatch.build(rows, logits.shape[-1], self.device, self.eos_token_ids,
+                                    self.staging.upload, self.sampler.rng)
+        return self.sampler(logits, batch, greedy_ids)
+
+    def _failing_rows(self, logits: torch.Tensor, rows: SamplingRows) -> list[str]:
+        """After a batch failed to sample: the requests whose rows fail alone (all of the
+        batch's if none does, as then the failure lies in how they combine). Rare, so
+        the cost of one draw per row does not matter; the retried draws are discarded."""
+        failing = []
+        for i, rid in enumerate(rows.request_ids):
+            try:
+                self._sample(logits[i:i + 1], rows.subset([i]), None)
+            except Exception:
+                failing.append(rid)
+        return sorted(set(failing or rows.request_ids))
 
     def _sample_logits(self, fwd: ForwardOutput, sample_rows: torch.Tensor,
                        num_sampled: int) -> tuple[torch.Tensor, torch.Tensor | None]:

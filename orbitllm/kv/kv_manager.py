@@ -120,6 +120,18 @@ class KVCacheManager:
             self.pool.cache(blocks[i], req.block_hashes[i])
         self._num_cached[req.request_id] = num_full
 
+    def forget_unwritten(self, req: CacheRequest) -> list[int]:
+        """Take the request's blocks past its computed tokens out of the prefix cache (a
+        failed step registered them but may not have written them); they are registered
+        again once a step fills them. Returns their ids."""
+        blocks = self._blocks.get(req.request_id, [])
+        first = req.num_computed_tokens // self.block_size
+        for block in blocks[first:]:
+            self.pool.uncache(block)
+        if self._num_cached.get(req.request_id, 0) > first:
+            self._num_cached[req.request_id] = first
+        return [b.block_id for b in blocks[first:]]
+
     def free(self, req: CacheRequest) -> None:
         """Return a finished, aborted or preempted request's blocks (tail first)."""
         blocks = self._blocks.pop(req.request_id, [])

@@ -9,7 +9,7 @@ per such row, not per token). Both draw exactly from p.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import numpy as np
@@ -35,6 +35,10 @@ class SamplingRows:
 
     def __len__(self) -> int:
         return len(self.params)
+
+    def subset(self, rows: list[int]) -> "SamplingRows":
+        """These rows alone (to find which row of a failed batch fails by itself)."""
+        return SamplingRows(*([getattr(self, f.name)[i] for i in rows] for f in fields(self)))
 
 
 @dataclass

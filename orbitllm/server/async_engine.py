@@ -4,9 +4,11 @@
 handlers send commands (add, abort) through a queue, and the thread applies them
 between steps and hands each step's outputs back to the event loop in one batch.
 Model compute releases the GIL, so the event loop keeps serving HTTP meanwhile.
-A failure while adding or delivering one request fails that request only; a
-failure inside ``step()`` cannot be attributed, so it fails the requests in
-flight and the loop carries on with new ones.
+A failure while adding or delivering one request fails that request only, and
+``step()`` itself fails only the requests a failure is tied to (they end with
+finish reason ``error``, delivered as ``RequestFailedError``). Should ``step()``
+still raise, that is a bug in the engine: the requests in flight are failed and
+the loop carries on with new ones.
 """
 from __future__ import annotations
 
