@@ -13,6 +13,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from tokenizers.pre_tokenizers import ByteLevel
 
+from orbitllm.envs import envs
 from orbitllm.models import default_model
 from orbitllm.models.default_model import INSTALL_COMMAND, find_default_model
 from orbitllm.models.errors import ModelLoadError
@@ -47,8 +48,14 @@ LAYER_PARTS = {
 def private_cache(tmp_path, monkeypatch) -> Path:
     """Keep every test's cache out of the user's cache folder."""
     folder = tmp_path / "cache"
+    set_cache_dir(monkeypatch, folder)
+    yield folder
+    envs.cache_clear()   # the next test reads the restored variable
+
+
+def set_cache_dir(monkeypatch, folder: Path) -> None:
     monkeypatch.setenv("ORBITLLM_CACHE_DIR", str(folder))
-    return folder
+    envs.cache_clear()   # read once per process: read it again
 
 
 # --- writing GGUF files the way llama.cpp's convert_hf_to_gguf.py does ------------------------------
@@ -396,7 +403,7 @@ def test_unwritable_cache_only_costs_speed(tmp_path, llama_file, llama, monkeypa
     _, state = llama
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
-    monkeypatch.setenv("ORBITLLM_CACHE_DIR", str(blocker / "cache"))
+    set_cache_dir(monkeypatch, blocker / "cache")
     checkpoint = GGUFCheckpoint(llama_file)
     loaded = dict(checkpoint.iter_weights(torch.float32))
     assert all(torch.equal(loaded[name], state[name]) for name in state)

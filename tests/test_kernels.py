@@ -8,7 +8,6 @@ unwritten, fails loudly.
 """
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -32,7 +31,7 @@ from orbitllm.kernels import (  # noqa: E402
     rotary_store_kv_cache,
     store_kv_cache,
 )
-from orbitllm.kernels.gemv import GemvConfig, PeerSend, RopeWrite, gemv  # noqa: E402
+from orbitllm.kernels.gemv import GemvConfig, PeerSend, gemv  # noqa: E402
 from orbitllm.kernels.peer_reduce import (  # noqa: E402
     RELEASED,
     peer_reduce_add_norm,
@@ -282,48 +281,6 @@ def test_decode_skips_padded_sequences() -> None:
 # ----------------------------------------------------------------------------- backend
 
 
-@pytest.mark.skipif(CUDA, reason="on a GPU, test_gpu_engine.py runs the real path")
-def test_engine_rope_in_the_qkv_gemv_on_cpu(tiny_models, monkeypatch) -> None:
-    """``ORBITLLM_ROPE_GEMV=1`` end to end in the interpreter: one-row bf16 steps forced
-    onto the GEMV (CPU tensors), Triton attention; the QKV GEMV rotates and writes the
-    cache in decode steps, and the request gets the tokens and logprobs of the rotary
-    kernel's path, bit for bit."""
-    import orbitllm.layers.linear as linear_mod
-    import orbitllm.models.llama as llama
-    from conftest import assert_all_blocks_free
-    from orbitllm import LLM, SamplingParams
-
-    def takes(x, w):
-        return x.shape[0] == 1 and w.dtype in (torch.bfloat16, torch.float16) and linear_mod.gemv_enabled()
-    monkeypatch.setattr(linear_mod, "takes_gemv", takes)
-    monkeypatch.setattr(llama, "takes_gemv", takes)
-    taken = []
-    rope_in_gemv = llama.Attention._rope_in_gemv
-    monkeypatch.setattr(llama.Attention, "_rope_in_gemv",
-                        lambda self, *a: taken.append(rope_in_gemv(self, *a)) or taken[-1])
-
-    def run():
-        params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
-        with LLM(tiny_models["llama"], dtype="bfloat16", num_kv_blocks=64, max_model_len=256,
-                 attention_backend="triton", max_num_seqs=4) as llm:
-            out = llm.generate([{"prompt_token_ids": list(range(5, 40))}], params, use_tqdm=False)
-            assert_all_blocks_free(llm)
-        o = out[0].outputs[0]
-        return o.token_ids, [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs)]
-
-    base = run()
-    assert not any(taken)
-    monkeypatch.setenv("ORBITLLM_ROPE_GEMV", "1")
-    linear_mod.rope_in_gemv.cache_clear()
-    try:
-        fused = run()
-    finally:
-        monkeypatch.delenv("ORBITLLM_ROPE_GEMV")
-        linear_mod.rope_in_gemv.cache_clear()
-    assert sum(taken) == 2 * 5   # two layers, five one-row decode steps
-    assert fused == base
-
-
 @pytest.mark.parametrize("query_lens", [[1, 1, 1], [5, 1, 12]])
 def test_triton_backend_matches_torch(query_lens: list[int]) -> None:
     step = make_step([70, 20, 40], query_lens, 8, 2, 64, 16)
@@ -430,43 +387,6 @@ def test_gemv_fused_silu_mul_equals_the_two_kernels(n: int, k: int, config, dtyp
     ref = torch.nn.functional.linear(silu_and_mul_ref(gate_up.float()), w.float())
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(fused.float(), ref, rtol=tol, atol=tol)
-
-
-@pytest.mark.parametrize("config", [GemvConfig(4, 64, 2, 2), GemvConfig(8, 32, 2, 1, preload=False)])
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("slot", [37, -1])   # a cache slot; -1: padding, nothing written
-def test_gemv_rope_epilogue_equals_gemv_then_rotary_kv_write(config, bias: bool, slot: int) -> None:
-    """A one-row QKV projection that rotates q and k and writes k and v to the cache in
-    its epilogue gives the bits of the GEMV followed by ``rotary_store_kv_cache`` (in the
-    interpreter): the same rotated q, the same cache (an untouched one when the slot is -1)."""
-    heads, kv_heads, head_dim, page, k = 4, 2, 32, 16, 96
-    q_size, kv_size = heads * head_dim, kv_heads * head_dim
-    n = q_size + 2 * kv_size
-    dtype = torch.bfloat16
-    x = torch.randn(1, k, device=DEVICE).to(dtype)
-    w = (torch.randn(n, k, device=DEVICE) * 0.1).to(dtype)
-    b = torch.randn(n, device=DEVICE).to(dtype) if bias else None
-    cos_sin = rope_cache(head_dim, 64)
-    positions = torch.tensor([45], device=DEVICE)
-    slots = torch.tensor([slot], device=DEVICE)
-    cache = torch.randn(2, 4, page, kv_heads, head_dim, device=DEVICE).to(dtype)
-
-    qkv = gemv(x, w, b, config=config)
-    q, kk, v = (t.reshape(1, -1, head_dim) for t in qkv.split([q_size, kv_size, kv_size], dim=-1))
-    q = q.clone()
-    want_cache = cache.clone()
-    rotary_store_kv_cache(q, kk, v, want_cache[0], want_cache[1], slots, positions, cos_sin)
-
-    got_cache = cache.clone()
-    out = torch.full((1, n), float("nan"), device=DEVICE).to(dtype)
-    gemv(x, w, b, out=out, config=config,
-         rope=RopeWrite(positions, slots, cos_sin, got_cache[0], got_cache[1], q_size))
-    # On a GPU the two kernels may contract the rotation's products differently: a rounding apart.
-    same = torch.equal if not CUDA else functools.partial(torch.allclose, rtol=1e-2, atol=1e-5)
-    assert same(out[:, :q_size].reshape(q.shape), q)
-    assert same(got_cache, want_cache)
-    if slot < 0:
-        assert torch.equal(got_cache, cache)
 
 
 def test_argmax_matches_torch() -> None:

@@ -18,7 +18,7 @@ from orbitllm.executor.cuda_graph import DecodeGraphs, ForwardOutput
 from orbitllm.executor.step_inputs import PromptLogprobGroup, StepInputs
 from orbitllm.layers.attention import AttentionMetadata, get_attention_backend
 from orbitllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRows
-from orbitllm.models.llama import LlamaForCausalLM
+from orbitllm.models.interface import CausalLM
 
 
 @dataclass
@@ -97,7 +97,7 @@ _TORCH_DTYPES = {np.dtype(np.int64).str: torch.int64, np.dtype(np.int32).str: to
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype,
+    def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype,
                  num_kv_blocks: int, block_size: int, seed: int, attention_backend: str,
                  eos_token_ids: set[int], max_num_seqs: int, max_model_len: int,
                  enforce_eager: bool) -> None:
@@ -144,7 +144,7 @@ class ModelRunner:
         self.model.compute_logits(hidden[-1:])
 
     @staticmethod
-    def kv_bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
+    def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
         """Bytes of one block in this process's cache (its shard's KV heads only)."""
         elem = torch.empty((), dtype=dtype).element_size()
         spec = model.spec

@@ -12,7 +12,7 @@ from orbitllm.config import EngineConfig
 from orbitllm.executor.model_runner import ModelRunner
 from orbitllm.kv.kv_manager import KVCacheManager
 from orbitllm.layers.tensor_parallel import PeerAllReduce, Shard
-from orbitllm.models.llama import LlamaForCausalLM
+from orbitllm.models.interface import CausalLM
 from orbitllm.models.loader import Checkpoint, build_model, open_checkpoint, open_shape
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def resolve_dtype(name: str, config, device: torch.device) -> torch.dtype:
 
 
 def instantiate(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
-                shard: Shard = Shard()) -> LlamaForCausalLM:
+                shard: Shard = Shard()) -> CausalLM:
     """Allocate the model (this rank's shard) on its device without initializing weights
     (they are loaded next)."""
     with torch.device("meta"):
@@ -64,7 +64,7 @@ def instantiate(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
     # Cast on the meta device first: allocating in float32 and casting after would
     # take twice the weights' memory at once (a 70B shard would not fit).
     model = model.to(dtype).to_empty(device=device)
-    model.rotary.build_cache(device)
+    model.build_caches(device)
     return model.eval()
 
 
@@ -88,9 +88,9 @@ def open_model(cfg: EngineConfig) -> Checkpoint:
     return open_checkpoint(cfg.model, cfg.tokenizer)
 
 
-# The fused peer-memory all-reduce pulls the peers' rows with loads over NVLink: at one
-# row it beats NCCL + RMSNorm (8B, two H200s: 3.04 vs 3.31 ms per token), at 256 rows of
-# 70B it lost (65.6 vs 59.5 ms per step). Larger steps go through NCCL.
+# The fused peer-memory all-reduce pulls the peers' rows with loads over NVLink: it beats
+# NCCL + RMSNorm at a few rows and loses at hundreds (docs/perf-log.md). Larger steps go
+# through NCCL.
 PEER_REDUCE_MAX_ROWS = 16
 
 
@@ -153,10 +153,8 @@ def build_rank_runner(cfg: EngineConfig, shard: Shard, device: torch.device,
     model = instantiate(ckpt, device, dtype, shard)
     if cfg.load_format == "dummy":
         init_random_weights(model, cfg.seed)
-    elif shard.size == 1:
+    else:   # each layer's weight loaders take this rank's slices
         model.load_weights(ckpt.iter_weights(dtype), ckpt.source)
-    else:
-        model.load_weights(ckpt.iter_shard(dtype, model.weight_slice), ckpt.source)
     spec = model.spec
     bytes_per_block = ModelRunner.kv_bytes_per_block(model, cfg.block_size, dtype)
     num_blocks = cfg.num_kv_blocks or _auto_num_blocks(cfg, device, bytes_per_block)

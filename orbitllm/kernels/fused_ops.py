@@ -138,7 +138,7 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def rotate_half(x1, x2, cos, sin):
     """(x1, x2) -> (x1 c - x2 s, x2 c + x1 s) in float32: the one expression of the
-    rotation, shared by the rotary kernels and the QKV GEMV's epilogue, so all round alike."""
+    rotation, shared by the rotary kernels, so all round alike."""
     x1 = x1.to(tl.float32)
     x2 = x2.to(tl.float32)
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin
@@ -272,8 +272,8 @@ def _argmax_rows_kernel(val_ptr, idx_ptr, out_ptr, n_blocks, BLOCK_B: tl.constex
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """``x.argmax(-1)`` for ``x [rows, n]`` (int64 ``[rows]``). torch reduces a row in one
-    thread block, which for one row of a 128k vocabulary took 28 µs of an 8B model's
-    ~4.4 ms decode step on an H200; here the row is split over many programs."""
+    thread block, slow for one row of a 128k vocabulary next to a single request's decode
+    step; here the row is split over many programs."""
     return _row_argmax(x, None, None)
 
 

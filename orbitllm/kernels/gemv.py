@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from orbitllm.kernels.fused_ops import rotate_half, silu_mul
+from orbitllm.kernels.fused_ops import silu_mul
 from orbitllm.kernels.pdl import pdl_args, pdl_enter
 from orbitllm.kernels.peer_reduce import send_packets
 
@@ -44,22 +44,6 @@ class PeerSend:
     epochs: torch.Tensor
     rank: int
     world: int
-
-
-@dataclass(frozen=True)
-class RopeWrite:
-    """A one-row QKV projection's epilogue (``[q | k | v]``, full rotary, 16-bit): the
-    GEMV rotates q and k as ``rotary_store_kv_cache`` does and writes k and v to their
-    cache slot itself, so the decode attention follows the projection directly. Only
-    q goes to the output. ``positions``/``slots``: the row's (one element each);
-    ``cos_sin``: ``[max_pos, head_dim]``, cos then sin; caches ``[blocks, page,
-    kv_heads, head_dim]`` (their shape gives k's and v's width); ``q_size``: q's width."""
-    positions: torch.Tensor
-    slots: torch.Tensor
-    cos_sin: torch.Tensor
-    k_cache: torch.Tensor
-    v_cache: torch.Tensor
-    q_size: int
 
 
 @triton.jit
@@ -90,11 +74,9 @@ def _load_x(x_ptr, cols, k, K, EVEN: tl.constexpr, SILU_MUL: tl.constexpr):
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, send_addrs, send_offset, epoch_ptr, rank,
-    cs_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, stride_c, stride_cb, stride_cs,
-    stride_ch, q_size, kv_size,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
     PDL: tl.constexpr, PRELOAD: tl.constexpr, SEND: tl.constexpr, WORLD: tl.constexpr,
-    SILU_MUL: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr,
+    SILU_MUL: tl.constexpr,
 ):
     """Program p: output elements ``[p * BLOCK_N, (p + 1) * BLOCK_N)``, float32 sums.
 
@@ -104,23 +86,8 @@ def _gemv_kernel(
     start with their first chunk in registers. With ``SEND`` the output also goes
     to the peers as packets (``PeerSend``). With ``SILU_MUL`` the input is the MLP's
     ``[gate | up]`` row and the product takes ``silu(gate) * up``: the activation's own
-    kernel, and its boundary in the step, go away. With ``ROPE`` (``RopeWrite``) the
-    programs of q and k take rows in pairs ``(j, j + HALF)`` of one head, side by side,
-    so each can rotate its outputs; position, slot and cos/sin are loaded before the
-    wait (the step's inputs and a table: no kernel of the chain writes them)."""
-    pid = tl.program_id(0)
-    idx = tl.arange(0, BLOCK_N)
-    rows = pid * BLOCK_N + idx
-    if ROPE:
-        pairs = pid * (BLOCK_N // 2)   # the first (head, angle) pair of this program
-        in_rope = pid * BLOCK_N < q_size + kv_size
-        angle = pairs % HALF + tl.arange(0, BLOCK_N // 2)
-        rope_rows = (pairs // HALF) * (2 * HALF) + pairs % HALF + idx // 2 + (idx % 2) * HALF
-        rows = tl.where(in_rope, rope_rows, rows)
-        cs_row = cs_ptr + tl.load(pos_ptr).to(tl.int64) * stride_c
-        cos = tl.load(cs_row + angle).to(tl.float32)
-        sin = tl.load(cs_row + HALF + angle).to(tl.float32)
-        slot = tl.load(slot_ptr).to(tl.int64)
+    kernel, and its boundary in the step, go away."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
@@ -138,44 +105,17 @@ def _gemv_kernel(
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
     y = y.to(out_ptr.dtype.element_ty)
-    if ROPE:
-        _rope_epilogue(y, rows, in_rope, cos, sin, slot, out_ptr, k_cache_ptr, v_cache_ptr,
-                       N, q_size, kv_size, stride_cb, stride_cs, stride_ch, BLOCK_N, HALF, PAGE)
-    else:
-        tl.store(out_ptr + rows, y, mask=rows < N)
+    tl.store(out_ptr + rows, y, mask=rows < N)
     if SEND:
         send_packets(y, rows, rows < N, send_addrs, send_offset + rank * N, epoch_ptr, rank, WORLD)
 
 
-@triton.jit
-def _rope_epilogue(y, rows, in_rope, cos, sin, slot, out_ptr, k_cache_ptr, v_cache_ptr, N, q_size,
-                   kv_size, stride_cb, stride_cs, stride_ch, BLOCK_N: tl.constexpr,
-                   HALF: tl.constexpr, PAGE: tl.constexpr):
-    """Rotate the pairs (rounded as ``_rotary_store_kv_kernel`` rounds), store q to
-    ``out`` and k, v to cache slot ``slot`` (none when < 0)."""
-    x1, x2 = tl.split(tl.reshape(y, [BLOCK_N // 2, 2]))
-    r1, r2 = rotate_half(x1, x2, cos, sin)
-    y = tl.where(in_rope, tl.reshape(tl.join(r1.to(y.dtype), r2.to(y.dtype)), [BLOCK_N]), y)
-    tl.store(out_ptr + rows, y, mask=rows < q_size)
-    is_k = (rows >= q_size) & (rows < q_size + kv_size)
-    is_v = (rows >= q_size + kv_size) & (rows < N)
-    r = tl.where(is_k, rows - q_size, rows - q_size - kv_size)   # within k or v
-    head_dim = 2 * HALF
-    dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + (r // head_dim) * stride_ch + r % head_dim
-    tl.store(k_cache_ptr + dst, y.to(k_cache_ptr.dtype.element_ty), mask=tl.where(slot >= 0, is_k, False))
-    tl.store(v_cache_ptr + dst, y.to(v_cache_ptr.dtype.element_ty), mask=tl.where(slot >= 0, is_v, False))
-
-
 def default_gemv_config(n: int, k: int) -> GemvConfig:
-    """The best of ``benchmarks/gemv_chain_tune.py`` on an H200 (2026-11-30), which tries
-    each projection's configs inside a stand-in decode step (PDL, the SiLU·mul fused
-    into down_proj) for Llama-8B's shapes at N=1 and N=2: 4-row programs streaming
-    1024-column chunks three deep, and 8 rows for long rows (down_proj), whose chunks
-    of input cost more (two loads and the SiLU). Timed alone (``gemv_bench.py``), wider
-    tiles had won. In the stand-in step these took 8 µs per layer off at N=1 and 5 at
-    N=2, but the engine's decode graph kept its time (``step_parts.py``, 2026-11-30):
-    the stand-in's spin kernels do not behave like the real attention kernels. With
-    the SiLU fused, the earlier configs cost 0.2 ms per step; these do not."""
+    """4-row programs streaming 1024-column chunks three deep, and 8 rows for long rows
+    (down_proj), whose chunks of input cost more (two loads and the SiLU): the best for
+    Llama-8B's shapes at N=1 and N=2 when each projection's configs are tried inside a
+    decode step (PDL, the SiLU·mul fused into down_proj). Timed alone, wider tiles win,
+    so configs are chosen in the step (measurements: ``docs/perf-log.md``)."""
     if k >= 7168:
         return GemvConfig(block_n=8, block_k=1024, num_warps=4, num_stages=3)
     return GemvConfig(block_n=4, block_k=1024, num_warps=4, num_stages=3)
@@ -183,14 +123,11 @@ def default_gemv_config(n: int, k: int) -> GemvConfig:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          out: torch.Tensor | None = None, config: GemvConfig | None = None,
-         send: PeerSend | None = None, silu_mul: bool = False,
-         rope: RopeWrite | None = None) -> torch.Tensor:
+         send: PeerSend | None = None, silu_mul: bool = False) -> torch.Tensor:
     """``x [1, K] @ weight[N, K].T (+ bias)`` -> ``[1, N]`` in ``x``'s dtype, written into
     ``out`` when given, and sent to the peers with ``send`` (16-bit ``x`` only).
     With ``silu_mul``, ``x`` is ``[1, 2K]`` = ``[gate | up]`` and the product takes
-    ``silu_and_mul(x)``. With ``rope`` (``RopeWrite``) only the rotated q lands in ``out``
-    (its first ``q_size`` columns); k and v go to the cache. ``weight`` needs contiguous
-    rows; ``x`` is made contiguous."""
+    ``silu_and_mul(x)``. ``weight`` needs contiguous rows; ``x`` is made contiguous."""
     assert x.dim() == 2 and x.shape[0] == 1, "gemv takes one row"
     n, k = weight.shape
     assert x.shape[1] == (2 * k if silu_mul else k) and weight.stride(1) == 1
@@ -201,29 +138,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     cfg = config or default_gemv_config(n, k)
     block_k = min(cfg.block_k, triton.next_power_of_2(k))
     assert send is None or x.element_size() == 2, "packets carry 16-bit values"
-    if rope is not None:
-        cache = rope.k_cache
-        kv_size, head_dim = cache.shape[2] * cache.shape[3], cache.shape[3]
-        half = head_dim // 2
-        assert send is None and not silu_mul and rope.cos_sin.shape[1] == head_dim
-        assert n == rope.q_size + 2 * kv_size and (rope.q_size + kv_size) % cfg.block_n == 0
-        assert cfg.block_n % 2 == 0 and half % (cfg.block_n // 2) == 0 and rope.cos_sin.stride(1) == 1
-        assert cache.stride() == rope.v_cache.stride() and cache.stride(-1) == 1
-        rope_args = (rope.cos_sin, rope.positions, rope.slots, cache, rope.v_cache,
-                     rope.cos_sin.stride(0), cache.stride(0), cache.stride(1), cache.stride(2),
-                     rope.q_size, kv_size)
-    else:
-        half = 1
-        rope_args = (x,) * 5 + (0,) * 6
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x, weight, bias if bias is not None else x, out, n, k, weight.stride(0),
         send.addrs if send else x, send.offset if send else 0, send.epochs if send else x,
-        send.rank if send else 0, *rope_args,
+        send.rank if send else 0,
         HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         EVEN=n % cfg.block_n == 0 and k % block_k == 0,
         PRELOAD=cfg.preload, SEND=send is not None, WORLD=send.world if send else 1,
-        SILU_MUL=silu_mul, ROPE=rope is not None, HALF=half,
-        PAGE=rope.k_cache.shape[1] if rope is not None else 1, **pdl_args(x),
+        SILU_MUL=silu_mul, **pdl_args(x),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -276,8 +276,7 @@ def _decode_kernel(
     ``seq_len == 0`` (CUDA-graph padding) write nothing / zeros and read no cache.
 
     With PDL the program loads its first tile of keys and values before it waits for
-    the kernel before (the KV write, or the QKV GEMV that writes the new key and value
-    with ``ORBITLLM_ROPE_GEMV``): all but the newest position were written by
+    the kernel before (the KV write): all but the newest position were written by
     earlier steps, and the step's inputs (query rows, lengths, block table) by copies
     before the chain of kernels began. The newest key and value, and the query, are
     read after the wait. So the block table -> keys chain of dependent loads runs while
@@ -391,8 +390,7 @@ def default_decode_config(head_dim: int, dtype: torch.dtype, device: torch.devic
     wide heads or float32 would overflow shared memory; tiny tiles for the CPU interpreter.
     ``short_split``: a split step whose programs walk at most three tiles each (small
     batches, short contexts) takes 1 stage and a 1-warp reduce: nothing to pipeline.
-    An 8B decode step at context 768 on an H200 was 0.05 ms faster so; with longer
-    splits the 3 stages win (``kernels_bench.py --split-configs``, calls 48 and 51)."""
+    With longer splits the 3 stages win (measurements: ``docs/perf-log.md``)."""
     if device.type != "cuda":
         return DecodeConfig(16, 4, 1)
     block_n = 64 if head_dim * dtype.itemsize <= 512 else 32
@@ -402,8 +400,7 @@ def default_decode_config(head_dim: int, dtype: torch.dtype, device: torch.devic
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
                       device: torch.device, block_n: int, min_keys_per_split: int = 128) -> int:
     """Enough splits for about two programs per SM, but at least ``min_keys_per_split``
-    keys each (shorter splits cost more in the reduce than they save). On an H100 at
-    batch 1 (Llama-8B heads), 32 splits gave 14.5 us at 4k and 34 us at 16k context."""
+    keys each (shorter splits cost more in the reduce than they save)."""
     programs = max(num_seqs * num_kv_heads, 1)
     want = triton.cdiv(2 * _num_sms(device), programs)
     by_len = max(max_seq_len // max(min_keys_per_split, block_n), 1)

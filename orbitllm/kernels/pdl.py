@@ -22,22 +22,23 @@ Every kernel launched with PDL here follows three rules:
 - ``gdc_launch_dependents`` comes right after the wait, so at most one kernel runs
   ahead and its waiting programs never hold SMs that the running kernel still needs.
 
-``ORBITLLM_PDL=0`` switches it off (an A/B switch for benchmarks, read once per process).
+``ORBITLLM_PDL=0`` switches it off (an A/B switch for benchmarks, see ``orbitllm/envs.py``).
 """
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from orbitllm.envs import envs
+
 
 @functools.cache
 def _pdl_on(device_index: int) -> bool:
-    if os.environ.get("ORBITLLM_PDL", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
+    if not envs().pdl or envs().triton_interpret:
         return False
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 

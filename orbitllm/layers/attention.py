@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 @dataclass
@@ -67,6 +68,27 @@ class AttentionBackend(Protocol):
         sliding_window: int | None,
     ) -> torch.Tensor:            # [num_tokens, num_heads, head_dim]
         ...
+
+
+class Attention(nn.Module):
+    """Attention of this rank's heads over its paged KV cache, with the rotary embedding
+    applied where the backend wants it: a backend that ``fuses_rotary`` rotates q and k
+    itself, in the kernel that writes the cache; otherwise ``rotary`` rotates them here."""
+
+    def __init__(self, scale: float, rotary: nn.Module, sliding_window: int | None = None) -> None:
+        super().__init__()
+        self.scale, self.rotary, self.sliding_window = scale, rotary, sliding_window
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata,
+                backend: AttentionBackend) -> torch.Tensor:
+        """q ``[T, heads, D]``, k and v ``[T, kv_heads, D]``, ``kv_cache`` this layer's
+        ``[2, blocks, block_size, kv_heads, D]``; returns ``[T, heads, D]``."""
+        if getattr(backend, "fuses_rotary", False):
+            return backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale,
+                                   self.sliding_window, rope=(positions, self.rotary.cos_sin))
+        q, k = self.rotary(positions, q, k)
+        return backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window)
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

@@ -1,61 +1,204 @@
-"""``x @ weight.T (+ bias)`` for the model's projections: the Triton GEMV for one-row
-steps (single-request decode) of 16-bit weights on a GPU, cuBLAS for everything else.
+"""The model's projections as layers that own their tensor-parallel slice, their weights
+and their kernel.
 
-``ORBITLLM_GEMV=cublas`` sends the one-row steps to cuBLAS too (an A/B switch for
-benchmarks; it is read once per process). ``ORBITLLM_ROPE_GEMV=1`` lets one-row decode
-steps rotate q/k and write the KV cache in the QKV projection's GEMV (``RopeWrite``);
-off by default until measured on a GPU.
+Megatron-style: column-parallel layers (``ColumnParallelLinear``, the fused
+``QKVParallelLinear`` and ``MergedColumnParallelLinear``) hold a part of the outputs and
+need no communication; ``RowParallelLinear`` holds a part of the inputs and returns this
+rank's partial sum, which the ``RMSNorm`` after it sums over the ranks (fused with the
+residual add and the norm). A layer's ``quant_method`` creates its parameters and
+computes its product (``UnquantizedLinearMethod``: 16-bit or float32 weights, the decode
+GEMV or cuBLAS); a quantized method adds parameters (a scale) and picks its own kernel.
+Each parameter has a weight loader: given the checkpoint tensor of one shard id (``q``,
+``k``, ``v`` of a QKV layer, 0 and 1 of gate/up) it checks its shape and copies this
+rank's slice, reading no more of it than that slice (``weight_loading.take``).
 """
 from __future__ import annotations
 
-import functools
-import os
+from typing import Callable, Protocol
 
 import torch
-import torch.nn.functional as F
+from torch import nn
+
+from orbitllm.layers.activation import SiluAndMul
+from orbitllm.layers.matmul import matmul, takes_gemv
+from orbitllm.layers.tensor_parallel import Shard, kv_heads_per_rank
+from orbitllm.layers.weight_loading import CheckpointTensor, check_shape, take
+
+WeightLoader = Callable[[nn.Parameter, CheckpointTensor, object], None]
 
 
-@functools.cache
-def _triton_gemv():
-    if os.environ.get("ORBITLLM_GEMV", "triton") == "cublas":
-        return None
-    try:
-        from orbitllm.kernels.gemv import gemv
-    except ImportError:   # no triton
-        return None
-    return gemv
+class LinearMethod(Protocol):
+    """How a linear layer stores its weights and computes ``x @ W.T (+ b)``."""
+
+    def create_weights(self, layer: "LinearBase", input_size: int, output_size: int,
+                       bias: bool) -> None:
+        """Register this rank's parameters on ``layer`` (``layer.add_parameter``)."""
+
+    def uses_gemv(self, layer: "LinearBase", x: torch.Tensor) -> bool:
+        """Whether ``apply`` on ``x`` runs the decode GEMV, the kernel that can also
+        fuse the SiLU·mul of its input and send its output to the peers."""
+
+    def apply(self, layer: "LinearBase", x: torch.Tensor, out: torch.Tensor | None = None,
+              send=None, silu_mul: bool = False) -> torch.Tensor:
+        """The product, written into ``out`` when given; ``send`` and ``silu_mul`` only
+        where ``uses_gemv``."""
 
 
-def gemv_enabled() -> bool:
-    """Whether one-row products of 16-bit weights on a GPU take the Triton GEMV."""
-    return _triton_gemv() is not None
+class UnquantizedLinearMethod:
+    """Weights in the model's dtype; the Triton GEMV for one-row steps of 16-bit weights
+    on a GPU, cuBLAS (or the CPU's matmul) otherwise."""
+
+    def create_weights(self, layer: "LinearBase", input_size: int, output_size: int,
+                       bias: bool) -> None:
+        # Allocated uninitialized: the checkpoint (or a random init) fills them.
+        layer.add_parameter("weight", torch.empty(output_size, input_size), output_dim=0, input_dim=1)
+        if bias:
+            layer.add_parameter("bias", torch.empty(output_size), output_dim=0)
+        else:
+            layer.register_parameter("bias", None)
+
+    def uses_gemv(self, layer: "LinearBase", x: torch.Tensor) -> bool:
+        return takes_gemv(x, layer.weight)
+
+    def apply(self, layer: "LinearBase", x: torch.Tensor, out: torch.Tensor | None = None,
+              send=None, silu_mul: bool = False) -> torch.Tensor:
+        return matmul(x, layer.weight, layer.bias, out=out, send=send, silu_mul=silu_mul)
 
 
-@functools.cache
-def rope_in_gemv() -> bool:
-    """Whether one-row decode steps rotate and write K/V in the QKV GEMV (opt-in)."""
-    return os.environ.get("ORBITLLM_ROPE_GEMV", "0") == "1" and gemv_enabled()
+class LinearBase(nn.Module):
+    """A projection of this rank's ``input_size`` inputs to its ``output_size`` outputs.
+    Subclasses say where this rank's part lies in the checkpoint's tensors."""
+
+    shard_ids: tuple = (None,)   # the checkpoint tensors fused into this layer's parameters
+
+    def __init__(self, input_size: int, output_size: int, shard: Shard, bias: bool,
+                 quant_method: LinearMethod | None) -> None:
+        super().__init__()
+        self.input_size, self.output_size, self.shard = input_size, output_size, shard
+        self.weight_loaders: dict[str, WeightLoader] = {}
+        self.quant_method = quant_method or UnquantizedLinearMethod()
+        self.quant_method.create_weights(self, input_size, output_size, bias)
+
+    def add_parameter(self, name: str, tensor: torch.Tensor, output_dim: int | None = None,
+                      input_dim: int | None = None, loader: WeightLoader | None = None) -> None:
+        """Register a parameter whose ``output_dim`` / ``input_dim`` follow the layer's
+        outputs / inputs (sliced like them), or one with its own ``loader``."""
+        self.register_parameter(name, nn.Parameter(tensor))
+        self.weight_loaders[name] = loader or self._sliced_loader(output_dim, input_dim)
+
+    def load_weight(self, name: str, loaded: CheckpointTensor, shard_id=None) -> None:
+        """Copy this rank's part of the checkpoint tensor ``loaded`` (shard ``shard_id``)
+        into parameter ``name``; ValueError when its shape is not the expected one."""
+        self.weight_loaders[name](getattr(self, name), loaded, shard_id)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_method.apply(self, x)
+
+    def output_part(self, shard_id) -> tuple[int, int, int, int]:
+        """Along the outputs, for checkpoint shard ``shard_id``: (offset in this rank's
+        parameter, start in the checkpoint tensor, length, the checkpoint tensor's size)."""
+        return 0, 0, self.output_size, self.output_size
+
+    def input_part(self) -> tuple[int, int, int]:
+        """Along the inputs: (start in the checkpoint tensor, length, its size)."""
+        return 0, self.input_size, self.input_size
+
+    def _sliced_loader(self, output_dim: int | None, input_dim: int | None) -> WeightLoader:
+        def load(param: nn.Parameter, loaded: CheckpointTensor, shard_id) -> None:
+            expected, parts, target = list(param.shape), {}, param.data
+            if output_dim is not None:
+                offset, start, length, size = self.output_part(shard_id)
+                expected[output_dim], parts[output_dim] = size, (start, length)
+                target = target.narrow(output_dim, offset, length)
+            if input_dim is not None:
+                start, length, size = self.input_part()
+                expected[input_dim], parts[input_dim] = size, (start, length)
+            check_shape(loaded, tuple(expected))
+            target.copy_(take(loaded, parts))
+        return load
 
 
-def takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``linear`` computes this product with the Triton GEMV."""
-    return (x.is_cuda and x.shape[0] == 1 and weight.dtype in (torch.bfloat16, torch.float16)
-            and gemv_enabled())
+class ColumnParallelLinear(LinearBase):
+    """This rank's even part of the outputs."""
+
+    def __init__(self, input_size: int, output_size: int, shard: Shard = Shard(),
+                 bias: bool = False, quant_method: LinearMethod | None = None) -> None:
+        self.full_output_size = output_size
+        super().__init__(input_size, output_size // shard.size, shard, bias, quant_method)
+
+    def output_part(self, shard_id) -> tuple[int, int, int, int]:
+        start, length = self.shard.split(self.full_output_size)
+        return 0, start, length, self.full_output_size
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           out: torch.Tensor | None = None, send=None, silu_mul: bool = False,
-           rope=None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, written into ``out`` when given (no bias then).
-    Only where ``takes_gemv``: ``send`` (a ``kernels.gemv.PeerSend``), the GEMV also
-    sends its output to the tensor-parallel peers; ``silu_mul``, ``x`` is an MLP's
-    ``[gate | up]`` and the product takes ``silu(gate) * up``; ``rope`` (a
-    ``kernels.gemv.RopeWrite``), the QKV GEMV rotates and writes the KV cache."""
-    if takes_gemv(x, weight):
-        return _triton_gemv()(x, weight, bias, out, send=send, silu_mul=silu_mul, rope=rope)
-    assert send is None and not silu_mul and rope is None, \
-        "only the Triton GEMV sends to peers, fuses SiLU or writes the KV cache"
-    if out is None:
-        return F.linear(x, weight, bias)
-    assert bias is None
-    return torch.mm(x, weight.t(), out=out)
+class MergedColumnParallelLinear(LinearBase):
+    """Several column-parallel projections of one input in one product (gate and up):
+    this rank's part of each, side by side; checkpoint shard ``i`` is ``output_sizes[i]``."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], shard: Shard = Shard(),
+                 bias: bool = False, quant_method: LinearMethod | None = None) -> None:
+        self.output_sizes = list(output_sizes)
+        self.shard_ids = tuple(range(len(output_sizes)))
+        super().__init__(input_size, sum(output_sizes) // shard.size, shard, bias, quant_method)
+
+    def output_part(self, shard_id: int) -> tuple[int, int, int, int]:
+        size = self.output_sizes[shard_id]
+        offset = sum(self.output_sizes[:shard_id]) // self.shard.size
+        start, length = self.shard.split(size)
+        return offset, start, length, size
+
+
+class QKVParallelLinear(LinearBase):
+    """Q, K and V in one product: this rank's query heads, then its KV heads' K and V
+    (split when there are enough KV heads, else the one its query heads read)."""
+
+    shard_ids = ("q", "k", "v")
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 shard: Shard = Shard(), bias: bool = False,
+                 quant_method: LinearMethod | None = None) -> None:
+        self.head_dim, self.total_num_heads, self.total_num_kv_heads = head_dim, num_heads, num_kv_heads
+        self.num_heads = num_heads // shard.size
+        self.num_kv_heads = kv_heads_per_rank(num_kv_heads, shard.size)
+        self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
+        super().__init__(hidden_size, self.q_size + 2 * self.kv_size, shard, bias, quant_method)
+
+    def output_part(self, shard_id: str) -> tuple[int, int, int, int]:
+        if shard_id == "q":
+            return 0, self.shard.rank * self.q_size, self.q_size, self.total_num_heads * self.head_dim
+        first_head = self.shard.rank * self.total_num_kv_heads // self.shard.size
+        offset = self.q_size if shard_id == "k" else self.q_size + self.kv_size
+        return offset, first_head * self.head_dim, self.kv_size, self.total_num_kv_heads * self.head_dim
+
+
+class RowParallelLinear(LinearBase):
+    """This rank's even part of the inputs; returns this rank's partial sum, for the
+    ``RMSNorm`` that follows (with the residual) to sum over the ranks. With the fused
+    peer all-reduce the partial is written straight into the peer-read buffer
+    ``reduce_slot`` (and, from the GEMV, sent to the peers as packets), which that norm
+    then reduces. Consecutive row-parallel layers must use different slots, as a peer
+    may still read the previous one (``ReduceSlot``). ``reduce_slot=None``: never the
+    fused path, for a partial that the model sums itself (``shard.all_reduce``)."""
+
+    def __init__(self, input_size: int, output_size: int, shard: Shard = Shard(),
+                 reduce_slot: int | None = None, quant_method: LinearMethod | None = None) -> None:
+        self.full_input_size = input_size
+        self.reduce_slot = None if reduce_slot is None else int(reduce_slot)
+        super().__init__(input_size // shard.size, output_size, shard, False, quant_method)
+
+    def input_part(self) -> tuple[int, int, int]:
+        return *self.shard.split(self.full_input_size), self.full_input_size
+
+    def forward(self, x: torch.Tensor, act: nn.Module | None = None) -> torch.Tensor:
+        """``act``: ``x`` is the activation's input (an MLP's ``[gate | up]``). One the
+        decode GEMV can apply (``SiluAndMul``: ``fuses_into_gemv``) is applied as the
+        GEMV loads ``x`` where it takes the step, so its own kernel does not run."""
+        silu_mul = (isinstance(act, SiluAndMul) and act.fuses_into_gemv
+                    and self.quant_method.uses_gemv(self, x))
+        if act is not None and not silu_mul:
+            x = act(x)
+        fast, slot = self.shard.peer_reduce, self.reduce_slot
+        if fast is None or slot is None:
+            return self.quant_method.apply(self, x, silu_mul=silu_mul)
+        return self.quant_method.apply(self, x, out=fast.output(x.shape[0], slot),
+                                       send=fast.send(x.shape[0], slot), silu_mul=silu_mul)

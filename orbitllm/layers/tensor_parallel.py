@@ -1,26 +1,21 @@
-"""Megatron-style tensor parallelism inside the model: which slice a rank holds, and
-the collectives that put the slices back together.
+"""Megatron-style tensor parallelism inside the model: which ranks there are, and the
+collectives that put their slices back together.
 
-Column-parallel layers (QKV, gate/up) split their outputs by heads or by columns
-and need no communication; row-parallel layers (o_proj, down_proj) split their
-inputs, and their partial outputs are summed over the ranks together with the
-residual add + RMSNorm that follows (``Shard.reduce_norm``). The vocabulary is split in even chunks
-(the last padded), for the embedding (masked lookup + all-reduce) and the LM
-head (logits gathered on the driver, rank 0; the tokens it samples are broadcast
-back for overlapped steps). With one rank nothing here communicates, so the
-single-process model runs exactly as before.
+The layers that hold slices (``linear.py``, ``embedding.py``) and the norm that sums the
+row-parallel layers' partial outputs (``norm.RMSNorm``) call these. The fused
+peer-memory all-reduce (``PeerAllReduce``) replaces NCCL in decode-sized steps. With
+one rank nothing here communicates, so the single-process model runs exactly as before.
 """
 from __future__ import annotations
 
+import enum
 import inspect
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
 
-from orbitllm.layers.linear import gemv_enabled, linear, takes_gemv
+from orbitllm.layers.matmul import gemv_enabled
 
 
 @dataclass(frozen=True)
@@ -44,25 +39,6 @@ class Shard:
             dist.all_reduce(x)
         return x
 
-    def row_parallel(self, x: torch.Tensor, weight: torch.Tensor, slot: int,
-                     silu_mul: bool = False) -> torch.Tensor:
-        """This rank's partial ``x @ weight.T`` of a row-parallel layer (sum it with
-        ``reduce_norm``). Written straight into the peer-read buffer ``slot`` when the
-        fused path takes the step. ``silu_mul``: as ``linear``'s."""
-        fast = self.peer_reduce
-        if fast is None:
-            return linear(x, weight, silu_mul=silu_mul)
-        return linear(x, weight, out=fast.output(x.shape[0], slot), send=fast.send(x, weight, slot),
-                      silu_mul=silu_mul)
-
-    def reduce_norm(self, partial: torch.Tensor, residual: torch.Tensor, norm: nn.Module,
-                    slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``norm(sum over ranks of partial, residual)``: (normed, new residual)."""
-        fast = self.peer_reduce
-        if fast is not None and fast.holds(partial, slot):
-            return fast.reduce_add_norm(partial.shape[0], slot, residual, norm.weight, norm.eps)
-        return norm(self.all_reduce(partial), residual)
-
     def gather_last_dim(self, x: torch.Tensor) -> torch.Tensor | None:
         """Concatenate every rank's ``x`` along the last dim on the driver; None elsewhere."""
         parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
@@ -85,6 +61,16 @@ class Shard:
         return int(t.item())
 
 
+class ReduceSlot(enum.IntEnum):
+    """The fused all-reduce's two buffers. A peer may still read a rank's partial of one
+    row-parallel layer while the rank computes the next, so consecutive row-parallel
+    layers alternate: a decoder's attention output (``o_proj``) and MLP output
+    (``down_proj``) each take their own."""
+
+    ATTENTION = 0
+    MLP = 1
+
+
 class PeerAllReduce:
     """The all-reduces of steps of up to ``max_rows`` rows, fused with the add + RMSNorm
     after them (``kernels/peer_reduce.py``): each rank's row-parallel matmul writes
@@ -94,7 +80,7 @@ class PeerAllReduce:
     buffers instead, and the kernel only waits for the packets. Larger steps
     (prefill) go through NCCL."""
 
-    SLOTS = 2   # 0: attention outputs, 1: MLP outputs (they alternate)
+    SLOTS = len(ReduceSlot)
 
     def __init__(self, max_rows: int, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
         self.max_rows, self.hidden = max_rows, hidden
@@ -130,20 +116,24 @@ class PeerAllReduce:
         reduction waits for them)."""
         return self.sends_packets and rows == 1
 
-    def send(self, x: torch.Tensor, weight: torch.Tensor, slot: int):
-        """The GEMV's ``PeerSend`` for the row-parallel matmul ``x @ weight.T`` into
-        ``slot``, or None when the call does not go by packets."""
-        if not self.uses_packets(x.shape[0]):
-            return None
-        assert takes_gemv(x, weight), "packets are sent by the Triton GEMV"
-        return self._sends[slot]
+    def send(self, rows: int, slot: int):
+        """The GEMV's ``PeerSend`` for a row-parallel product of ``rows`` rows into
+        ``slot``, or None when the call does not go by packets (only the Triton GEMV
+        sends them)."""
+        return self._sends[slot] if self.uses_packets(rows) else None
 
     def _packet_offset(self, slot: int) -> int:
         return slot * self.world * self.hidden
 
-    def holds(self, partial: torch.Tensor, slot: int) -> bool:
-        return (partial.shape[0] <= self.max_rows and partial.data_ptr() ==
-                self.buffer.data_ptr() + slot * self.slot_numel * self.buffer.element_size())
+    def slot_holding(self, partial: torch.Tensor) -> int | None:
+        """The slot whose buffer ``partial`` is (written there by a row-parallel layer),
+        or None: a partial of a step too large for the buffer, summed by NCCL."""
+        if partial.shape[0] > self.max_rows:
+            return None
+        offset = partial.data_ptr() - self.buffer.data_ptr()
+        step = self.slot_numel * self.buffer.element_size()
+        slot, rest = divmod(offset, step)
+        return slot if rest == 0 and 0 <= slot < self.SLOTS else None
 
     def reduce_add_norm(self, rows: int, slot: int, residual: torch.Tensor, weight: torch.Tensor,
                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,24 +204,3 @@ def check_shardable(num_heads: int, num_kv_heads: int, intermediate_size: int, s
         why = f"intermediate size {intermediate_size}"
     if why:
         raise ValueError(f"tensor_parallel_size: {size} ranks cannot split the model's {why}")
-
-
-class VocabParallelEmbedding(nn.Module):
-    """Each rank holds rows ``[start, start + rows)`` of the table; a token outside
-    them contributes zeros, and the all-reduce fills in the owner's row."""
-
-    def __init__(self, vocab_size: int, hidden_size: int, shard: Shard) -> None:
-        super().__init__()
-        self.shard = shard
-        self.rows = -(-vocab_size // shard.size)
-        self.start = shard.rank * self.rows
-        self.weight = nn.Parameter(torch.empty(self.rows, hidden_size))
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.shard.size == 1:
-            return F.embedding(input_ids, self.weight)
-        local = input_ids - self.start
-        outside = (local < 0) | (local >= self.rows)
-        x = F.embedding(local.masked_fill(outside, 0), self.weight)
-        x.masked_fill_(outside[:, None], 0)
-        return self.shard.all_reduce(x)

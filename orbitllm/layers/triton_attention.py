@@ -24,15 +24,12 @@ class TritonAttentionBackend:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                 scale: float, sliding_window: int | None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                store_kv: bool = True) -> torch.Tensor:
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """``rope``: (positions, cos/sin cache) when q and k still need the rotary
-        embedding; ``k`` is then left unrotated (only the cache holds rotated keys).
-        ``store_kv=False``: q is rotated and the step's keys and values are in the cache
-        already (the QKV GEMV wrote them); ``k`` and ``v`` are not read."""
-        if store_kv and rope is not None:
+        embedding; ``k`` is then left unrotated (only the cache holds rotated keys)."""
+        if rope is not None:
             rotary_store_kv_cache(q, k, v, k_cache, v_cache, meta.slot_mapping, *rope)
-        elif store_kv:
+        else:
             store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.max_query_len == 1:
             return paged_decode_attention(

@@ -26,6 +26,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 from transformers import PretrainedConfig
 
+from orbitllm.models import registry
 from orbitllm.models.errors import ModelLoadError
 from orbitllm.models.weight_cache import CheckpointCache
 
@@ -399,11 +400,11 @@ def _hf_name(gguf_name: str) -> str:
 
 
 def _architecture(path: Path, metadata: dict[str, Any]) -> str:
+    """The file's architecture, when this module can map it and the model registry runs its class."""
     architecture = metadata.get("general.architecture")
-    if architecture not in ARCHITECTURES:
-        raise ModelLoadError(
-            f"unsupported architecture {architecture!r} (supported: {', '.join(sorted(ARCHITECTURES))})", path
-        )
+    supported = sorted(name for name, arch in ARCHITECTURES.items() if registry.is_supported(arch.model_class))
+    if architecture not in supported:
+        raise ModelLoadError(f"unsupported architecture {architecture!r} (supported: {', '.join(supported)})", path)
     return architecture
 
 

@@ -15,38 +15,22 @@ from typing import Callable, Iterator
 import torch
 
 from orbitllm.layers.tensor_parallel import Shard
+from orbitllm.layers.weight_loading import CheckpointTensor, LazyTensor
+from orbitllm.models import registry
 from orbitllm.models.errors import ModelLoadError
-from orbitllm.models.llama import DecoderSpec, LlamaForCausalLM
-
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,
-    "Qwen2ForCausalLM": LlamaForCausalLM,
-    "Qwen3ForCausalLM": LlamaForCausalLM,
-}
-
-
-# (name, shape) -> (dim, start, length) of the part a tensor-parallel rank holds, or None: all.
-SlicePicker = Callable[[str, tuple[int, ...]], "tuple[int, int, int] | None"]
+from orbitllm.models.interface import CausalLM
 
 
 @dataclass
 class Checkpoint:
-    """A located model: its config, a lazy weight stream and a tokenizer loader."""
+    """A located model: its config, a lazy weight stream and a tokenizer loader. The
+    stream's tensors may be ``LazyTensor``s (safetensors): a tensor-parallel rank's
+    weight loaders then read only its slices from disk."""
 
     source: str
     config: object                                            # transformers PretrainedConfig
-    iter_weights: Callable[[torch.dtype], Iterator[tuple[str, torch.Tensor]]]
+    iter_weights: Callable[[torch.dtype], Iterator[tuple[str, CheckpointTensor]]]
     load_tokenizer: Callable[[], object]
-    # Reads only each tensor's picked part from disk (safetensors); None: read all, then narrow.
-    iter_slices: Callable[[torch.dtype, SlicePicker], Iterator[tuple[str, torch.Tensor]]] | None = None
-
-    def iter_shard(self, dtype: torch.dtype, pick: SlicePicker) -> Iterator[tuple[str, torch.Tensor]]:
-        """The weights one tensor-parallel rank holds, each narrowed by ``pick``."""
-        if self.iter_slices is not None:
-            return self.iter_slices(dtype, pick)
-        return ((name, t if (part := pick(name, tuple(t.shape))) is None else t.narrow(*part))
-                for name, t in self.iter_weights(dtype))
 
 
 # Shapes that need no checkpoint, for benchmarks with random weights (load_format="dummy").
@@ -113,15 +97,13 @@ def open_checkpoint(model: str | None, tokenizer: str | None = None) -> Checkpoi
 
 
 def _check_architecture(config, source: str) -> None:
-    archs = getattr(config, "architectures", None) or []
-    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
-        raise ModelLoadError(f"{source}: unsupported architecture {archs or None}; "
-                             f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
+    registry.architecture_of(config, source)
 
 
-def build_model(ckpt: Checkpoint, shard: Shard = Shard()) -> LlamaForCausalLM:
-    arch = next(a for a in ckpt.config.architectures if a in SUPPORTED_ARCHITECTURES)
-    return SUPPORTED_ARCHITECTURES[arch](DecoderSpec.from_config(ckpt.config), shard)
+def build_model(ckpt: Checkpoint, shard: Shard = Shard()) -> CausalLM:
+    """The registered class of the checkpoint's architecture, built from its config."""
+    arch = registry.architecture_of(ckpt.config, ckpt.source)
+    return registry.model_class(arch).from_config(ckpt.config, shard)
 
 
 def _download(repo_id: str) -> Path:
@@ -148,8 +130,7 @@ def _open_hf_folder(path: Path) -> Checkpoint:
     _check_architecture(config, str(path))
     shards = _safetensors_shards(path)
     return Checkpoint(str(path), config, lambda dtype: _iter_safetensors(shards, dtype),
-                      lambda: _hf_tokenizer(path),
-                      lambda dtype, pick: _iter_safetensor_slices(shards, dtype, pick))
+                      lambda: _hf_tokenizer(path))
 
 
 def _safetensors_shards(path: Path) -> list[Path]:
@@ -166,30 +147,18 @@ def _safetensors_shards(path: Path) -> list[Path]:
     return shards
 
 
-def _iter_safetensors(shards: list[Path], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """One tensor at a time (memory-mapped), so the file is never held twice."""
-    from safetensors import safe_open
-    for shard in shards:
-        with safe_open(str(shard), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name).to(dtype)
-
-
-def _iter_safetensor_slices(shards: list[Path], dtype: torch.dtype,
-                            pick: SlicePicker) -> Iterator[tuple[str, torch.Tensor]]:
-    """Like ``_iter_safetensors``, but only the picked rows or columns are read."""
+def _iter_safetensors(shards: list[Path], dtype: torch.dtype) -> Iterator[tuple[str, LazyTensor]]:
+    """One tensor at a time (memory-mapped), so the file is never held twice; each is
+    read when its weight loader asks, and only as far as it asks (a rank's slice)."""
     from safetensors import safe_open
     for shard in shards:
         with safe_open(str(shard), framework="pt") as f:
             for name in f.keys():
                 lazy = f.get_slice(name)
-                part = pick(name, tuple(lazy.get_shape()))
-                if part is None:
-                    tensor = f.get_tensor(name)
-                else:
-                    dim, start, length = part
-                    tensor = lazy[(slice(None),) * dim + (slice(start, start + length),)]
-                yield name, tensor.to(dtype)
+                yield name, LazyTensor(
+                    tuple(lazy.get_shape()),
+                    lambda name=name: f.get_tensor(name).to(dtype),
+                    lambda index, lazy=lazy: lazy[index].to(dtype))
 
 
 def _open_gguf(path: Path) -> Checkpoint:

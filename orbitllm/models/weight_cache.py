@@ -31,9 +31,10 @@ from typing import IO, Iterable, Iterator, Sequence
 
 import torch
 
+from orbitllm.envs import envs
+
 logger = logging.getLogger(__name__)
 
-CACHE_DIR_ENV = "ORBITLLM_CACHE_DIR"
 FORMAT_VERSION = 1  # bump when what is cached for a given file changes meaning
 _SAMPLE_BYTES = 1 << 20
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -41,10 +42,7 @@ _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat1
 
 def cache_root() -> Path:
     """The user's orbitllm cache folder (created lazily, on first write)."""
-    if override := os.environ.get(CACHE_DIR_ENV):
-        return Path(override).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "orbitllm"
+    return envs().cache_dir
 
 
 def file_key(path: Path) -> str:

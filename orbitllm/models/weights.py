@@ -1,0 +1,51 @@
+"""Filling a model's parameters from a checkpoint's Hugging Face-named tensors."""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from torch import nn
+
+from orbitllm.layers.weight_loading import CheckpointTensor, default_weight_loader
+from orbitllm.models.errors import ModelLoadError
+
+# Checkpoint name -> (the model's parameter name, shard id within it), or None: not used.
+NameMap = Callable[[str], "tuple[str, object] | None"]
+
+
+def load_checkpoint_weights(model: nn.Module, weights: Iterable[tuple[str, CheckpointTensor]],
+                            source: str, map_name: NameMap) -> None:
+    """Hand each checkpoint tensor, one at a time, to the weight loader of the layer that
+    owns its parameter (``load_weight``; replicated parameters such as norms are copied
+    whole). Every parameter, and every shard of a fused one, must be filled."""
+    params = dict(model.named_parameters())
+    loaded: set[tuple[str, object]] = set()
+    for hf_name, tensor in weights:
+        mapped = map_name(hf_name)
+        if mapped is None:
+            continue
+        name, shard_id = mapped
+        if name not in params:
+            raise ModelLoadError(f"{source}: unexpected tensor {hf_name!r} for this architecture")
+        module_name, _, param_name = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        try:
+            if hasattr(module, "load_weight"):
+                module.load_weight(param_name, tensor, shard_id)
+            else:
+                default_weight_loader(params[name], tensor, shard_id)
+        except ValueError as e:
+            raise ModelLoadError(f"{source}: tensor {hf_name!r} {e}") from None
+        loaded.add((name, shard_id))
+    missing, partial = [], []
+    for name in params:
+        ids = getattr(model.get_submodule(name.rpartition(".")[0]), "shard_ids", (None,))
+        got = sum((name, i) in loaded for i in ids)
+        if got == 0:
+            missing.append(name)
+        elif got < len(ids):
+            partial.append(name)
+    if missing:
+        raise ModelLoadError(f"{source}: checkpoint lacks weights for {sorted(missing)[:5]}"
+                             f"{' ...' if len(missing) > 5 else ''}")
+    if partial:
+        raise ModelLoadError(f"{source}: checkpoint lacks part of {sorted(partial)[:3]}")
