@@ -158,7 +158,7 @@ class LimitedTemplateRenderer:
     memory has grown by ``max_memory_bytes`` (loops of ``~`` that double a string).
     The variables are those Hugging Face templates expect."""
 
-    def __init__(self, max_chars: int, timeout_s: float, max_memory_bytes: int = 256 << 20) -> None:
+    def __init__(self, max_chars: int, timeout_s: float, max_memory_bytes: int = 64 << 20) -> None:
         self.max_chars = max_chars
         self.timeout_s = timeout_s
         self.max_memory_bytes = max_memory_bytes
@@ -177,7 +177,7 @@ class LimitedTemplateRenderer:
         def trace(frame, event, arg):
             nonlocal events
             events += 1
-            if events % 256 == 0:
+            if events % 32 == 0:
                 if time.monotonic() > deadline:
                     raise TemplateLimitError(f"chat_template: rendering took longer than {self.timeout_s:g} s")
                 if _peak_rss_bytes() - rss_start > self.max_memory_bytes:
