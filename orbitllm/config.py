@@ -26,6 +26,8 @@ class EngineConfig:
     cpu_kv_cache_gib: float = 2.0       # KV pool size on CPU when num_kv_blocks is not given
     load_format: str = "auto"           # auto | dummy: random weights with the checkpoint's shapes
     tensor_parallel_size: int = 1       # N > 1: the model split over N processes (GPUs)
+    max_n: int = 128                    # most choices (n, best_of) one request may ask for
+    scheduling_policy: str = "fcfs"     # fcfs | priority (requests' priority is honoured)
     tp_all_reduce: str = "auto"         # auto | nccl | peer (decode all-reduces fused with add + RMSNorm, read from peer GPUs); auto: peer on one host of peer-connected GPUs
 
     def __post_init__(self) -> None:
@@ -47,6 +49,10 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.tp_all_reduce not in ("auto", "nccl", "peer"):
             raise ValueError(f"tp_all_reduce must be auto, nccl or peer, got {self.tp_all_reduce!r}")
+        if self.max_n < 1:
+            raise ValueError(f"max_n must be >= 1, got {self.max_n}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be fcfs or priority, got {self.scheduling_policy!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
 

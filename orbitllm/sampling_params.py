@@ -1,7 +1,20 @@
-"""Per-request sampling settings, validated at construction (vLLM's field names)."""
+"""Per-request sampling settings, validated at construction (vLLM's field names).
+
+Everything a client can set is checked here, before a request reaches the engine,
+so that no value can make a batched step fail for the other requests in it: types
+(a bool is not an int), finite floats, integers within int64 (the sampler's arrays),
+and bounded stop lists. Checks that need the model (vocabulary, ``max_n``, context
+length) are ``LLMEngine.check_params``'s; the server and the offline API share both.
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+MAX_STOP_STRINGS = 64          # more would make every step's stop check costly
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
 
 
 @dataclass
@@ -31,46 +44,86 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.top_k == -1:
             self.top_k = 0
+        if not isinstance(self.stop, (str, list, tuple, type(None))):
+            raise _bad("stop", "must be a string or a list of strings", self.stop)
+        if not isinstance(self.stop_token_ids, (list, tuple, type(None))):
+            raise _bad("stop_token_ids", "must be a list of token ids", self.stop_token_ids)
         self.stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self._validate()
 
     def _validate(self) -> None:
-        def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"{name} {why}, got {getattr(self, name)!r}")
-
-        if not isinstance(self.n, int) or self.n < 1:
-            raise bad("n", "must be an integer >= 1")
-        if self.temperature < 0:
-            raise bad("temperature", "must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise bad("top_k", "must be -1, 0 (disabled) or a positive integer")
-        if not 0 <= self.min_p <= 1:
-            raise bad("min_p", "must be in [0, 1]")
-        if not -2 <= self.presence_penalty <= 2:
-            raise bad("presence_penalty", "must be in [-2, 2]")
-        if not -2 <= self.frequency_penalty <= 2:
-            raise bad("frequency_penalty", "must be in [-2, 2]")
-        if self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", "must be > 0")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            raise bad("max_tokens", "must be an integer >= 1")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            raise bad("min_tokens", "must be an integer >= 0")
+        _int("n", self.n, 1)
+        _float("temperature", self.temperature, 0.0)
+        _float("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _int("top_k", self.top_k, 0, why="must be -1, 0 (disabled) or a positive integer")
+        _float("min_p", self.min_p, 0.0, 1.0)
+        _float("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _float("repetition_penalty", self.repetition_penalty, 0.0, low_open=True)
+        if self.max_tokens is not None:
+            _int("max_tokens", self.max_tokens, 1)
+        _int("min_tokens", self.min_tokens, 0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise bad("min_tokens", f"must be <= max_tokens ({self.max_tokens})")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            raise bad("logprobs", "must be an integer >= 0")
-        if self.prompt_logprobs is not None and (
-                not isinstance(self.prompt_logprobs, int) or self.prompt_logprobs < 0):
-            raise bad("prompt_logprobs", "must be an integer >= 0")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", "must be an integer")
-        if any(not isinstance(s, str) or not s for s in self.stop_strings):
-            raise bad("stop", "must be non-empty strings")
+            raise _bad("min_tokens", f"must be <= max_tokens ({self.max_tokens})", self.min_tokens)
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                _int(name, getattr(self, name), 0)
+        if self.seed is not None:
+            _int("seed", self.seed, INT64_MIN)
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(name, "must be a boolean", getattr(self, name))
+        if len(self.stop_strings) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop: at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop_strings)}")
+        for s in self.stop_strings:
+            if not isinstance(s, str) or not s:
+                raise _bad("stop", "must be non-empty strings", s)
+            if len(s) > MAX_STOP_STRING_CHARS:
+                raise ValueError(f"stop: a stop string has {len(s)} characters, "
+                                 f"at most {MAX_STOP_STRING_CHARS} are allowed")
+            _text("stop", s)
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, "
+                             f"got {len(self.stop_token_ids)}")
+        for t in self.stop_token_ids:
+            _int("stop_token_ids", t, 0, why="must be token ids (integers >= 0)")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+
+def _bad(name: str, why: str, value) -> ValueError:
+    text = repr(value)
+    return ValueError(f"{name} {why}, got {text if len(text) <= 80 else text[:77] + '...'}")
+
+
+def _int(name: str, value, low: int, why: str | None = None) -> None:
+    """An int (not a bool) in [low, int64 max]: the sampler packs these into int64 arrays."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= INT64_MAX:
+        bound = "an integer" if low == INT64_MIN else f"an integer >= {low}"
+        raise _bad(name, why or f"must be {bound} and fit in 64 bits", value)
+
+
+def _float(name: str, value, low: float, high: float = math.inf, low_open: bool = False) -> None:
+    """A finite real number in the range: NaN passes every comparison, so it is refused first."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _bad(name, "must be a finite number", value)
+    if value < low or (low_open and value == low) or value > high:
+        lo = "(" if low_open else "["
+        hi = "]" if high != math.inf else ")"
+        raise _bad(name, f"must be in {lo}{low:g}, {high:g}{hi}", value)
+
+
+def check_text(name: str, text: str) -> None:
+    """Refuse strings that are not valid Unicode text (a lone surrogate from JSON ``\\ud800``):
+    the tokenizer would raise deep inside the request."""
+    _text(name, text)
+
+
+def _text(name: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name}: not valid Unicode text ({e.reason} at position {e.start})") from None

@@ -96,6 +96,43 @@ def test_logprobs_match_transformers(llm, hf):
     assert_all_blocks_free(llm)
 
 
+def _greedy_reference(hf, prompt_ids: list[int], n: int, rep=1.0, pres=0.0, freq=0.0) -> list[int]:
+    """Greedy tokens under penalties, the slow obvious way: repetition over prompt +
+    output (divide positive logits, multiply negative ones), presence and frequency
+    over the output."""
+    ids, out = list(prompt_ids), []
+    for _ in range(n):
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[0, -1].clone()
+        for t in set(ids):
+            logits[t] = logits[t] / rep if logits[t] > 0 else logits[t] * rep
+        for t in set(out):
+            logits[t] -= freq * out.count(t) + pres
+        out.append(int(logits.argmax()))
+        ids.append(out[-1])
+    return out
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_penalties_match_a_reference_beside_plain_rows(llm, hf, overlap):
+    """Penalty rows read the host's token history (so an overlapped step drains first);
+    a plain greedy row in the same batch is untouched by them."""
+    prompts = ["The quick brown fox", "Paged attention"]   # the first repeats a token unpenalized
+    penalized = SamplingParams(max_tokens=8, repetition_penalty=1.8, presence_penalty=0.5,
+                               frequency_penalty=0.7, **GREEDY)
+    plain = SamplingParams(max_tokens=8, **GREEDY)
+    llm.engine.overlap = overlap
+    try:
+        outs = llm.generate(prompts, [penalized, plain], use_tqdm=False)
+    finally:
+        llm.engine.overlap = False
+    ids = [o.prompt_token_ids for o in outs]
+    assert outs[0].outputs[0].token_ids == _greedy_reference(hf, ids[0], 8, 1.8, 0.5, 0.7)
+    assert outs[1].outputs[0].token_ids == _greedy_reference(hf, ids[1], 8)
+    assert outs[0].outputs[0].token_ids != _greedy_reference(hf, ids[0], 8)   # the penalties bite
+    assert_all_blocks_free(llm)
+
+
 def test_prompt_logprobs_with_chunked_prefill(tiny_models, llm):
     small = LLM(tiny_models["qwen2"], num_kv_blocks=64, max_num_batched_tokens=5)
     params = SamplingParams(max_tokens=2, prompt_logprobs=1, **GREEDY)
@@ -154,7 +191,7 @@ def test_incremental_detokenization_of_multibyte_text(llm):
 
 
 def test_priority_runs_urgent_requests_first(tiny_models):
-    small = LLM(tiny_models["qwen2"], num_kv_blocks=64, max_num_seqs=1)
+    small = LLM(tiny_models["qwen2"], num_kv_blocks=64, max_num_seqs=1, scheduling_policy="priority")
     params = SamplingParams(max_tokens=2, **GREEDY)
     for i, prio in enumerate([5, 0, 9]):
         small.engine.add_request(f"r{i}", {"prompt_token_ids": [5, 6, 7]}, params, priority=prio)

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from orbitllm import SamplingParams
-from orbitllm.engine.request import Request
-from orbitllm.layers.sampler import (Sampler, SamplingBatch, apply_penalties,
+from orbitllm.layers.sampler import (Sampler, SamplingBatch, SamplingRows, apply_penalties,
                                      apply_top_k_top_p_min_p)
 
 
@@ -43,10 +42,19 @@ def test_filters_match_reference(k, p, min_p):
         assert kept == _ref_filter(logits[row].tolist(), k, p, min_p)
 
 
+def _rows(params: list[SamplingParams], seeds: list[int | None] | None = None,
+          histories: list[list[int] | None] | None = None) -> SamplingRows:
+    """Rows drawing their requests' first output token; a history is all prompt."""
+    n = len(params)
+    histories = histories or [None] * n
+    return SamplingRows([str(i) for i in range(n)], params, seeds or [None] * n, [0] * n,
+                        histories, [len(h) if h else 0 for h in histories])
+
+
 def _batch(params: SamplingParams, rows: int, seed_base: int | None = None) -> SamplingBatch:
-    reqs = [Request(str(i), [1, 2], params, seed=None if seed_base is None else seed_base + i)
-            for i in range(rows)]
-    return SamplingBatch.build(reqs, 8, torch.device("cpu"), eos_token_ids=set())
+    seeds = [None if seed_base is None else seed_base + i for i in range(rows)]
+    return SamplingBatch.build(_rows([params] * rows, seeds), 8, torch.device("cpu"),
+                               eos_token_ids=set())
 
 
 def test_samples_follow_the_distribution():
@@ -107,8 +115,7 @@ def test_greedy_and_logprobs():
 
 def test_min_tokens_bans_eos_and_stop_ids():
     params = SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[4])
-    reqs = [Request("a", [1], params)]
-    batch = SamplingBatch.build(reqs, 8, torch.device("cpu"), eos_token_ids={3})
+    batch = SamplingBatch.build(_rows([params]), 8, torch.device("cpu"), eos_token_ids={3})
     logits = torch.tensor([[0.0, 0, 0, 9, 8, 1, 0, 0]])
     assert Sampler(0, torch.device("cpu"))(logits, batch).token_ids.item() == 5
 
@@ -120,9 +127,8 @@ def test_greedy_rows_beside_sampled_rows(greedy_rows):
     cpu = torch.device("cpu")
     logits = torch.zeros(4, 16)
     logits[:, 5] = 0.5   # the argmax, but far from certain when sampling
-    reqs = [Request(str(i), [1], SamplingParams(temperature=0 if i in greedy_rows else 1.0))
-            for i in range(4)]
-    batch = SamplingBatch.build(reqs, 16, cpu, eos_token_ids=set())
+    rows = _rows([SamplingParams(temperature=0 if i in greedy_rows else 1.0) for i in range(4)])
+    batch = SamplingBatch.build(rows, 16, cpu, eos_token_ids=set())
     assert batch.any_greedy == bool(greedy_rows) and not batch.all_greedy
     sampler = Sampler(0, cpu)
     draws = [sampler(logits.clone(), batch).token_ids.tolist() for _ in range(60)]
@@ -147,19 +153,20 @@ def test_precomputed_argmax_is_used_only_where_nothing_changes_the_logits():
     with_lps = sampler(logits.clone(), _batch(SamplingParams(temperature=0, logprobs=2), 4), ids)
     assert with_lps.token_ids.tolist() == ids.tolist()
     assert torch.equal(with_lps.logprobs, logits.log_softmax(-1).gather(1, ids[:, None]).squeeze(1))
-    mixed = [Request("g", [1, 2], greedy), Request("s", [1, 2], SamplingParams(temperature=1.0), seed=7)]
+    mixed = _rows([greedy, SamplingParams(temperature=1.0)], seeds=[None, 7])
     batch = SamplingBatch.build(mixed, 8, torch.device("cpu"), eos_token_ids=set())
     sentinel = torch.tensor([5, 5])   # not an argmax: shows which rows take the given ids
     out = sampler(logits[:2].clone(), batch, sentinel)
     alone = Sampler(0, torch.device("cpu"))(logits[1:2].clone(), SamplingBatch.build(
-        mixed[1:], 8, torch.device("cpu"), eos_token_ids=set()))
+        _rows([SamplingParams(temperature=1.0)], seeds=[7]), 8, torch.device("cpu"),
+        eos_token_ids=set()))
     assert out.token_ids.tolist() == [5, alone.token_ids.item()]
     # The top token banned (EOS under min_tokens) or penalized: the given argmax is stale.
     top = int(ids[0])
-    banned = [Request("b", [1, 2], SamplingParams(temperature=0, min_tokens=3))]
+    banned = _rows([SamplingParams(temperature=0, min_tokens=3)])
     out = sampler(logits[:1].clone(), SamplingBatch.build(banned, 8, torch.device("cpu"), {top}), ids[:1])
     assert out.token_ids.item() == int(logits[0].clone().index_fill_(0, torch.tensor([top]), -1e9).argmax())
-    penalized = [Request("p", [top], SamplingParams(temperature=0, repetition_penalty=50.0))]
+    penalized = _rows([SamplingParams(temperature=0, repetition_penalty=50.0)], histories=[[top]])
     assert logits[0, top] > 0   # so the penalty divides it 50-fold and it is no longer the top
     out = sampler(logits[:1].clone(), SamplingBatch.build(penalized, 8, torch.device("cpu"), set()),
                   ids[:1])

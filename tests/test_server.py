@@ -49,7 +49,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"server-{self.port}.log"
         self._log = open(self.log_path, "w")
-        env = {**os.environ, "ORBITLLM_API_KEY": ""}
+        env = {k: v for k, v in os.environ.items() if k != "ORBITLLM_API_KEY"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "orbitllm", "serve", model, "--port", str(self.port),
              "--served-model-name", MODEL, *ENGINE_FLAGS, *flags],
@@ -107,7 +107,7 @@ def model_path(tiny_models) -> str:
 @pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
     srv = ServerProcess(model_path, tmp_path_factory.mktemp("server"), "--api-key", API_KEY,
-                        "--max-num-waiting", "64").wait_ready()
+                        "--max-num-waiting", "64", "--scheduling-policy", "priority").wait_ready()
     yield srv
     srv.stop()
 
@@ -138,6 +138,7 @@ def _offline(llm: LLM, prompt, **params):
 
 def test_models_health_version(server, client):
     assert [m.id for m in client.models.list()] == [MODEL]
+    assert client.models.list().data[0].root == MODEL   # a name, never the server's path
     assert httpx.get(server.url + "/health").status_code == 200
     import orbitllm
     assert httpx.get(server.url + "/version").json() == {"version": orbitllm.__version__}
@@ -449,15 +450,15 @@ def test_request_timeout(model_path, tmp_path):
 def test_sigterm_finishes_in_flight_refuses_new_exits_zero(model_path, tmp_path):
     """Short in-flight streams finish; a long one is cut at the shutdown deadline;
     new requests are refused; the exit code is 0."""
-    deadline_s = 3
+    deadline_s = 1
     srv = ServerProcess(model_path, tmp_path, "--shutdown-timeout", str(deadline_s),
                         "--max-model-len", "2048").wait_ready()
     results: dict[int, list[str]] = {}
-    all_started = threading.Barrier(5)
+    all_started = threading.Barrier(6)
 
-    def stream(i: int, max_tokens: int) -> None:
+    def stream(i: int, max_tokens: int, n: int = 1) -> None:
         body = {"model": MODEL, "prompt": PROMPTS[i], "max_tokens": max_tokens,
-                "ignore_eos": True, "stream": True}
+                "ignore_eos": True, "stream": True, "n": n}
         events: list[str] = []
         try:
             with httpx.stream("POST", srv.v1 + "/completions", json=body, timeout=60) as r:
@@ -471,7 +472,19 @@ def test_sigterm_finishes_in_flight_refuses_new_exits_zero(model_path, tmp_path)
         results[i] = events
 
     threads = [threading.Thread(target=stream, args=(i, 30)) for i in range(3)]
-    threads.append(threading.Thread(target=stream, args=(3, 2000)))
+    threads.append(threading.Thread(target=stream, args=(3, 2000, 8)))   # past the deadline
+    plain: list[httpx.Response] = []
+
+    def post_plain() -> None:
+        post = threading.Thread(target=lambda: plain.append(httpx.post(
+            srv.v1 + "/completions", timeout=60, json={"model": MODEL, "prompt": PROMPTS[4],
+                                                       "max_tokens": 2000, "n": 8, "ignore_eos": True})))
+        post.start()
+        time.sleep(0.5)   # admitted before the signal
+        all_started.wait()
+        post.join(60)
+
+    threads.append(threading.Thread(target=post_plain))
     [t.start() for t in threads]
     all_started.wait(timeout=60)
     srv.proc.send_signal(signal.SIGTERM)
@@ -489,7 +502,10 @@ def test_sigterm_finishes_in_flight_refuses_new_exits_zero(model_path, tmp_path)
     for i in range(3):
         assert results[i][-1] == "[DONE]"
         assert json.loads(results[i][-2])["choices"][0]["finish_reason"] == "length"
-    assert "[DONE]" not in results[3]
+    # The long one is cut at the deadline, and its client is told so.
+    assert results[3][-1] == "[DONE]", (results[3][-3:], srv.output()[-3000:])
+    assert json.loads(results[3][-2])["error"]["code"] == "server_shutdown"
+    assert plain[0].status_code == 503 and plain[0].json()["error"]["code"] == "server_shutdown"
     srv.stop()
 
 
@@ -498,7 +514,7 @@ def test_sigterm_finishes_in_flight_refuses_new_exits_zero(model_path, tmp_path)
 def test_engine_loop_survives_bad_requests(llm):
     """An exception for one request fails that request only; a failing step fails the
     requests in flight, and the loop keeps serving."""
-    from orbitllm.server.async_engine import AsyncEngine
+    from orbitllm.server.async_engine import AsyncEngine, OutputQueue, RequestStream
     from conftest import assert_all_blocks_free
 
     engine = llm.engine
@@ -523,11 +539,15 @@ def test_engine_loop_survives_bad_requests(llm):
         ids = llm.get_tokenizer().encode("Hello")
 
         async def generate(rid: str, text: str) -> str:
-            stream = await ae.add(rid, {"prompt": text, "prompt_token_ids": ids}, params)
-            last = None
-            async for last in stream:
-                pass
-            return last.output.outputs[0].text
+            sink = OutputQueue(1000, 60.0, lambda: None)
+            stream = RequestStream(rid, 0, sink, 1)
+            await ae.add(stream, {"prompt": text, "prompt_token_ids": ids}, params)
+            text = ""
+            while True:
+                _, item = await sink.get(None, rid)
+                text += "".join(c.text for c in item.choices)
+                if item.finished:
+                    return text
 
         results = await asyncio.gather(generate("a", "Hello"), generate("b", "boom"),
                                        generate("c", "Hello"), return_exceptions=True)
@@ -537,7 +557,8 @@ def test_engine_loop_survives_bad_requests(llm):
         failed = await asyncio.gather(generate("d", "Hello"), return_exceptions=True)
         assert isinstance(failed[0], RuntimeError)
         assert await generate("e", "Hello") == results[0]
-        dropped = await ae.add("f", {"prompt_token_ids": ids}, SamplingParams(max_tokens=50))
+        dropped = RequestStream("f", 0, OutputQueue(1000, 60.0, lambda: None), 1)
+        await ae.add(dropped, {"prompt_token_ids": ids}, SamplingParams(max_tokens=50))
         ae.abort(dropped)   # before its first output: it must leave the waiting count
         assert ae.num_waiting == 0
         await ae.stop()

@@ -106,7 +106,7 @@ def test_overlapped_scheduling_matches_one_rank(tiny_models):
             llm.engine.overlap = True
             channel, pending = llm.engine.runner.channel, []
             send = channel.send
-            channel.send = lambda inputs: (pending.append(inputs["fix_rows"].size), send(inputs))
+            channel.send = lambda inputs: (pending.append(inputs.pending_rows.size), send(inputs))
             assert _tokens(llm, prompts) == expected
             assert sum(pending) > 0   # rows whose input token was still on the device
             assert (llm.engine.scheduler.num_preemptions > 0) == preempts

@@ -112,9 +112,9 @@ class StepFlops:
     def step(self, scheduled) -> float:
         total = 0.0
         for s in scheduled:
-            new, end = s.num_new_tokens, s.request.num_computed_tokens
-            # query i of the chunk (position end - new + i) sees end - new + i + 1 keys
-            pairs = new * (end - new) + new * (new + 1) / 2
+            start, new = s.num_computed_tokens, s.num_new_tokens
+            # query i of the chunk (position start + i) sees start + i + 1 keys
+            pairs = new * start + new * (new + 1) / 2
             total += self.dense_per_token * new + self.attn_per_pair * pairs + self.head_per_row
         return total
 
@@ -149,7 +149,7 @@ def run(llm, requests: list[BenchRequest], temperature: float) -> dict:
         sched = engine.last_scheduled
         peak_kv = max(peak_kv, engine.kv_usage())
         step_bytes = weight_bytes + kv_token_bytes * sum(
-            s.request.num_computed_tokens for s in sched.scheduled)
+            s.num_computed_tokens + s.num_new_tokens for s in sched.scheduled)
         floor_bytes += step_bytes
         roofline_s += max(step_bytes / bw, flops.step(sched.scheduled) / rate)
         for o in outputs:

@@ -2,21 +2,38 @@
 
 One step reads top to bottom: the scheduler picks requests and token counts,
 the model runner computes them and samples, and postprocessing appends tokens,
-detokenizes, checks stop conditions and frees finished requests' blocks.
+detokenizes, checks stop conditions and frees finished requests' blocks. The
+runner sees plain step data (``step_data``); the engine keeps each in-flight
+step's Requests beside it to map the runner's results back by request id.
 """
 from __future__ import annotations
 
+import collections
+import logging
 import time
 from dataclasses import dataclass, field, replace
 
 from orbitllm.config import EngineConfig
 from orbitllm.engine.detokenizer import IncrementalDetokenizer
 from orbitllm.engine.request import Request, RequestStatus
-from orbitllm.engine.scheduler import Scheduler, SchedulerOutput
-from orbitllm.executor.model_runner import LaunchedStep, ModelRunner, StepResult
+from orbitllm.engine.scheduler import Scheduler
+from orbitllm.engine.step_data import RequestFault, SchedulerOutput
+from orbitllm.executor.model_runner import LaunchedStep, ModelRunner
 from orbitllm.executor.setup import EngineParts, build_engine_parts
 from orbitllm.outputs import CompletionOutput, Logprob, RequestOutput
-from orbitllm.sampling_params import SamplingParams
+from orbitllm.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, check_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _InFlight:
+    """A launched step: its plain data, the engine's Requests in the same order, and
+    the runner's handle on the device work."""
+
+    sched: SchedulerOutput
+    requests: list[Request]
+    launched: LaunchedStep
 
 
 @dataclass
@@ -51,10 +68,11 @@ class LLMEngine:
         # Overlap: schedule and launch step n+1 before reading step n's tokens (GPU only;
         # on CPU the "device" is this thread, so there is nothing to overlap with).
         self.overlap = config.async_scheduling and self.runner.device.type == "cuda"
-        self._inflight: tuple[SchedulerOutput, LaunchedStep] | None = None
+        self._inflight: _InFlight | None = None
+        self._suspects: collections.deque[str] = collections.deque()   # to run alone, in turn
         self._groups: dict[str, _Group] = {}
         self._child_group: dict[str, _Group] = {}
-        self.last_scheduled = None   # the last step's SchedulerOutput, for stats
+        self.last_scheduled: SchedulerOutput | None = None   # the last step's, for stats
 
     # ---- requests in -------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int] | dict,
@@ -64,10 +82,9 @@ class LLMEngine:
         params = params or SamplingParams()
         if request_id in self._groups:
             raise ValueError(f"request_id: {request_id!r} is already running")
+        self.check_params(params, priority)
         text, ids = self._tokenize(prompt)
         self._validate(ids, params)
-        if params.stop_strings and self.tokenizer is None:
-            raise ValueError("stop: stop strings need a tokenizer")
         if params.max_tokens is None:
             params = _with_max_tokens(params, self.max_model_len - len(ids))
         children, detoks = [], []
@@ -90,6 +107,7 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("prompt: this engine has no tokenizer; pass prompt_token_ids")
+            check_text("prompt", prompt)
             return prompt, self.tokenizer.encode(prompt) if prompt else []
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
@@ -101,19 +119,37 @@ class LLMEngine:
             return None, list(prompt)
         raise ValueError(f"prompt: expected a string, token ids or a dict, got {type(prompt).__name__}")
 
+    def check_params(self, params: SamplingParams, priority: int = 0) -> None:
+        """What ``SamplingParams`` cannot check alone (it does not know the model):
+        raises ValueError naming the field. Cheap and thread-safe, so the server runs
+        it before it builds anything per choice."""
+        if params.n > self.config.max_n:
+            raise ValueError(f"n: at most {self.config.max_n} choices per request (max_n), got {params.n}")
+        if isinstance(priority, bool) or not isinstance(priority, int) or not INT64_MIN <= priority <= INT64_MAX:
+            raise ValueError(f"priority: must be an integer that fits in 64 bits, got {priority!r}")
+        if priority and self.config.scheduling_policy != "priority":
+            raise ValueError(f"priority: {priority} asked for, but the engine schedules first come, "
+                             "first served (start it with scheduling_policy='priority')")
+        bad = next((t for t in params.stop_token_ids if t >= self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"stop_token_ids: {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(params, name)
+            if n is not None and n > self.vocab_size:
+                raise ValueError(f"{name}: {n} exceeds the vocabulary size {self.vocab_size}")
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop: stop strings need a tokenizer")
+
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
             raise ValueError("prompt: must not be empty")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt: {len(ids)} tokens, but max_model_len is {self.max_model_len} "
                              "(the prompt must leave room for at least one generated token)")
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt_token_ids: {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        for name in ("logprobs", "prompt_logprobs"):
-            n = getattr(params, name)
-            if n is not None and n > self.vocab_size:
-                raise ValueError(f"{name}: {n} exceeds the vocabulary size {self.vocab_size}")
+        bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int)
+                    or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt_token_ids: {bad!r} is outside the vocabulary (0..{self.vocab_size - 1})")
 
     def abort_request(self, request_id: str) -> None:
         group = self._groups.pop(request_id, None)
@@ -135,68 +171,145 @@ class LLMEngine:
         postprocesses step n while the device runs n+1. Requests that need their
         latest token on the host (penalties, prompt logprobs) drain the pipeline first.
         """
-        sched = self.scheduler.schedule()
-        self.last_scheduled = sched
+        if self._suspects and self._inflight is not None:
+            return self._drain()   # a solo step must not overlap the step before
+        only = self._next_suspect()
+        schedule = self.scheduler.schedule(only)
         outputs: list[RequestOutput] = []
-        if sched.is_empty:
+        if schedule.is_empty:
+            self.last_scheduled = SchedulerOutput()
             return self._drain()
-        if self._inflight is not None and _needs_host_tokens(sched):
+        if self._inflight is not None and schedule.needs_host_tokens:
             outputs += self._drain()
-        prev = self._inflight[1] if self._inflight is not None else None
-        launched = self.runner.launch(sched, prev)
+        # Built after any drain: it copies the tokens the host knows now.
+        sched = self.last_scheduled = schedule.step_data()
+        prev = self._inflight.launched if self._inflight is not None else None
+        try:
+            launched = self.runner.launch(sched, prev)
+        except Exception as e:
+            if only is not None:
+                self._suspects.popleft()
+            return outputs + self._drain() + self._step_failed(schedule.requests, e, only is not None)
+        if only is not None:
+            self._suspects.popleft()   # it runs fine alone
         now = time.monotonic()
-        for s in sched.scheduled:
-            req = s.request
+        for s, req in zip(sched.scheduled, schedule.requests):
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
             req.num_computed_tokens += s.num_new_tokens
-        for req in launched.sample_reqs:
-            req.num_pending += 1
+            req.num_pending += s.num_sampled
         outputs += self._drain()
-        self._inflight = (sched, launched)
+        self._inflight = _InFlight(sched, schedule.requests, launched)
         if not self.overlap:
             outputs += self._drain()
         return outputs
+
+    # ---- a step that fails -------------------------------------------------------
+    def _step_failed(self, requests: list[Request], error: Exception,
+                     solo: bool) -> list[RequestOutput]:
+        """Fail only the requests the failure is tied to; the others lose nothing (their
+        counters did not move, so the next step computes the same positions again).
+
+        A ``RequestFault`` names its requests. Any other failure of a step with several
+        requests is narrowed down first: each of them then runs one step alone
+        (``_suspects``), and a request whose solo step fails is the one failed."""
+        if isinstance(error, RequestFault):
+            culprits = [r for r in requests if r.request_id in set(error.request_ids)]
+        elif solo or len(requests) == 1:
+            culprits = requests
+        else:
+            log.error("a step of %d requests failed (%s: %s); running each alone to find which",
+                      len(requests), type(error).__name__, error)
+            self._drop_unwritten_blocks(requests)
+            self._suspects.extend(r.request_id for r in requests)
+            return []
+        log.error("failing request(s) %s: the step failed", [r.request_id for r in culprits],
+                  exc_info=error)
+        self._drop_unwritten_blocks(culprits)
+        touched = {}
+        for req in culprits:
+            group = self._child_group.get(req.request_id)
+            if group is not None and not req.is_finished:
+                self._finish(req, "error")
+                touched[group.request_id] = group
+        return [self._end_group(g) for g in touched.values() if self._report(g)]
+
+    def _drop_unwritten_blocks(self, failed: list[Request]) -> None:
+        """Blocks that requests of a failed step were to fill are in the prefix cache
+        already (registered at allocation), and another request may have taken them as
+        cached. Their KV may never have been written, so such a request starts over."""
+        bs = self.kv.block_size
+        doomed = {b for r in failed for b in self.kv.forget_unwritten(r)}
+        for req in list(self.scheduler.running):
+            if doomed.intersection(self.kv.block_ids(req.request_id)[:req.num_computed_tokens // bs]):
+                self.scheduler.preempt(req)
+
+    def _next_suspect(self) -> str | None:
+        """The request to run alone this step, while a failed step is narrowed down."""
+        while self._suspects:
+            rid = self._suspects[0]
+            group = self._child_group.get(rid)
+            req = next((c for c in group.children if c.request_id == rid), None) if group else None
+            if req is not None and req in self.scheduler.running:
+                return rid
+            self._suspects.popleft()   # finished, aborted or preempted meanwhile
+        return None
 
     def _drain(self) -> list[RequestOutput]:
         """Read back the step in flight (if any) and postprocess it."""
         if self._inflight is None:
             return []
-        sched, launched = self._inflight
-        self._inflight = None
-        result = self.runner.finish(launched)
-        for req in launched.sample_reqs:
-            req.num_pending -= 1
+        step, self._inflight = self._inflight, None
+        result = self.runner.finish(step.launched)
         touched: dict[str, _Group] = {}
         now = time.monotonic()
-        for s in sched.scheduled:
-            req = s.request
+        for s, req in zip(step.sched.scheduled, step.requests):
+            req.num_pending -= s.num_sampled
             group = self._child_group.get(req.request_id)
             if group is None or req.is_finished:
                 continue
             touched[group.request_id] = group
-            if req.request_id in result.prompt_logprobs:
-                self._add_prompt_logprobs(req, result.prompt_logprobs[req.request_id])
-            if req.request_id in result.sampled:
-                self._append_token(req, group, result, now)
-        outputs = []
-        for g in touched.values():
-            finished = g.finished
-            if finished or not g.final_only:
-                outputs.append(self._make_output(g, finished))
-            if finished:
-                self._groups.pop(g.request_id, None)
-                for c in g.children:
-                    self._child_group.pop(c.request_id, None)
-        return outputs
+            try:
+                self._postprocess(req, group, result, now)
+            except Exception:   # one request's detokenizing or stop check: fail it alone
+                log.exception("postprocessing request %s failed", req.request_id)
+                if not req.is_finished:
+                    self._finish(req, "error")
+        return [self._end_group(g) for g in touched.values() if self._report(g)]
 
-    def _append_token(self, req: Request, group: _Group, result: StepResult, now: float) -> None:
-        token = result.sampled[req.request_id]
+    def _postprocess(self, req: Request, group: _Group, result, now: float) -> None:
+        rid = req.request_id
+        if rid in result.prompt_logprobs:
+            self._add_prompt_logprobs(req, result.prompt_logprobs[rid])
+        tokens = result.sampled.get(rid)
+        if tokens is not None:
+            logprobs = result.logprobs.get(rid)
+            for k, token in enumerate(tokens):
+                if req.is_finished:   # a stop among several tokens drops the rest
+                    break
+                self._append_token(req, group, token, logprobs[k] if logprobs else None, now)
+
+    @staticmethod
+    def _report(group: _Group) -> bool:
+        return group.finished or not group.final_only
+
+    def _end_group(self, group: _Group) -> RequestOutput:
+        """The group's output; a finished group is forgotten."""
+        finished = group.finished
+        if finished:
+            self._groups.pop(group.request_id, None)
+            for c in group.children:
+                self._child_group.pop(c.request_id, None)
+        return self._make_output(group, finished)
+
+    def _append_token(self, req: Request, group: _Group, token: int, logprob: tuple | None,
+                      now: float) -> None:
+        """``logprob``: (the token's logprob, its rank, [(top id, top logprob), ...]), if asked."""
         req.output_token_ids.append(token)
         if req.first_token_time is None:
             req.first_token_time = now
-        if req.request_id in result.logprobs:
-            lp, rank, tops = result.logprobs[req.request_id]
+        if logprob is not None:
+            lp, rank, tops = logprob
             req.cumulative_logprob += lp
             entry = {tid: Logprob(l, r + 1, self._piece(tid)) for r, (tid, l) in enumerate(tops)}
             entry[token] = Logprob(lp, rank, self._piece(token))
@@ -272,17 +385,6 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stop tensor-parallel workers now (otherwise at interpreter exit)."""
         self.runner.shutdown()
-
-
-def _needs_host_tokens(sched: SchedulerOutput) -> bool:
-    """Penalties and prompt logprobs read tokens on the host, so they cannot run
-    ahead of the previous step's results."""
-    for s in sched.scheduled:
-        p = s.request.params
-        if (p.prompt_logprobs is not None or p.repetition_penalty != 1
-                or p.presence_penalty or p.frequency_penalty):
-            return True
-    return False
 
 
 def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:

@@ -11,6 +11,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from orbitllm.engine.step_data import ScheduledRequest
 from orbitllm.sampling_params import SamplingParams
 
 
@@ -92,3 +93,33 @@ class Request:
     def uses_prefix_cache(self) -> bool:
         # Prompt logprobs need every prompt position computed, so they skip cache hits.
         return self.params.prompt_logprobs is None
+
+    @property
+    def needs_host_tokens(self) -> bool:
+        """Penalties and prompt logprobs read tokens on the host, so a step with this
+        request cannot run ahead of the previous step's results."""
+        return self.params.prompt_logprobs is not None or _has_penalties(self.params)
+
+    def scheduled(self, num_new_tokens: int, block_ids: list[int]) -> ScheduledRequest:
+        """This step's part of the request as plain data: its new tokens (only those),
+        and its sampling inputs when the step reaches the last token."""
+        start = self.num_computed_tokens
+        end = start + num_new_tokens
+        p = self.params
+        s = ScheduledRequest(self.request_id, start, num_new_tokens,
+                             self.token_range(start, min(end, self.num_known_tokens)), block_ids, p)
+        if end == self.num_tokens:
+            s.num_sampled = 1
+            s.seed = self.seed
+            s.num_output_tokens = self.num_output_tokens + self.num_pending
+            s.num_prompt_tokens = len(self.prompt_token_ids)
+            if _has_penalties(p):
+                s.history = self.all_token_ids
+        if p.prompt_logprobs is not None and start < len(self.prompt_token_ids) - 1:
+            last = min(end, len(self.prompt_token_ids) - 1)   # position j predicts token j + 1
+            s.prompt_logprob_targets = self.prompt_token_ids[start + 1:last + 1]
+        return s
+
+
+def _has_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1 or bool(p.presence_penalty) or bool(p.frequency_penalty)

@@ -14,28 +14,34 @@ import itertools
 from dataclasses import dataclass, field
 
 from orbitllm.engine.request import Request, RequestStatus
+from orbitllm.engine.step_data import SchedulerOutput
 from orbitllm.kv.kv_manager import KVCacheManager
 
 
 @dataclass
-class ScheduledRequest:
-    request: Request
-    num_new_tokens: int         # tokens computed this step, from request.num_computed_tokens on
-    block_ids: list[int]
+class Schedule:
+    """One step's decision, engine side: the requests to run in batch order and how
+    many tokens each computes. The engine turns it into the plain ``SchedulerOutput``
+    the runner reads (``step_data``) right before the launch, after any drain of the
+    step in flight, so the tokens it copies are the latest the host has."""
 
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    block_ids: list[list[int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
 
     @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
+    def is_empty(self) -> bool:
+        return not self.requests
 
     @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
+    def needs_host_tokens(self) -> bool:
+        return any(r.needs_host_tokens for r in self.requests)
+
+    def step_data(self) -> SchedulerOutput:
+        return SchedulerOutput(
+            [r.scheduled(n, b) for r, n, b in zip(self.requests, self.num_new_tokens, self.block_ids)],
+            [r.request_id for r in self.preempted])
 
 
 class Scheduler:
@@ -77,8 +83,10 @@ class Scheduler:
             self.waiting = [item for item in self.waiting if item[1] is not req]
         self.kv.free(req)
 
-    def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+    def schedule(self, only: str | None = None) -> Schedule:
+        """``only``: a step of that one running request and nothing else (the engine
+        isolating which request of a failed step fails)."""
+        out = Schedule()
         budget = self.max_num_batched_tokens
         granted: dict[str, int] = {}
 
@@ -86,6 +94,8 @@ class Scheduler:
             if budget <= 0:
                 break
             if req.status != RequestStatus.RUNNING:   # preempted earlier in this loop
+                continue
+            if only is not None and req.request_id != only:
                 continue
             if req.max_tokens_reached or req.num_tokens >= self.max_model_len:
                 continue   # its last token is still in flight; it finishes when that lands
@@ -104,7 +114,7 @@ class Scheduler:
                 budget -= num_new
 
         # Admit waiting requests only when nobody was preempted: memory is tight.
-        while (not out.preempted and self.waiting and budget > 0
+        while (only is None and not out.preempted and self.waiting and budget > 0
                and len(self.running) < self.max_num_seqs):
             req = self.waiting[0][1]
             hits, num_hit = [], 0
@@ -124,13 +134,19 @@ class Scheduler:
 
         for req in self.running:
             if req.request_id in granted:
-                out.scheduled.append(ScheduledRequest(
-                    req, granted[req.request_id], self.kv.block_ids(req.request_id)))
+                out.requests.append(req)
+                out.num_new_tokens.append(granted[req.request_id])
+                out.block_ids.append(self.kv.block_ids(req.request_id))
         return out
 
     def _pick_victim(self) -> Request:
         # Lowest priority (largest value) first; among equals the most recently started.
         return max(reversed(self.running), key=lambda r: r.priority)
+
+    def preempt(self, req: Request) -> None:
+        """Free a running request's blocks and queue it to be recomputed."""
+        if req in self.running:
+            self._preempt(req)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

@@ -1,8 +1,9 @@
 """Turns a SchedulerOutput into tensors, runs one forward pass and samples.
 
 The runner owns the model, the KV cache tensors and the sampler. It makes no
-scheduling decisions: which requests run and how many tokens each computes
-arrive as plain data.
+scheduling decisions: which requests run, how many tokens each computes and how
+each is sampled arrive as plain data (``orbitllm.engine.step_data``), which
+``prepare`` turns into the step's one input type, ``StepInputs``.
 """
 from __future__ import annotations
 
@@ -12,21 +13,23 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from orbitllm.engine.request import Request
-from orbitllm.engine.scheduler import SchedulerOutput
+from orbitllm.engine.step_data import RequestFault, SchedulerOutput
 from orbitllm.executor.cuda_graph import DecodeGraphs, ForwardOutput
+from orbitllm.executor.step_inputs import PromptLogprobGroup, StepInputs
 from orbitllm.layers.attention import AttentionMetadata, get_attention_backend
-from orbitllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch
+from orbitllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRows
 from orbitllm.models.interface import CausalLM
 
 
 @dataclass
 class StepResult:
-    """What one step produced, keyed by request id."""
+    """What one step produced, keyed by request id; a request sampled at several rows
+    has their tokens (and logprobs) in row order."""
 
-    sampled: dict[str, int] = field(default_factory=dict)
-    # request id -> (logprob of the token, rank, [(top id, top logprob), ...])
-    logprobs: dict[str, tuple[float, int, list[tuple[int, float]]]] = field(default_factory=dict)
+    sampled: dict[str, list[int]] = field(default_factory=dict)
+    # request id -> per sampled token: (its logprob, its rank, [(top id, top logprob), ...])
+    logprobs: dict[str, list[tuple[float, int, list[tuple[int, float]]]]] = field(
+        default_factory=dict)
     # request id -> per prompt position: (token id, logprob, rank, top list)
     prompt_logprobs: dict[str, list[tuple[int, float, int, list[tuple[int, float]]]]] = field(
         default_factory=dict)
@@ -34,17 +37,22 @@ class StepResult:
 
 @dataclass
 class LaunchedStep:
-    """A step queued on the device: what it samples for, and where the result lands."""
+    """A step queued on the device: its sampled rows, and where the result lands."""
 
-    sample_reqs: list[Request]
+    rows: SamplingRows | None                  # None: the step samples no row
     out: SamplerOutput | None = None
     host_ids: torch.Tensor | None = None       # sampled ids, copied back without blocking
     ready: torch.cuda.Event | None = None
     prompt_logprobs: dict = field(default_factory=dict)
 
     @functools.cached_property
-    def row_of(self) -> dict[str, int]:
-        return {r.request_id: i for i, r in enumerate(self.sample_reqs)}
+    def rows_of(self) -> dict[str, range]:
+        """Request id -> its rows among the sampled ids (a request's rows are adjacent)."""
+        rows: dict[str, range] = {}
+        for i, rid in enumerate(self.rows.request_ids if self.rows is not None else ()):
+            r = rows.get(rid)
+            rows[rid] = range(i, i + 1) if r is None else range(r.start, i + 1)
+        return rows
 
 
 class Staging:
@@ -158,25 +166,50 @@ class ModelRunner:
         Tokens still pending from ``prev`` (the step before, not yet read back) are
         fed to this step's input straight from ``prev``'s device tensor.
         """
-        inputs = self._prepare(sched, prev)
-        prev_tokens = prev.out.token_ids if inputs["fix_rows"].size else None
+        inputs = self.prepare(sched, prev)
+        prev_tokens = prev.out.token_ids if inputs.pending_rows.size else None
         fwd, sample_rows = self._forward(inputs, prev_tokens)
-        step = LaunchedStep(inputs["sample_reqs"])
-        if step.sample_reqs:
-            logits, greedy_ids = self._sample_logits(fwd, sample_rows, len(step.sample_reqs))
-            batch = SamplingBatch.build(step.sample_reqs, logits.shape[-1], self.device,
-                                        self.eos_token_ids, self.staging.upload, self.sampler.rng)
-            step.out = self.sampler(logits, batch, greedy_ids)
+        rows = inputs.sampling.rows
+        step = LaunchedStep(rows if len(rows) else None)
+        if len(rows):
+            logits, greedy_ids = self._sample_logits(fwd, sample_rows, len(rows))
+            try:
+                step.out = self._sample(logits, rows, greedy_ids)
+            except Exception as e:
+                # The workers wait for this step's ids: give them some, then name the rows.
+                self.model.shard.broadcast(torch.zeros(len(rows), dtype=torch.int64, device=self.device))
+                raise RequestFault(self._failing_rows(logits, rows), e) from e
             self.model.shard.broadcast(step.out.token_ids)   # for the workers' next step
             step.host_ids = step.out.token_ids
             if self.device.type == "cuda":
-                step.host_ids = torch.empty(len(step.sample_reqs), dtype=torch.int64, pin_memory=True)
+                step.host_ids = torch.empty(len(rows), dtype=torch.int64, pin_memory=True)
                 step.host_ids.copy_(step.out.token_ids, non_blocking=True)
                 step.ready = torch.cuda.Event()
                 step.ready.record()
-        for req, rows, targets in inputs["prompt_logprob_rows"]:
-            step.prompt_logprobs[req.request_id] = self._prompt_logprobs(req, fwd.hidden[rows], targets)
+        for group, hidden_rows in zip(inputs.sampling.prompt_logprobs, inputs.prompt_groups()):
+            try:
+                step.prompt_logprobs[group.request_id] = self._prompt_logprobs(group, fwd.hidden[hidden_rows])
+            except Exception as e:
+                raise RequestFault([group.request_id], e) from e
         return step
+
+    def _sample(self, logits: torch.Tensor, rows: SamplingRows,
+                greedy_ids: torch.Tensor | None) -> SamplerOutput:
+        batch = SamplingBatch.build(rows, logits.shape[-1], self.device, self.eos_token_ids,
+                                    self.staging.upload, self.sampler.rng)
+        return self.sampler(logits, batch, greedy_ids)
+
+    def _failing_rows(self, logits: torch.Tensor, rows: SamplingRows) -> list[str]:
+        """After a batch failed to sample: the requests whose rows fail alone (all of the
+        batch's if none does, as then the failure lies in how they combine). Rare, so
+        the cost of one draw per row does not matter; the retried draws are discarded."""
+        failing = []
+        for i, rid in enumerate(rows.request_ids):
+            try:
+                self._sample(logits[i:i + 1], rows.subset([i]), None)
+            except Exception:
+                failing.append(rid)
+        return sorted(set(failing or rows.request_ids))
 
     def _sample_logits(self, fwd: ForwardOutput, sample_rows: torch.Tensor,
                        num_sampled: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -190,7 +223,7 @@ class ModelRunner:
         return fwd.logits[sample_rows], fwd.greedy_ids[sample_rows]
 
     @torch.inference_mode()
-    def mirror_step(self, inputs: dict) -> None:
+    def mirror_step(self, inputs: StepInputs) -> None:
         """A tensor-parallel worker's half of the driver's ``launch``: the same forward
         and the same collectives in the same order (``compute_logits`` gathers land on
         the driver; the sampled ids come back, to fill the next step's pending tokens)."""
@@ -200,119 +233,72 @@ class ModelRunner:
             self.model.compute_logits(fwd.hidden[sample_rows])
             self._prev_tokens = self.model.shard.broadcast(
                 torch.empty(sample_rows.numel(), dtype=torch.int64, device=self.device))
-        for rows in inputs["logit_rows"]:
+        for rows in inputs.prompt_groups():
             self.model.compute_logits(fwd.hidden[rows])
 
     def finish(self, step: "LaunchedStep") -> StepResult:
         """Wait for a launched step and read its sampled tokens (the step's one sync)."""
         result = StepResult(prompt_logprobs=step.prompt_logprobs)
-        if step.sample_reqs:
+        if step.rows is not None:
             if step.ready is not None:
                 step.ready.synchronize()
-            self._collect(result, step.sample_reqs, step.out, step.host_ids.tolist())
+            self._collect(result, step.rows, step.out, step.host_ids.tolist())
         return result
 
-    def _prepare(self, sched: SchedulerOutput, prev: "LaunchedStep | None" = None) -> dict:
-        """Flatten the step into host arrays (vectorized: the per-request work is a
-        few list reads), then move them to the device in one pinned copy each."""
-        scheduled = sched.scheduled
-        B = len(scheduled)
-        starts = np.fromiter((s.request.num_computed_tokens for s in scheduled), np.int64, B)
-        qlens = np.fromiter((s.num_new_tokens for s in scheduled), np.int64, B)
-        ends = starts + qlens
-        qsl = np.zeros(B + 1, np.int64)
-        np.cumsum(qlens, out=qsl[1:])
-        T = int(qsl[-1])
-        decode_only = T == B
-        # Rows whose token is still on the device (sampled by ``prev``), and where.
-        fix_rows: list[int] = []
-        fix_src: list[int] = []
-        tokens: list[int] = []
-        for i, (s, st) in enumerate(zip(scheduled, starts.tolist())):
-            req, end = s.request, st + s.num_new_tokens
-            known = req.num_known_tokens
-            if end <= known:
-                tokens += req.token_range(st, end)
-            else:   # only the last position can be pending
-                tokens += req.token_range(st, known) + [0]
-                fix_rows.append(int(qsl[i + 1]) - 1)
-                fix_src.append(prev.row_of[req.request_id])
-        input_ids = np.asarray(tokens, dtype=np.int64)
-        positions = np.repeat(starts - qsl[:-1], qlens) + np.arange(T)
-        width = max(len(s.block_ids) for s in scheduled)
-        table = np.zeros((B, width), np.int32)
-        for i, s in enumerate(scheduled):
-            table[i, :len(s.block_ids)] = s.block_ids
-        rows = np.repeat(np.arange(B), qlens)
-        bs = self.block_size
-        slots = table[rows, positions // bs].astype(np.int64) * bs + positions % bs
+    def prepare(self, sched: SchedulerOutput, prev: "LaunchedStep | None" = None) -> StepInputs:
+        """The step's inputs; ``prev``: the step in flight, whose sampled ids feed
+        the inputs still pending."""
+        return StepInputs.build(sched, self.block_size, prev.rows_of if prev is not None else None)
 
-        sample_mask = ends == np.fromiter((s.request.num_tokens for s in scheduled), np.int64, B)
-        sample_idx = np.nonzero(sample_mask)[0]
-        sample_reqs = [scheduled[i].request for i in sample_idx.tolist()]
-        prompt_rows = []
-        for i, s in enumerate(scheduled):
-            req, start, end = s.request, int(starts[i]), int(ends[i])
-            if req.params.prompt_logprobs is not None and start < req.num_prompt_tokens - 1:
-                last = min(end, req.num_prompt_tokens - 1)   # position j predicts token j + 1
-                first_row = int(qsl[i])
-                prompt_rows.append((req, list(range(first_row, first_row + last - start)),
-                                    req.prompt_token_ids[start + 1:last + 1]))
-        seq_lens = ends.astype(np.int32)
-        return {
-            "decode_only": decode_only, "num_seqs": B,
-            "fix_rows": np.asarray(fix_rows, np.int64), "fix_src": np.asarray(fix_src, np.int64),
-            "input_ids": input_ids, "positions": positions, "slots": slots,
-            "qsl": qsl.astype(np.int32), "seq_lens": seq_lens, "block_tables": table,
-            "max_query_len": int(qlens.max()), "max_seq_len": int(seq_lens.max()),
-            "sample_rows": qsl[1:][sample_idx] - 1, "sample_reqs": sample_reqs,
-            "prompt_logprob_rows": prompt_rows,
-        }
-
-    def _forward(self, inputs: dict,
+    def _forward(self, inputs: StepInputs,
                  prev_tokens: torch.Tensor | None) -> tuple[ForwardOutput, torch.Tensor]:
         """Upload the step's arrays (two copies in all) and run the model; returns its
         output and the device index of the rows to sample. ``prev_tokens``: the
-        previous step's sampled ids, still on the device, for the rows in ``fix_rows``."""
-        input_ids, positions, slots, sample_rows, fix_rows, fix_src = self.staging.upload(
-            [inputs["input_ids"], inputs["positions"], inputs["slots"], inputs["sample_rows"],
-             inputs["fix_rows"], inputs["fix_src"]], "inputs_i64")
-        if inputs["fix_rows"].size:
-            input_ids.index_copy_(0, fix_rows, prev_tokens[fix_src])
+        previous step's sampled ids, still on the device, for the rows in ``pending_rows``."""
+        input_ids, positions, slots, sample_rows, pending_rows, pending_src = self.staging.upload(
+            [inputs.input_ids, inputs.positions, inputs.slots, inputs.sample_rows,
+             inputs.pending_rows, inputs.pending_src], "inputs_i64")
+        if inputs.pending_rows.size:
+            input_ids.index_copy_(0, pending_rows, prev_tokens[pending_src])
         qsl, seq_lens, tables = self.staging.upload(
-            [inputs["qsl"], inputs["seq_lens"], inputs["block_tables"]], "inputs_i32")
-        n = inputs["num_seqs"]
-        if self.graphs is not None and inputs["decode_only"] and self.graphs.padded_size(n):
-            return self.graphs.run(n, input_ids, positions, slots, seq_lens, tables), sample_rows
+            [inputs.query_start_loc, inputs.seq_lens, inputs.block_tables], "inputs_i32")
+        n, q = inputs.num_seqs, inputs.uniform_query_len
+        if self.graphs is not None and q is not None and self.graphs.fits(n, q):
+            return self.graphs.run(n, q, input_ids, positions, slots, seq_lens, tables), sample_rows
         meta = AttentionMetadata(
             slot_mapping=slots, query_start_loc=qsl, seq_lens=seq_lens, block_tables=tables,
-            max_query_len=inputs["max_query_len"], max_seq_len=inputs["max_seq_len"],
-            query_start_loc_cpu=inputs["qsl"].tolist(), seq_lens_cpu=inputs["seq_lens"].tolist())
+            max_query_len=inputs.max_query_len, max_seq_len=inputs.max_seq_len,
+            query_start_loc_cpu=inputs.query_start_loc.tolist(),
+            seq_lens_cpu=inputs.seq_lens.tolist())
         hidden = self.model(input_ids, positions, self.kv_cache, meta, self.backend)
         return ForwardOutput(hidden), sample_rows
 
-    def _collect(self, result: StepResult, reqs: list[Request], out: SamplerOutput,
+    @staticmethod
+    def _collect(result: StepResult, rows: SamplingRows, out: SamplerOutput,
                  ids: list[int]) -> None:
         lps = out.logprobs.tolist() if out.logprobs is not None else None
         ranks = out.ranks.tolist() if out.ranks is not None else None
         top_ids = out.top_ids.tolist() if out.top_ids is not None else None
         top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-        for i, req in enumerate(reqs):
-            result.sampled[req.request_id] = ids[i]
-            n = req.params.logprobs
+        sampled = result.sampled
+        for i, rid in enumerate(rows.request_ids):
+            sampled.setdefault(rid, []).append(ids[i])
+            n = rows.params[i].logprobs
             if n is not None and lps is not None:
                 tops = list(zip(top_ids[i][:n], top_lps[i][:n])) if n > 0 else []
-                result.logprobs[req.request_id] = (lps[i], ranks[i], tops)
+                result.logprobs.setdefault(rid, []).append((lps[i], ranks[i], tops))
 
-    def _prompt_logprobs(self, req: Request, hidden: torch.Tensor, targets: list[int]):
+    def _prompt_logprobs(self, group: PromptLogprobGroup, hidden: torch.Tensor):
+        targets = group.targets
         logprobs = self.model.compute_logits(hidden).float().log_softmax(-1)
         tgt = torch.tensor(targets, device=self.device)
         chosen = logprobs.gather(1, tgt[:, None]).squeeze(1)
         ranks = (logprobs > chosen[:, None]).sum(-1) + 1
-        n = req.params.prompt_logprobs
+        n = group.num_top
         top_lp, top_id = logprobs.topk(n, dim=-1) if n > 0 else (None, None)
         out = []
         for j, t in enumerate(targets):
             tops = list(zip(top_id[j].tolist(), top_lp[j].tolist())) if n > 0 else []
             out.append((t, chosen[j].item(), int(ranks[j]), tops))
         return out
+

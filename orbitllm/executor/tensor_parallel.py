@@ -5,14 +5,14 @@ its host, each holding its shard of the weights and of the KV cache. Under
 ``torchrun`` (one or several hosts) every rank runs the user's program instead:
 rank 0 becomes the driver and the others turn into workers inside ``LLM(...)``.
 The scheduler, KV manager and sampler run only on the driver: each step it
-broadcasts the step's arrays (``StepChannel``), and every rank runs the same
+broadcasts the step's ``StepInputs`` (``StepChannel``), and every rank runs the same
 forward, whose all-reduces and logit gather meet in lockstep. NCCL carries the model's collectives on CUDA,
 gloo on CPU; the step broadcast always goes through a gloo group, so workers read
 it on the host and idle workers wait without a collective timeout.
 
 Overlapped scheduling launches step n+1 before the driver has read step n's sampled
 tokens: the driver broadcasts each step's sampled ids on the device right after
-sampling, and the rows of step n+1 that need them (``fix_rows``, ``fix_src``) travel
+sampling, and the rows of step n+1 that need them (``pending_rows``, ``pending_src``) travel
 with the step, so every rank fills them in from its own device copy.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 import traceback
+from dataclasses import fields
 from datetime import timedelta
 from typing import Callable
 
@@ -34,8 +35,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from orbitllm.config import EngineConfig
+from orbitllm.engine.step_data import SchedulerOutput
 from orbitllm.executor.model_runner import LaunchedStep, ModelRunner, StepResult
-from orbitllm.engine.scheduler import SchedulerOutput
+from orbitllm.executor.step_inputs import StepInputs
 from orbitllm.layers.tensor_parallel import Shard
 
 log = logging.getLogger(__name__)
@@ -81,38 +83,31 @@ def init_distributed(shard: Shard, init_method: str, device: torch.device) -> di
 
 
 class StepChannel:
-    """The driver's per-step broadcast: all a worker's forward needs, packed into one
-    int64 tensor (header + arrays). A step larger than the fixed buffer sends its
-    tail in a second broadcast, whose size the header announced."""
+    """The driver's per-step broadcast of a ``StepInputs``: every field marked
+    ``wire`` (its arrays and ints), packed into one int64 tensor (header + arrays).
+    The header holds the command, the total length, the int fields and each array's
+    shape, so a new wire field travels without a change here. A step larger than
+    the fixed buffer sends its tail in a second broadcast, whose size the header
+    announced."""
 
     CAPACITY = 1 << 13
-    # command, tokens, seqs, block-table width, sampled rows, logit-row groups,
-    # logit rows, pending-token rows, max query len, max seq len, decode only, total length
-    HEADER = 12
+    ARRAYS = [(f.name, f.metadata["wire"]) for f in fields(StepInputs)
+              if f.metadata.get("wire") not in (None, int)]
+    INTS = [f.name for f in fields(StepInputs) if f.metadata.get("wire") is int]
+    HEADER = 2 + len(INTS) + 2 * len(ARRAYS)   # command, total, ints, (rows, columns) each
     STEP, STOP = 1, 0
 
     def __init__(self, group: dist.ProcessGroup) -> None:
         self.group = group
         self.buffer = torch.zeros(self.CAPACITY, dtype=torch.int64)
 
-    def send(self, inputs: dict) -> None:
-        groups = [g for _, g, _ in inputs["prompt_logprob_rows"]]
-        rows = np.asarray([r for g in groups for r in g], np.int64)
-        table = inputs["block_tables"]
-        arrays = [inputs["input_ids"], inputs["positions"], inputs["slots"], inputs["qsl"],
-                  inputs["seq_lens"], table.ravel(), inputs["sample_rows"],
-                  np.asarray([len(g) for g in groups], np.int64), rows,
-                  inputs["fix_rows"], inputs["fix_src"]]
-        total = self.HEADER + sum(a.size for a in arrays)
-        header = np.asarray([self.STEP, len(inputs["input_ids"]), inputs["num_seqs"],
-                             table.shape[1], len(inputs["sample_rows"]), len(groups),
-                             rows.size, len(inputs["fix_rows"]), inputs["max_query_len"],
-                             inputs["max_seq_len"], inputs["decode_only"], total], np.int64)
-        packed = np.concatenate([header] + [a.astype(np.int64, copy=False) for a in arrays])
-        self._broadcast(packed)
+    def send(self, inputs: StepInputs) -> None:
+        self._broadcast(self.pack(inputs))
 
     def send_stop(self) -> None:
-        self._broadcast(np.asarray([self.STOP] + [0] * (self.HEADER - 2) + [self.HEADER], np.int64))
+        header = np.zeros(self.HEADER, np.int64)
+        header[:2] = self.STOP, self.HEADER
+        self._broadcast(header)
 
     def _broadcast(self, packed: np.ndarray) -> None:
         head = min(packed.size, self.CAPACITY)
@@ -121,28 +116,44 @@ class StepChannel:
         if packed.size > self.CAPACITY:
             dist.broadcast(torch.from_numpy(packed[self.CAPACITY:]), 0, group=self.group)
 
-    def recv(self) -> dict | None:
-        """The next step's inputs, or None when the driver stops."""
+    def recv(self) -> StepInputs | None:
+        """The next step's inputs (``sampling`` is the driver's: None), or None when
+        the driver stops."""
         dist.broadcast(self.buffer, 0, group=self.group)
         packed = self.buffer.numpy()
-        cmd, T, B, W, S, G, P, F, max_q, max_s, decode_only, total = packed[:self.HEADER].tolist()
+        cmd, total = packed[:2].tolist()
         if cmd == self.STOP:
             return None
         if total > self.CAPACITY:
             tail = torch.empty(total - self.CAPACITY, dtype=torch.int64)
             dist.broadcast(tail, 0, group=self.group)
             packed = np.concatenate([packed, tail.numpy()])
-        sizes = [T, T, T, B + 1, B, B * W, S, G, P, F, F]
-        ids, pos, slots, qsl, seq_lens, table, sample_rows, group_lens, rows, fix_rows, fix_src = (
-            np.split(packed[self.HEADER:total].copy(), np.cumsum(sizes)[:-1]))
-        bounds = np.cumsum([0] + group_lens.tolist()).tolist()
-        return {
-            "decode_only": bool(decode_only), "num_seqs": B, "fix_rows": fix_rows, "fix_src": fix_src,
-            "input_ids": ids, "positions": pos, "slots": slots, "qsl": qsl.astype(np.int32),
-            "seq_lens": seq_lens.astype(np.int32), "block_tables": table.astype(np.int32).reshape(B, W),
-            "max_query_len": max_q, "max_seq_len": max_s, "sample_rows": sample_rows,
-            "logit_rows": [rows[a:b].tolist() for a, b in zip(bounds, bounds[1:])],
-        }
+        return self.unpack(packed[:total])
+
+    @classmethod
+    def pack(cls, inputs: StepInputs) -> np.ndarray:
+        arrays = [getattr(inputs, name) for name, _ in cls.ARRAYS]
+        total = cls.HEADER + sum(a.size for a in arrays)
+        # A 1-D array's column count is -1.
+        shapes = [d for a in arrays for d in (a.shape if a.ndim == 2 else (a.shape[0], -1))]
+        header = np.asarray([cls.STEP, total] + [getattr(inputs, n) for n in cls.INTS] + shapes,
+                            np.int64)
+        return np.concatenate([header] + [a.astype(np.int64, copy=False).ravel() for a in arrays])
+
+    @classmethod
+    def unpack(cls, packed: np.ndarray) -> StepInputs:
+        header = packed[:cls.HEADER].tolist()
+        body = packed[cls.HEADER:].copy()   # the arrays must outlive the receive buffer
+        values = dict(zip(cls.INTS, header[2:2 + len(cls.INTS)]))
+        shapes = header[2 + len(cls.INTS):]
+        offset = 0
+        for i, (name, dtype) in enumerate(cls.ARRAYS):
+            rows, cols = shapes[2 * i], shapes[2 * i + 1]
+            size = rows * cols if cols >= 0 else rows
+            array = body[offset:offset + size].astype(dtype, copy=False)
+            values[name] = array.reshape(rows, cols) if cols >= 0 else array
+            offset += size
+        return StepInputs(**values)
 
 
 class WorkerProcesses:
@@ -283,7 +294,7 @@ class DriverRunner(ModelRunner):
             self.workers.raise_if_dead(wait=3.0)
             raise
 
-    def _forward(self, inputs: dict, prev_tokens: torch.Tensor | None):
+    def _forward(self, inputs: StepInputs, prev_tokens: torch.Tensor | None):
         self.channel.send(inputs)
         return super()._forward(inputs, prev_tokens)
 

@@ -1,8 +1,30 @@
 """KV cache manager: three verbs for the scheduler (find cached prefix, allocate, free)."""
 from __future__ import annotations
 
-from orbitllm.engine.request import Request
+from typing import Protocol
+
 from orbitllm.kv.block_pool import BlockPool, KVBlock, hash_block
+
+
+class CacheRequest(Protocol):
+    """What the manager reads of a request (the engine's ``Request`` has it): the KV
+    layer sits below the engine and does not import it."""
+
+    request_id: str
+    cache_salt: str | None
+    num_computed_tokens: int
+    block_hashes: list[bytes]   # full blocks' hashes, extended here as blocks fill
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    @property
+    def num_known_tokens(self) -> int: ...
+
+    @property
+    def uses_prefix_cache(self) -> bool: ...
+
+    def token_range(self, start: int, end: int) -> list[int]: ...
 
 
 class KVCacheManager:
@@ -28,7 +50,7 @@ class KVCacheManager:
         """The request's block table (a live list: read it, do not keep it)."""
         return self._ids.get(request_id, [])
 
-    def _update_hashes(self, req: Request, num_tokens: int) -> None:
+    def _update_hashes(self, req: CacheRequest, num_tokens: int) -> None:
         bs = self.block_size
         hashes = req.block_hashes
         for i in range(len(hashes), num_tokens // bs):
@@ -36,7 +58,7 @@ class KVCacheManager:
             salt = req.cache_salt if i == 0 else None
             hashes.append(hash_block(parent, req.token_range(i * bs, (i + 1) * bs), salt))
 
-    def get_computed_blocks(self, req: Request) -> tuple[list[KVBlock], int]:
+    def get_computed_blocks(self, req: CacheRequest) -> tuple[list[KVBlock], int]:
         """Cached blocks of the request's longest cached prefix, and their token count.
 
         The last token is never taken from the cache: the step must compute at
@@ -56,7 +78,7 @@ class KVCacheManager:
         self.prefix_hits += len(hits) * self.block_size
         return hits, len(hits) * self.block_size
 
-    def allocate_slots(self, req: Request, num_new_tokens: int,
+    def allocate_slots(self, req: CacheRequest, num_new_tokens: int,
                        computed_blocks: list[KVBlock] | None = None) -> bool:
         """Reserve blocks so ``num_new_tokens`` more tokens fit; False (and no change) if not."""
         if not computed_blocks:
@@ -85,7 +107,7 @@ class KVCacheManager:
             self._cache_full_blocks(req, blocks, total)
         return True
 
-    def _cache_full_blocks(self, req: Request, blocks: list[KVBlock], num_tokens: int) -> None:
+    def _cache_full_blocks(self, req: CacheRequest, blocks: list[KVBlock], num_tokens: int) -> None:
         # Registered at allocation: a request scheduled later in the same step may hit
         # these blocks, which is safe because every layer writes all new K/V before
         # any attention reads the cache.
@@ -98,7 +120,19 @@ class KVCacheManager:
             self.pool.cache(blocks[i], req.block_hashes[i])
         self._num_cached[req.request_id] = num_full
 
-    def free(self, req: Request) -> None:
+    def forget_unwritten(self, req: CacheRequest) -> list[int]:
+        """Take the request's blocks past its computed tokens out of the prefix cache (a
+        failed step registered them but may not have written them); they are registered
+        again once a step fills them. Returns their ids."""
+        blocks = self._blocks.get(req.request_id, [])
+        first = req.num_computed_tokens // self.block_size
+        for block in blocks[first:]:
+            self.pool.uncache(block)
+        if self._num_cached.get(req.request_id, 0) > first:
+            self._num_cached[req.request_id] = first
+        return [b.block_id for b in blocks[first:]]
+
+    def free(self, req: CacheRequest) -> None:
         """Return a finished, aborted or preempted request's blocks (tail first)."""
         blocks = self._blocks.pop(req.request_id, [])
         self._ids.pop(req.request_id, None)

@@ -173,14 +173,17 @@ class QKVParallelLinear(LinearBase):
 
 class RowParallelLinear(LinearBase):
     """This rank's even part of the inputs; returns this rank's partial sum, for the
-    ``RMSNorm`` that follows to sum over the ranks. With the fused peer all-reduce the
-    partial is written straight into the peer-read buffer ``reduce_slot`` (and, from the
-    GEMV, sent to the peers as packets). Consecutive row-parallel layers must use
-    different slots, as a peer may still read the previous one (``ReduceSlot``)."""
+    ``RMSNorm`` that follows (with the residual) to sum over the ranks. With the fused
+    peer all-reduce the partial is written straight into the peer-read buffer
+    ``reduce_slot`` (and, from the GEMV, sent to the peers as packets), which that norm
+    then reduces. Consecutive row-parallel layers must use different slots, as a peer
+    may still read the previous one (``ReduceSlot``). ``reduce_slot=None``: never the
+    fused path, for a partial that the model sums itself (``shard.all_reduce``)."""
 
     def __init__(self, input_size: int, output_size: int, shard: Shard = Shard(),
-                 reduce_slot: int = 0, quant_method: LinearMethod | None = None) -> None:
-        self.full_input_size, self.reduce_slot = input_size, int(reduce_slot)
+                 reduce_slot: int | None = None, quant_method: LinearMethod | None = None) -> None:
+        self.full_input_size = input_size
+        self.reduce_slot = None if reduce_slot is None else int(reduce_slot)
         super().__init__(input_size // shard.size, output_size, shard, False, quant_method)
 
     def input_part(self) -> tuple[int, int, int]:
@@ -194,9 +197,8 @@ class RowParallelLinear(LinearBase):
                     and self.quant_method.uses_gemv(self, x))
         if act is not None and not silu_mul:
             x = act(x)
-        fast = self.shard.peer_reduce
-        if fast is None:
+        fast, slot = self.shard.peer_reduce, self.reduce_slot
+        if fast is None or slot is None:
             return self.quant_method.apply(self, x, silu_mul=silu_mul)
-        slot = self.reduce_slot
         return self.quant_method.apply(self, x, out=fast.output(x.shape[0], slot),
                                        send=fast.send(x.shape[0], slot), silu_mul=silu_mul)

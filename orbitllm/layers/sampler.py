@@ -9,21 +9,41 @@ per such row, not per token). Both draw exactly from p.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import numpy as np
 import torch
 
-from orbitllm.engine.request import Request
 from orbitllm.layers.fused import argmax, fused_ops_for
+from orbitllm.sampling_params import SamplingParams
 
 _MASK64 = (1 << 63) - 1
 
 
 @dataclass
+class SamplingRows:
+    """The sampled rows' settings as plain host lists, one entry per row (the runner
+    lays them out from the step's scheduled requests; several rows may belong to one)."""
+
+    request_ids: list[str]              # whose row it is: an error in a row names its request
+    params: list[SamplingParams]
+    seeds: list[int | None]             # the request's own seed (None: unseeded)
+    output_index: list[int]             # the drawn token's place in its request's output
+    histories: list[list[int] | None]   # prompt + output ids on rows with penalties, else None
+    num_prompt_tokens: list[int]        # where each history's output part starts
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def subset(self, rows: list[int]) -> "SamplingRows":
+        """These rows alone (to find which row of a failed batch fails by itself)."""
+        return SamplingRows(*([getattr(self, f.name)[i] for i in rows] for f in fields(self)))
+
+
+@dataclass
 class SamplingBatch:
-    """Per-row sampling settings as device tensors, built from the scheduled requests."""
+    """Per-row sampling settings as device tensors, built from the step's SamplingRows."""
 
     temperature: torch.Tensor | None  # [B] float32, 0 on greedy rows; None if all greedy
     seeds: torch.Tensor | None        # [B] int64 noise seeds (the request's, else drawn); None if all greedy
@@ -42,7 +62,7 @@ class SamplingBatch:
         return self.top_k is not None or self.top_p is not None or self.min_p is not None
 
     @classmethod
-    def build(cls, reqs: list[Request], vocab_size: int, device: torch.device,
+    def build(cls, rows: SamplingRows, vocab_size: int, device: torch.device,
               eos_token_ids: set[int], upload: Callable | None = None,
               rng: np.random.Generator | None = None) -> "SamplingBatch":
         """``upload(arrays, name)`` moves host arrays to the device without a blocking
@@ -50,15 +70,15 @@ class SamplingBatch:
         in flight and undo the overlap). ``rng`` draws the noise seeds of rows that
         have none of their own (the sampler's, so a run repeats under the engine seed)."""
         upload = upload or (lambda arrays, name: [torch.from_numpy(a).to(device) for a in arrays])
-        ps = [r.params for r in reqs]
+        ps = rows.params
         greedy = np.fromiter((p.greedy for p in ps), bool, len(ps))
-        ban_rows, ban_cols = _banned(reqs, eos_token_ids)
+        ban_rows, ban_cols = _banned(rows, eos_token_ids)
         banned = None
         if ban_rows.size:
             banned = tuple(upload([ban_rows, ban_cols], "sampling_ban"))
         penalties = None
-        if any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in ps):
-            penalties = _penalty_tensors(reqs, device)
+        if any(h is not None for h in rows.histories):
+            penalties = _penalty_tensors(rows, device)
         nlp = max((p.logprobs for p in ps if p.logprobs is not None), default=-1)
         if greedy.all():   # nothing else to move to the device
             return cls(temperature=None, seeds=None, row_seeds=[None] * len(ps), top_k=None,
@@ -70,8 +90,8 @@ class SamplingBatch:
         floats[2] = [p.min_p for p in ps]
         top_k = np.fromiter((p.top_k if p.top_k > 0 else vocab_size for p in ps), np.int64, len(ps))
         # A seeded row's noise depends on its seed and its place in the output alone.
-        row_seeds = [None if r.seed is None or r.params.greedy else
-                     (r.seed * 1_000_003 + r.num_output_tokens + r.num_pending) & _MASK64 for r in reqs]
+        row_seeds = [None if seed is None or p.greedy else (seed * 1_000_003 + k) & _MASK64
+                     for seed, p, k in zip(rows.seeds, ps, rows.output_index)]
         rng = rng or np.random.default_rng()
         drawn = rng.integers(0, _MASK64, len(ps), dtype=np.int64)
         seeds = np.asarray([d if s is None else s for s, d in zip(row_seeds, drawn.tolist())], np.int64)
@@ -86,29 +106,31 @@ class SamplingBatch:
             any_greedy=bool(greedy.any()))
 
 
-def _penalty_tensors(reqs: list[Request], device: torch.device) -> tuple:
-    seqs = [r.all_token_ids for r in reqs]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(reqs), width), -1, dtype=torch.int64)
-    is_out = torch.zeros((len(reqs), width), dtype=torch.bool)
-    for i, (r, s) in enumerate(zip(reqs, seqs)):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.int64)
-        is_out[i, r.num_prompt_tokens:len(s)] = True
-    rep = torch.tensor([r.params.repetition_penalty for r in reqs], dtype=torch.float32)
-    pres = torch.tensor([r.params.presence_penalty for r in reqs], dtype=torch.float32)
-    freq = torch.tensor([r.params.frequency_penalty for r in reqs], dtype=torch.float32)
+def _penalty_tensors(rows: SamplingRows, device: torch.device) -> tuple:
+    """Rows without a history get an empty one; their penalties are neutral anyway."""
+    width = max(len(h) for h in rows.histories if h is not None)
+    ids = torch.full((len(rows), width), -1, dtype=torch.int64)
+    is_out = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (h, p) in enumerate(zip(rows.histories, rows.num_prompt_tokens)):
+        if h is not None:
+            ids[i, :len(h)] = torch.tensor(h, dtype=torch.int64)
+            is_out[i, p:len(h)] = True
+    ps = rows.params
+    rep = torch.tensor([p.repetition_penalty for p in ps], dtype=torch.float32)
+    pres = torch.tensor([p.presence_penalty for p in ps], dtype=torch.float32)
+    freq = torch.tensor([p.frequency_penalty for p in ps], dtype=torch.float32)
     return tuple(t.to(device) for t in (ids, is_out, rep, pres, freq))
 
 
-def _banned(reqs: list[Request], eos_ids: set[int]) -> tuple[np.ndarray, np.ndarray]:
+def _banned(rows: SamplingRows, eos_ids: set[int]) -> tuple[np.ndarray, np.ndarray]:
     """(row, token) pairs masked out: EOS and stop ids of rows still under min_tokens."""
-    rows, cols = [], []
-    for i, r in enumerate(reqs):
-        if r.num_output_tokens + r.num_pending < r.params.min_tokens:
-            toks = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else eos_ids)
-            rows += [i] * len(toks)
+    ban_rows, cols = [], []
+    for i, (p, k) in enumerate(zip(rows.params, rows.output_index)):
+        if k < p.min_tokens:
+            toks = set(p.stop_token_ids) | (set() if p.ignore_eos else eos_ids)
+            ban_rows += [i] * len(toks)
             cols += sorted(toks)
-    return np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+    return np.asarray(ban_rows, np.int64), np.asarray(cols, np.int64)
 
 
 def apply_penalties(logits: torch.Tensor, penalties: tuple) -> torch.Tensor:

@@ -5,6 +5,7 @@ Everything a running server holds (engine, settings, metrics) hangs off
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -20,6 +21,7 @@ from starlette.responses import Response
 import orbitllm
 from orbitllm.engine.llm_engine import LLMEngine
 from orbitllm.server.async_engine import AsyncEngine
+from orbitllm.server.limits import BodySizeLimitMiddleware, IdleTimeoutH11Protocol
 from orbitllm.server.metrics import ServerMetrics
 from orbitllm.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from orbitllm.server.serving import LOG_SCOPE_KEY, APIError, OpenAIServing, ServerSettings
@@ -132,7 +134,9 @@ def _install_routes(app: FastAPI) -> None:
     async def models(request: Request) -> dict:
         settings: ServerSettings = request.app.state.settings
         max_len = request.app.state.engine.engine.max_model_len
-        return ModelList(data=[ModelCard(id=name, root=settings.model_root, max_model_len=max_len)
+        # root names the model as clients know it: never a path on the server's disk.
+        return ModelList(data=[ModelCard(id=name, root=settings.served_model_names[0],
+                                         max_model_len=max_len)
                                for name in settings.served_model_names]).model_dump()
 
     @app.get("/health")
@@ -160,7 +164,9 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
         try:
             yield
         finally:
+            app.state.serving.cut_all()
             await app.state.engine.stop()
+            app.state.serving.preprocessor.shutdown()
 
     app = FastAPI(title="orbitllm", version=orbitllm.__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
@@ -171,25 +177,38 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
     app.state.serving = OpenAIServing(async_engine, settings, app.state.metrics)
     _install_error_handlers(app)
     _install_routes(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(AccessLogMiddleware)
     return app
+
+
+# After the shutdown deadline cut the requests left, this long lets their last
+# error events and 503 bodies reach the clients before uvicorn closes the sockets.
+_CUT_GRACE_S = 2.0
 
 
 def run_server(engine: LLMEngine, settings: ServerSettings, host: str, port: int,
                shutdown_timeout: float = 30.0, log_level: str = "info") -> None:
     """Serve until SIGTERM/SIGINT: stop accepting, give in-flight requests up to
-    ``shutdown_timeout`` seconds, abort the rest, then return normally."""
+    ``shutdown_timeout`` seconds, then end the rest with an error their clients see
+    (an error event and ``[DONE]`` for a stream, a 503 otherwise), and return normally."""
     import uvicorn
 
     app = build_app(engine, settings)
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
-            app.state.serving.draining = True
+            serving = app.state.serving
+            if not serving.draining:
+                serving.draining = True
+                loop = asyncio.get_event_loop()
+                loop.call_soon_threadsafe(loop.call_later, shutdown_timeout, serving.cut_all)
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=shutdown_timeout, lifespan="on")
+                            timeout_graceful_shutdown=shutdown_timeout + _CUT_GRACE_S, lifespan="on",
+                            http=IdleTimeoutH11Protocol,
+                            timeout_keep_alive=settings.idle_connection_timeout)
     # uvicorn re-raises the signal it handled once it has shut down; a graceful
     # shutdown is a normal exit, so that re-raised signal must not kill us.
     handled = (signal.SIGTERM, signal.SIGINT)

@@ -4,14 +4,16 @@
 handlers send commands (add, abort) through a queue, and the thread applies them
 between steps and hands each step's outputs back to the event loop in one batch.
 Model compute releases the GIL, so the event loop keeps serving HTTP meanwhile.
-A failure while adding or delivering one request fails that request only; a
-failure inside ``step()`` cannot be attributed, so it fails the requests in
-flight and the loop carries on with new ones.
+A failure while adding or delivering one request fails that request only, and
+``step()`` itself fails only the requests a failure is tied to (they end with
+finish reason ``error``, delivered as ``RequestFailedError``). Should ``step()``
+still raise, that is a bug in the engine: the requests in flight are failed and
+the loop carries on with new ones.
 """
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import collections
 import logging
 import queue
 import threading
@@ -19,7 +21,7 @@ import time
 from dataclasses import dataclass
 
 from orbitllm.engine.llm_engine import LLMEngine
-from orbitllm.outputs import RequestOutput
+from orbitllm.outputs import PositionLogprobs, RequestOutput
 from orbitllm.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -46,47 +48,112 @@ class EngineStats:
 
 
 @dataclass(frozen=True)
-class StreamedOutput:
-    """One request's progress: a private copy of its output plus, per choice, the text
-    that is safe to stream (a suffix that may still become a stop string is held back)."""
+class ChoiceDelta:
+    """What one choice gained since the last output: new text (only text that is safe to
+    stream: a suffix that may still become a stop string is held back), new tokens and
+    their logprobs, and how it ended once it has."""
 
-    output: RequestOutput
-    stream_texts: list[str]
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[PositionLogprobs] | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass(frozen=True)
+class StreamedOutput:
+    """One engine request's progress since its previous output: deltas, never copies of
+    the whole sequence, so a backlog costs what is new. The first output also carries
+    the prompt's facts."""
+
+    choices: list[ChoiceDelta]
+    finished: bool
     time: float
+    first: bool = False
+    prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    num_cached_tokens: int = 0
+    metrics: dict | None = None
+
+
+class RequestFailedError(RuntimeError):
+    """The engine could not compute this request (its step failed); others went on."""
+
+
+class ClientTooSlowError(RuntimeError):
+    """The client stopped reading its stream; the request was aborted to free its KV."""
+
+
+@dataclass
+class _ChoiceCursor:
+    tokens: int = 0
+    chars: int = 0
+    finished: bool = False
+
+
+class OutputQueue:
+    """The outputs of one API call's engine requests, in order, tagged with the prompt's
+    index. Bounded: when ``max_items`` outputs wait, or the oldest has waited
+    ``stall_s``, the reader is too slow and ``on_overflow`` aborts the call (its KV is
+    freed); the reader then gets ``ClientTooSlowError``."""
+
+    def __init__(self, max_items: int, stall_s: float, on_overflow) -> None:
+        self.max_items = max_items
+        self.stall_s = stall_s
+        self.on_overflow = on_overflow
+        self._items: collections.deque = collections.deque()
+        self._ready = asyncio.Event()
+        self.overflowed = False
+
+    def put(self, index: int, item: StreamedOutput | BaseException) -> None:
+        if self.overflowed:
+            return
+        now = time.monotonic()
+        if isinstance(item, StreamedOutput) and self._items and (
+                len(self._items) >= self.max_items or now - self._items[0][0] > self.stall_s):
+            self.overflowed = True
+            self._items.clear()
+            self._items.append((now, index, ClientTooSlowError(
+                f"the client read its stream too slowly ({self.max_items} outputs or "
+                f"{self.stall_s:g} s behind); the request was aborted")))
+            self._ready.set()
+            self.on_overflow()
+            return
+        self._items.append((now, index, item))
+        self._ready.set()
+
+    async def get(self, deadline: float | None, request_id: str) -> tuple[int, StreamedOutput]:
+        while not self._items:
+            self._ready.clear()
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout)
+            except asyncio.TimeoutError:
+                raise RequestTimeoutError(f"request {request_id} timed out") from None
+        _, index, item = self._items.popleft()
+        if isinstance(item, BaseException):
+            raise item
+        return index, item
 
 
 class RequestStream:
-    """The asyncio side of one request: outputs arrive in order, the last one finished."""
+    """The asyncio side of one engine request; its outputs go to its call's queue."""
 
-    def __init__(self, request_id: str, deadline: float | None) -> None:
+    def __init__(self, request_id: str, index: int, sink: OutputQueue, n: int) -> None:
         self.request_id = request_id
-        self.deadline = deadline
+        self.index = index
+        self.sink = sink
         self.started = False        # left the waiting count (first output, error or abort)
-        self.done = False           # nothing more will come
         self.finished = False       # the engine finished it (not an error or a timeout)
         self.aborted = False
-        self._queue: asyncio.Queue[StreamedOutput | BaseException] = asyncio.Queue()
+        self.cursors = [_ChoiceCursor() for _ in range(n)]   # engine thread only
+        self.sent_first = False                               # engine thread only
 
     def put(self, item: StreamedOutput | BaseException) -> None:
-        self._queue.put_nowait(item)
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> StreamedOutput:
-        if self.done:
-            raise StopAsyncIteration
-        timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
-        try:
-            item = await asyncio.wait_for(self._queue.get(), timeout)
-        except asyncio.TimeoutError:
-            self.done = True
-            raise RequestTimeoutError(f"request {self.request_id} timed out") from None
-        if isinstance(item, BaseException):
-            self.done = True
-            raise item
-        self.done = self.finished = item.output.finished
-        return item
+        if isinstance(item, StreamedOutput) and item.finished:
+            self.finished = True
+        self.sink.put(self.index, item)
 
 
 @dataclass
@@ -136,12 +203,11 @@ class AsyncEngine:
         """Requests accepted that have not produced output yet (queued or prefilling)."""
         return self._num_waiting
 
-    async def add(self, request_id: str, prompt, params: SamplingParams, priority: int = 0,
-                  cache_salt: str | None = None, deadline: float | None = None) -> RequestStream:
+    async def add(self, stream: RequestStream, prompt, params: SamplingParams, priority: int = 0,
+                  cache_salt: str | None = None) -> RequestStream:
         """Queue a request; returns once the engine accepted it (ValueError if it did not)."""
         if not self.is_alive:
             raise EngineDeadError("the engine loop is not running")
-        stream = RequestStream(request_id, deadline)
         accepted = self._loop.create_future()
         self._num_waiting += 1
         self._commands.put(_Add(stream, prompt, params, priority, cache_salt, accepted))
@@ -155,7 +221,7 @@ class AsyncEngine:
     def abort(self, stream: RequestStream) -> None:
         """Stop a request and free its KV blocks at the engine's next turn."""
         self._forget(stream)
-        stream.done = stream.aborted = True
+        stream.aborted = True
         self._commands.put(_Abort(stream.request_id))
 
     async def stop(self) -> None:
@@ -245,9 +311,9 @@ class AsyncEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as e:
+        except Exception as e:   # the engine isolates request faults; this is a bug in it
             log.exception("engine step failed; failing the %d requests in flight", len(self._streams))
-            self._fail_all(e)
+            self._fail_all(RequestFailedError("the engine step failed"))
             return
         now = time.monotonic()
         batch = []
@@ -256,16 +322,47 @@ class AsyncEngine:
             if stream is None:
                 continue
             try:
-                item = StreamedOutput(_snapshot(out), self._stream_texts(out), now)
+                item = self._delta(stream, out, now)
             except Exception as e:
                 log.exception("output of %s failed", out.request_id)
                 self._abort(out.request_id)
                 item = e
+            if item is None:
+                continue
             if isinstance(item, BaseException) or out.finished:
                 self._streams.pop(out.request_id, None)
             batch.append((stream, item))
         if batch:
             self._call_soon(self._deliver, batch)
+
+    def _delta(self, stream: RequestStream, out: RequestOutput,
+               now: float) -> StreamedOutput | BaseException | None:
+        """What is new in ``out`` for ``stream`` (None: nothing)."""
+        if any(c.finish_reason == "error" for c in out.outputs):
+            return RequestFailedError(f"the engine could not compute request {out.request_id}")
+        texts = self._stream_texts(out)
+        choices = []
+        for i, c in enumerate(out.outputs):
+            cur = stream.cursors[i]
+            if cur.finished:
+                continue
+            done = c.finish_reason is not None
+            text = texts[i][cur.chars:]
+            if not text and len(c.token_ids) == cur.tokens and not done:
+                continue
+            lps = None if c.logprobs is None else c.logprobs[cur.tokens:len(c.token_ids)]
+            choices.append(ChoiceDelta(i, text, c.token_ids[cur.tokens:], lps,
+                                       c.finish_reason, c.stop_reason))
+            cur.chars, cur.tokens, cur.finished = max(cur.chars, len(texts[i])), len(c.token_ids), done
+        if not choices and not out.finished:
+            return None
+        first = not stream.sent_first
+        stream.sent_first = True
+        if not first:
+            return StreamedOutput(choices, out.finished, now)
+        prompt_lps = None if out.prompt_logprobs is None else list(out.prompt_logprobs)
+        return StreamedOutput(choices, out.finished, now, True, list(out.prompt_token_ids),
+                              prompt_lps, out.num_cached_tokens, dict(out.metrics))
 
     def _stream_texts(self, out: RequestOutput) -> list[str]:
         detoks = self.engine.detokenizers(out.request_id)
@@ -301,13 +398,3 @@ def _settle(future: asyncio.Future, error: BaseException | None) -> None:
         future.set_result(None)
     else:
         future.set_exception(error)
-
-
-def _snapshot(out: RequestOutput) -> RequestOutput:
-    """Copy what the engine keeps mutating (its logprob lists grow every step)."""
-    choices = [dataclasses.replace(
-        c, logprobs=None if c.logprobs is None else c.logprobs[:len(c.token_ids)])
-        for c in out.outputs]
-    prompt_lps = None if out.prompt_logprobs is None else list(out.prompt_logprobs)
-    return dataclasses.replace(out, outputs=choices, prompt_logprobs=prompt_lps,
-                               metrics=dict(out.metrics))

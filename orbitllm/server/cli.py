@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 
 def register(subparsers, add_engine_args, engine_config_from_args) -> None:
@@ -30,6 +31,19 @@ def register(subparsers, add_engine_args, engine_config_from_args) -> None:
                        help="abort a request that runs longer than this (408)")
     group.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                        help="on SIGTERM, how long in-flight requests may take to finish")
+    group.add_argument("--max-request-bytes", type=int, default=4 << 20, metavar="BYTES",
+                       help="refuse request bodies larger than this with 413 (default: 4 MiB)")
+    group.add_argument("--preprocess-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="time limit to tokenize a request / render its chat template (408)")
+    group.add_argument("--trust-request-chat-template", action="store_true",
+                       help="run chat templates that requests send (sandboxed, with limits); "
+                            "off: such requests get 400")
+    group.add_argument("--max-stream-buffer", type=int, default=1024, metavar="N",
+                       help="abort a stream whose client leaves N outputs unread")
+    group.add_argument("--stream-stall-timeout", type=float, default=60.0, metavar="SECONDS",
+                       help="abort a stream whose oldest unread output is this old")
+    group.add_argument("--idle-connection-timeout", type=float, default=5.0, metavar="SECONDS",
+                       help="close a connection that sends no request for this long")
     group.add_argument("--log-prompts", action="store_true",
                        help="include prompt text in the access log (off: privacy)")
     group.add_argument("--log-level", default="info",
@@ -42,6 +56,15 @@ def _serve(args: argparse.Namespace, engine_config_from_args) -> int:
         raise ValueError(f"--max-num-waiting must be >= 0, got {args.max_num_waiting}")
     if args.request_timeout is not None and args.request_timeout <= 0:
         raise ValueError(f"--request-timeout must be > 0, got {args.request_timeout}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key (or ORBITLLM_API_KEY) is empty, which would turn "
+                         "authentication off; leave it unset to serve without a key")
+    for flag in ("max_request_bytes", "max_stream_buffer"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("preprocess_timeout", "stream_stall_timeout", "idle_connection_timeout"):
+        if getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
     from orbitllm.engine.llm_engine import LLMEngine
     from orbitllm.server.api_server import run_server
     from orbitllm.server.serving import ServerSettings
@@ -50,12 +73,27 @@ def _serve(args: argparse.Namespace, engine_config_from_args) -> int:
     config = engine_config_from_args(args)
     engine = LLMEngine(config)
     settings = ServerSettings(
-        served_model_names=args.served_model_name or [config.model or "default"],
-        model_root=config.model, api_key=args.api_key or None,
-        max_num_waiting=args.max_num_waiting, request_timeout=args.request_timeout,
-        log_prompts=args.log_prompts)
+        served_model_names=args.served_model_name or [served_name(config.model)],
+        api_key=args.api_key, max_num_waiting=args.max_num_waiting,
+        request_timeout=args.request_timeout, log_prompts=args.log_prompts,
+        max_request_bytes=args.max_request_bytes, preprocess_timeout=args.preprocess_timeout,
+        trust_request_chat_template=args.trust_request_chat_template,
+        max_stream_buffer=args.max_stream_buffer, stream_stall_timeout=args.stream_stall_timeout,
+        idle_connection_timeout=args.idle_connection_timeout)
     run_server(engine, settings, args.host, args.port, args.shutdown_timeout, args.log_level)
     return 0
+
+
+def served_name(model: str | None) -> str:
+    """The name clients use by default: the model's, never a path on this disk
+    (``/srv/models/Qwen3-8B`` is served as ``Qwen3-8B``; a hub id as itself)."""
+    if model is None:
+        from orbitllm.models.default_model import DEFAULT_MODEL_NAME
+        return DEFAULT_MODEL_NAME.split(" ")[0]
+    path = Path(model)
+    if path.exists():
+        return path.stem if path.is_file() else path.resolve().name
+    return model
 
 
 def _configure_logging(level: str) -> None:

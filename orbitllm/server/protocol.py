@@ -9,15 +9,34 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
 
-from orbitllm.sampling_params import SamplingParams
+from orbitllm.sampling_params import SamplingParams, check_text
 
 MAX_LOGPROBS = 20
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_text(cls, value, info: ValidationInfo):
+        """JSON may carry lone surrogates (``"\\ud800"``), which no tokenizer can encode."""
+        _check_strings(info.field_name, value)
+        return value
+
+
+def _check_strings(name: str, value) -> None:
+    if isinstance(value, str):
+        check_text(name, value)
+    elif isinstance(value, list):
+        for v in value:
+            _check_strings(name, v)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_strings(name, k)
+            _check_strings(name, v)
 
 
 class StreamOptions(_Request):

@@ -8,21 +8,26 @@ non-streaming share one path through the engine.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from orbitllm.outputs import CompletionOutput, PositionLogprobs
+from orbitllm.outputs import PositionLogprobs
 from orbitllm.sampling_params import SamplingParams
-from orbitllm.server.async_engine import (AsyncEngine, EngineDeadError, RequestStream,
+from orbitllm.server.async_engine import (AsyncEngine, ChoiceDelta, ClientTooSlowError,
+                                          EngineDeadError, OutputQueue, RequestStream,
                                           RequestTimeoutError, StreamedOutput)
+from orbitllm.server.limits import (LimitedTemplateRenderer, Preprocessor, PreprocessTimeoutError,
+                                    max_token_bytes, min_tokens_of)
 from orbitllm.server.metrics import ServerMetrics
 from orbitllm.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
                                       ChatCompletionChunk, ChatCompletionRequest,
@@ -30,6 +35,8 @@ from orbitllm.server.protocol import (AssistantMessage, ChatChoice, ChatChunkCho
                                       CompletionLogprobs, CompletionRequest, CompletionResponse,
                                       DeltaMessage, ErrorInfo, ErrorResponse, TokenLogprob,
                                       TopLogprob, Usage)
+
+_log = logging.getLogger(__name__)
 
 LOG_SCOPE_KEY = "orbitllm.access"     # where handlers leave fields for the access log
 _MIN_LOGPROB = -9999.0                 # JSON has no -inf
@@ -50,7 +57,9 @@ class APIError(Exception):
         return JSONResponse(ErrorResponse(error=self.info).model_dump(), self.status, self.headers)
 
     @classmethod
-    def from_exception(cls, e: BaseException) -> APIError:
+    def from_exception(cls, e: BaseException, request_id: str | None = None) -> APIError:
+        """The client's view of an error. Internal failures get a generic message and
+        the request id (the traceback is in the server's log), never the exception's text."""
         if isinstance(e, APIError):
             return e
         if isinstance(e, ValueError):
@@ -59,20 +68,40 @@ class APIError(Exception):
         if isinstance(e, RequestTimeoutError):
             return cls(408, "the request ran past the server's --request-timeout and was aborted",
                        type="timeout_error", code="request_timeout")
+        if isinstance(e, PreprocessTimeoutError):
+            return cls(408, f"{e}; the request was refused", type="timeout_error",
+                       code="preprocess_timeout")
+        if isinstance(e, ClientTooSlowError):
+            return cls(408, str(e), type="timeout_error", code="client_too_slow")
+        if isinstance(e, ShutdownError):
+            return cls(503, str(e), type="service_unavailable_error", code="server_shutdown")
         if isinstance(e, EngineDeadError):
             return cls(503, str(e), type="service_unavailable_error")
-        return cls(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+        where = f" (request id {request_id})" if request_id else ""
+        return cls(500, f"internal server error{where}; the server's log has the details",
+                   type="server_error")
+
+
+class ShutdownError(RuntimeError):
+    """The server's shutdown deadline passed before the request finished."""
 
 
 @dataclass
 class ServerSettings:
     served_model_names: list[str]
-    model_root: str | None = None
     api_key: str | None = None
     max_num_waiting: int | None = None     # beyond it: 429
     request_timeout: float | None = None   # seconds per request; None: no limit
     log_prompts: bool = False
     retry_after_s: int = 1
+    max_request_bytes: int = 4 << 20       # beyond it: 413, before the body is parsed
+    preprocess_timeout: float = 10.0       # seconds to tokenize / render one request
+    preprocess_threads: int = 2
+    trust_request_chat_template: bool = False
+    max_stream_buffer: int = 1024          # outputs a stream may hold unread ...
+    stream_stall_timeout: float = 60.0     # ... or seconds its oldest may wait, then abort
+    idle_connection_timeout: float = 5.0   # a connection with no request is closed after it
+    max_sequences_per_request: int = 256   # prompts x n of one completions call
 
 
 @dataclass
@@ -89,27 +118,22 @@ class RequestTracker:
         self.arrival = arrival
         self.first_token_at: float | None = None
         self._last_token_at = 0.0
-        self._tokens: dict[int, int] = {}      # prompt index -> tokens seen
+        self.completion_tokens = 0
         self.prompt_tokens = 0
+        self.cached_tokens = 0
         self.finish_reasons: list[str | None] = []
 
-    @property
-    def completion_tokens(self) -> int:
-        return sum(self._tokens.values())
-
-    def observe(self, index: int, item: StreamedOutput) -> None:
-        out = item.output
-        if index not in self._tokens:
-            self._tokens[index] = 0
-            self.prompt_tokens += len(out.prompt_token_ids)
-            self.metrics.prompt_tokens.inc(len(out.prompt_token_ids))
-            scheduled, arrived = out.metrics.get("first_scheduled_time"), out.metrics.get("arrival_time")
+    def observe(self, item: StreamedOutput) -> None:
+        if item.first:
+            self.prompt_tokens += len(item.prompt_token_ids)
+            self.cached_tokens += item.num_cached_tokens
+            self.metrics.prompt_tokens.inc(len(item.prompt_token_ids))
+            scheduled, arrived = item.metrics.get("first_scheduled_time"), item.metrics.get("arrival_time")
             if scheduled is not None and arrived is not None:
                 self.metrics.request_queue_time.observe(max(0.0, scheduled - arrived))
-        total = sum(len(c.token_ids) for c in out.outputs)
-        new = total - self._tokens[index]
+        new = sum(len(c.token_ids) for c in item.choices)
         if new > 0:
-            self._tokens[index] = total
+            self.completion_tokens += new
             self.metrics.generation_tokens.inc(new)
             if self.first_token_at is None:
                 self.first_token_at = item.time
@@ -117,10 +141,10 @@ class RequestTracker:
             else:
                 self.metrics.inter_token_latency.observe(max(0.0, item.time - self._last_token_at))
             self._last_token_at = item.time
-        if out.finished:
-            reasons = [c.finish_reason for c in out.outputs]
-            self.finish_reasons.extend(reasons)
-            self.metrics.request_finished(reasons[0] or "abort")
+        reasons = [c.finish_reason for c in item.choices if c.finish_reason is not None]
+        self.finish_reasons.extend(reasons)
+        if item.finished:
+            self.metrics.request_finished(reasons[0] if reasons else "abort")
             self.metrics.e2e_request_latency.observe(time.monotonic() - self.arrival)
 
     def aborted(self) -> None:
@@ -134,12 +158,39 @@ class RequestTracker:
                 "ttft_s": ttft, "finish_reasons": self.finish_reasons}
 
 
+@dataclass
+class ChoiceResult:
+    """One choice, put together from its deltas (non-streaming responses)."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[PositionLogprobs] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def add(self, d: ChoiceDelta) -> None:
+        self.text += d.text
+        self.token_ids += d.token_ids
+        if d.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + d.logprobs
+        if d.finish_reason is not None:
+            self.finish_reason, self.stop_reason = d.finish_reason, d.stop_reason
+
+
+@dataclass
+class PromptResult:
+    choices: list[ChoiceResult]
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+
+
 class Generation:
-    """The engine requests of one API call (one per prompt), merged in arrival order."""
+    """The engine requests of one API call (one per prompt), their outputs merged in
+    arrival order through one bounded queue."""
 
     def __init__(self, engine: AsyncEngine, request_id: str, prompts: list[PromptInput],
                  params: SamplingParams, priority: int, cache_salt: str | None,
-                 deadline: float | None, tracker: RequestTracker) -> None:
+                 deadline: float | None, tracker: RequestTracker, settings: ServerSettings,
+                 stream: bool) -> None:
         self.engine = engine
         self.request_id = request_id
         self.prompts = prompts
@@ -148,57 +199,47 @@ class Generation:
         self.cache_salt = cache_salt
         self.deadline = deadline
         self.tracker = tracker
+        # A stream's reader is the client, who may stop reading: bound it. A plain
+        # request's reader is collect(), on this loop, which keeps up.
+        self.queue = (OutputQueue(settings.max_stream_buffer, settings.stream_stall_timeout, self.close)
+                      if stream else OutputQueue(1 << 62, float("inf"), self.close))
         self.streams: list[RequestStream] = []
 
     async def start(self) -> None:
         try:
             for i, p in enumerate(self.prompts):
-                self.streams.append(await self.engine.add(
-                    f"{self.request_id}-{i}", {"prompt": p.text, "prompt_token_ids": p.token_ids},
-                    self.params, self.priority, self.cache_salt, self.deadline))
+                stream = RequestStream(f"{self.request_id}-{i}", i, self.queue, self.params.n)
+                self.streams.append(stream)
+                await self.engine.add(stream, {"prompt": p.text, "prompt_token_ids": p.token_ids},
+                                      self.params, self.priority, self.cache_salt)
         except BaseException:
             self.close()
             raise
 
     async def outputs(self) -> AsyncIterator[tuple[int, StreamedOutput]]:
-        """(prompt index, output) as the engine produces them."""
-        if len(self.streams) == 1:
-            async for item in self.streams[0]:
-                self.tracker.observe(0, item)
-                yield 0, item
-            return
-        merged: asyncio.Queue = asyncio.Queue()
+        """(prompt index, output) as the engine produces them, until every prompt is done."""
+        remaining = len(self.streams)
+        while remaining:
+            index, item = await self.queue.get(self.deadline, self.request_id)
+            self.tracker.observe(item)
+            if item.finished:
+                remaining -= 1
+            yield index, item
 
-        async def pump(i: int, stream: RequestStream) -> None:
-            try:
-                async for item in stream:
-                    merged.put_nowait((i, item))
-            except Exception as e:
-                merged.put_nowait((i, e))
-            merged.put_nowait((i, None))
-
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self.streams)]
-        try:
-            remaining = len(tasks)
-            while remaining:
-                i, item = await merged.get()
-                if item is None:
-                    remaining -= 1
-                elif isinstance(item, Exception):
-                    raise item
-                else:
-                    self.tracker.observe(i, item)
-                    yield i, item
-        finally:
-            for t in tasks:
-                t.cancel()
-
-    async def collect(self) -> list[StreamedOutput]:
-        """The final output of every prompt."""
-        finals: list[StreamedOutput | None] = [None] * len(self.prompts)
+    async def collect(self) -> list[PromptResult]:
+        """Every prompt's choices, whole."""
+        results = [PromptResult([ChoiceResult() for _ in range(self.params.n)]) for _ in self.prompts]
         async for i, item in self.outputs():
-            finals[i] = item
-        return finals
+            if item.first:
+                results[i].prompt_logprobs = item.prompt_logprobs
+            for d in item.choices:
+                results[i].choices[d.index].add(d)
+        return results
+
+    def fail(self, error: BaseException) -> None:
+        """Hand ``error`` to the reader and abort the engine's requests (shutdown)."""
+        self.queue.put(-1, error)
+        self.close()
 
     def close(self) -> None:
         """Abort what has not finished (client gone, timeout, error): frees its KV blocks now."""
@@ -211,53 +252,36 @@ class Generation:
 # ---- formatting -------------------------------------------------------------------
 
 @dataclass
-class _ChoiceState:
-    """How much of one choice a stream has sent."""
-    chars: int = 0
-    tokens: int = 0
-    started: bool = False
-    finished: bool = False
-
-
-@dataclass
 class _Delta:
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[PositionLogprobs] | None
-    choice: CompletionOutput
+    index: int            # the choice's index in the response (prompt-major)
+    choice: ChoiceDelta
     first: bool
-    finished: bool
 
 
 class _Formatter:
-    """Shared streaming bookkeeping: which text and tokens of each choice are new."""
+    """Shared streaming bookkeeping: which choices have started."""
 
-    def __init__(self, request_id: str, model: str, n: int, num_prompts: int, tokenizer) -> None:
+    def __init__(self, request_id: str, model: str, n: int, tokenizer, wants_logprobs: bool) -> None:
         self.request_id = request_id
         self.model = model
         self.n = n
         self.tokenizer = tokenizer
+        self.wants_logprobs = wants_logprobs
         self.created = int(time.time())
-        self._states = [_ChoiceState() for _ in range(n * num_prompts)]
+        self._started: set[int] = set()
 
     def deltas(self, prompt_index: int, item: StreamedOutput) -> list[_Delta]:
+        """The chunks worth sending: a token whose text is held back (it may start a stop
+        string) makes no chunk unless its logprobs are wanted."""
         out = []
-        for i, choice in enumerate(item.output.outputs):
-            index = prompt_index * self.n + i
-            st = self._states[index]
-            if st.finished:
+        for c in item.choices:
+            index = prompt_index * self.n + c.index
+            first = index not in self._started
+            if (not first and not c.text and c.finish_reason is None
+                    and not (self.wants_logprobs and c.token_ids)):
                 continue
-            safe = item.stream_texts[i]
-            text = safe[st.chars:]
-            new_ids = choice.token_ids[st.tokens:]
-            finished = choice.finish_reason is not None
-            lps = choice.logprobs[st.tokens:] if choice.logprobs is not None else None
-            if not text and not finished and not (lps and new_ids) and st.started:
-                continue
-            out.append(_Delta(index, text, new_ids, lps, choice, not st.started, finished))
-            st.chars, st.tokens = max(st.chars, len(safe)), len(choice.token_ids)
-            st.started, st.finished = True, finished
+            out.append(_Delta(index, c, first))
+            self._started.add(index)
         return out
 
     def piece(self, token_id: int, entry: PositionLogprobs | None) -> str:
@@ -281,11 +305,12 @@ class CompletionFormatter(_Formatter):
 
     def __init__(self, request_id: str, model: str, body: CompletionRequest,
                  prompts: list[PromptInput], tokenizer) -> None:
-        super().__init__(request_id, model, body.n, len(prompts), tokenizer)
+        super().__init__(request_id, model, body.n, tokenizer, body.logprobs is not None)
         self.prompts = prompts
         self.echo = body.echo
         self.logprobs = body.logprobs
-        self._offsets = [0] * (body.n * len(prompts))
+        self._offsets: dict[int, int] = {}
+        self._prompt_logprobs: dict[int, list | None] = {}
 
     def _echo_text(self, prompt_index: int) -> str:
         p = self.prompts[prompt_index]
@@ -302,11 +327,12 @@ class CompletionFormatter(_Formatter):
             p_entries = list(prompt_entries or []) + [None] * (len(p_ids) - len(prompt_entries or []))
             pairs += list(zip(p_ids, p_entries))
         pairs += list(zip(ids, entries or [None] * len(ids)))
+        offset = self._offsets.get(index, 0)
         for tid, entry in pairs:
             token = self.piece(tid, entry)
             result.tokens.append(token)
-            result.text_offset.append(self._offsets[index])
-            self._offsets[index] += len(token)
+            result.text_offset.append(offset)
+            offset += len(token)
             if entry is None:
                 result.token_logprobs.append(None)
                 result.top_logprobs.append(None)
@@ -315,30 +341,32 @@ class CompletionFormatter(_Formatter):
             result.top_logprobs.append({
                 self.piece(t, entry): _clamp(lp.logprob)
                 for t, lp in sorted(entry.items(), key=lambda kv: kv[1].rank or 0)})
+        self._offsets[index] = offset
         return result
 
     def chunks(self, prompt_index: int, item: StreamedOutput) -> list[CompletionResponse]:
+        if item.first:
+            self._prompt_logprobs[prompt_index] = item.prompt_logprobs
         chunks = []
         for d in self.deltas(prompt_index, item):
-            echo = d.first and self.echo
-            text = (self._echo_text(prompt_index) if echo else "") + d.text
-            lps = self._logprobs(d.index, d.token_ids, d.logprobs, prompt_index if echo else None,
-                                 item.output.prompt_logprobs)
+            c, echo = d.choice, d.first and self.echo
+            text = (self._echo_text(prompt_index) if echo else "") + c.text
+            lps = self._logprobs(d.index, c.token_ids, c.logprobs, prompt_index if echo else None,
+                                 self._prompt_logprobs.get(prompt_index))
             chunks.append(CompletionResponse(
                 id=self.request_id, created=self.created, model=self.model, choices=[CompletionChoice(
-                    index=d.index, text=text, logprobs=lps,
-                    finish_reason=d.choice.finish_reason if d.finished else None,
-                    stop_reason=d.choice.stop_reason if d.finished else None)]))
+                    index=d.index, text=text, logprobs=lps, finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason)]))
         return chunks
 
-    def response(self, finals: list[StreamedOutput], usage: Usage) -> CompletionResponse:
+    def response(self, results: list[PromptResult], usage: Usage) -> CompletionResponse:
         choices = []
-        for p, item in enumerate(finals):
-            for i, c in enumerate(item.output.outputs):
+        for p, result in enumerate(results):
+            for i, c in enumerate(result.choices):
                 index = p * self.n + i
                 prefix = self._echo_text(p) if self.echo else ""
                 lps = self._logprobs(index, c.token_ids, c.logprobs, p if self.echo else None,
-                                     item.output.prompt_logprobs)
+                                     result.prompt_logprobs)
                 choices.append(CompletionChoice(index=index, text=prefix + c.text, logprobs=lps,
                                                 finish_reason=c.finish_reason,
                                                 stop_reason=c.stop_reason))
@@ -354,7 +382,7 @@ class ChatFormatter(_Formatter):
     """``chat.completion`` bodies; a stream opens each choice with the assistant role."""
 
     def __init__(self, request_id: str, model: str, body: ChatCompletionRequest, tokenizer) -> None:
-        super().__init__(request_id, model, body.n, 1, tokenizer)
+        super().__init__(request_id, model, body.n, tokenizer, body.logprobs)
         self.top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
 
     def _logprobs(self, ids: list[int], entries) -> ChatLogprobs | None:
@@ -380,17 +408,16 @@ class ChatFormatter(_Formatter):
     def chunks(self, prompt_index: int, item: StreamedOutput) -> list[ChatCompletionChunk]:
         return [ChatCompletionChunk(
             id=self.request_id, created=self.created, model=self.model, choices=[ChatChunkChoice(
-                index=d.index, delta=DeltaMessage(content=d.text),
-                logprobs=self._logprobs(d.token_ids, d.logprobs),
-                finish_reason=d.choice.finish_reason if d.finished else None,
-                stop_reason=d.choice.stop_reason if d.finished else None)])
+                index=d.index, delta=DeltaMessage(content=d.choice.text),
+                logprobs=self._logprobs(d.choice.token_ids, d.choice.logprobs),
+                finish_reason=d.choice.finish_reason, stop_reason=d.choice.stop_reason)])
             for d in self.deltas(prompt_index, item)]
 
-    def response(self, finals: list[StreamedOutput], usage: Usage) -> ChatCompletionResponse:
+    def response(self, results: list[PromptResult], usage: Usage) -> ChatCompletionResponse:
         choices = [ChatChoice(index=i, message=AssistantMessage(content=c.text),
                               logprobs=self._logprobs(c.token_ids, c.logprobs),
                               finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-                   for i, c in enumerate(finals[0].output.outputs)]
+                   for i, c in enumerate(results[0].choices)]
         return ChatCompletionResponse(id=self.request_id, created=self.created, model=self.model,
                                       choices=choices, usage=usage)
 
@@ -407,7 +434,12 @@ def sse(payload: BaseModel | dict, exclude: set[str] | None = None) -> str:
 
 
 class OpenAIServing:
-    """Validates a request, admits it, runs it on the engine and formats the result."""
+    """Validates a request, admits it, runs it on the engine and formats the result.
+
+    Nothing whose cost grows with the client's input runs on the event loop: the body
+    size is capped before parsing (``BodySizeLimitMiddleware``), field checks are
+    O(fields) with capped lists, and tokenization and templates go to ``Preprocessor``.
+    """
 
     def __init__(self, engine: AsyncEngine, settings: ServerSettings, metrics: ServerMetrics) -> None:
         self.engine = engine
@@ -416,51 +448,108 @@ class OpenAIServing:
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
         self.draining = False
+        self.preprocessor = Preprocessor(settings.preprocess_threads, settings.preprocess_timeout)
+        self._max_token_bytes = max_token_bytes(self.tokenizer) if self.tokenizer is not None else 1
+        self.renderer = LimitedTemplateRenderer(
+            max_chars=settings.max_request_bytes, timeout_s=settings.preprocess_timeout)
+        self._active: set[Generation] = set()
 
     # -- completions
     async def completion(self, body: CompletionRequest, request: Request) -> Response:
         arrival = time.monotonic()
         model = self._check_model(body.model)
-        prompts = self._completion_prompts(body.prompt)
         params = self._params(body)
+        prompts = await self._completion_prompts(body.prompt, params.n)
         fmt = CompletionFormatter(f"cmpl-{uuid.uuid4().hex}", model, body, prompts, self.tokenizer)
         return await self._run(body, request, prompts, params, fmt, arrival)
 
-    def _completion_prompts(self, prompt) -> list[PromptInput]:
+    async def _completion_prompts(self, prompt, n: int) -> list[PromptInput]:
         if isinstance(prompt, str):
             prompt = [prompt]
         elif prompt and isinstance(prompt[0], int):
             prompt = [prompt]
         if not prompt:
             raise APIError(400, "prompt: must not be empty", param="prompt")
-        return [PromptInput(self.tokenizer.encode(p) if p else [], p) if isinstance(p, str)
-                else PromptInput(list(p)) for p in prompt]
+        limit = self.settings.max_sequences_per_request
+        if len(prompt) * n > limit:
+            raise APIError(400, f"prompt: {len(prompt)} prompts x n={n} asks for more than this "
+                                f"server's {limit} sequences per request", param="prompt")
+        texts = [p for p in prompt if isinstance(p, str)]
+        for text in texts:
+            self._check_text_size("prompt", text)
+        if texts and self.tokenizer is None:
+            raise APIError(400, "prompt: this server has no tokenizer; send token ids", param="prompt")
+        encoded = iter(await self._preprocess(
+            lambda: [self.tokenizer.encode(t) if t else [] for t in texts]) if texts else [])
+        return [PromptInput(next(encoded), p) if isinstance(p, str) else PromptInput(list(p))
+                for p in prompt]
 
     # -- chat
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         arrival = time.monotonic()
         model = self._check_model(body.model)
-        prompt = self._chat_prompt(body)
         params = self._params(body)
+        prompt = await self._chat_prompt(body)
         fmt = ChatFormatter(f"chatcmpl-{uuid.uuid4().hex}", model, body, self.tokenizer)
         return await self._run(body, request, [prompt], params, fmt, arrival)
 
-    def _chat_prompt(self, body: ChatCompletionRequest) -> PromptInput:
+    async def _chat_prompt(self, body: ChatCompletionRequest) -> PromptInput:
+        if body.chat_template is not None and not self.settings.trust_request_chat_template:
+            raise APIError(400, "chat_template: this server does not run chat templates sent by "
+                                "clients (start it with --trust-request-chat-template)",
+                           param="chat_template")
         if body.chat_template is None and not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "messages: this model's tokenizer has no chat template; "
                                 "pass chat_template", param="chat_template")
         conversation = [m.as_template_input() for m in body.messages]
+        add_generation_prompt = body.add_generation_prompt and not body.continue_final_message
+        if body.chat_template is not None:
+            render = functools.partial(self._render_request_template, body.chat_template,
+                                       conversation, add_generation_prompt, body.continue_final_message)
+        else:
+            render = functools.partial(self._render_model_template, conversation,
+                                       add_generation_prompt, body.continue_final_message)
+        ids = await self._preprocess(render)
+        text = self.tokenizer.decode(ids) if self.settings.log_prompts else None
+        return PromptInput(ids, text)
+
+    def _render_model_template(self, conversation: list[dict], add_generation_prompt: bool,
+                               continue_final_message: bool) -> list[int]:
+        """The model's own template (trusted), rendered and tokenized; a worker thread."""
         try:
             ids = self.tokenizer.apply_chat_template(
-                conversation, chat_template=body.chat_template, tokenize=True,
-                add_generation_prompt=body.add_generation_prompt and not body.continue_final_message,
-                continue_final_message=body.continue_final_message)
+                conversation, tokenize=True, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message)
         except Exception as e:
             raise APIError(400, f"messages: the chat template failed: {e}", param="messages") from None
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
-        text = self.tokenizer.decode(ids) if self.settings.log_prompts else None
-        return PromptInput(list(ids), text)
+        return list(ids)
+
+    def _render_request_template(self, source: str, conversation: list[dict],
+                                 add_generation_prompt: bool, continue_final_message: bool) -> list[int]:
+        """A client's template under the sandbox's limits; a worker thread."""
+        specials = {k: v for k, v in self.tokenizer.special_tokens_map.items() if isinstance(v, str)}
+        text = self.renderer.render(source, conversation, specials, add_generation_prompt)
+        if continue_final_message and conversation and conversation[-1]["content"]:
+            end = text.rfind(conversation[-1]["content"].strip())
+            if end >= 0:
+                text = text[:end + len(conversation[-1]["content"].strip())]
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    async def _preprocess(self, fn):
+        try:
+            return await self.preprocessor.run(fn)
+        except (APIError, ValueError, PreprocessTimeoutError) as e:
+            raise APIError.from_exception(e) from None
+
+    def _check_text_size(self, name: str, text: str) -> None:
+        """Refuse a text that cannot fit the context whatever it tokenizes to."""
+        least = min_tokens_of(text, self._max_token_bytes)
+        if least >= self.max_model_len:
+            raise APIError(400, f"{name}: {len(text)} characters are at least {least} tokens, but "
+                                f"this model's context length is {self.max_model_len} tokens",
+                           param=name, code="context_length_exceeded")
 
     # -- shared
     def _check_model(self, name: str | None) -> str:
@@ -473,10 +562,14 @@ class OpenAIServing:
         return name
 
     def _params(self, body) -> SamplingParams:
+        """Every field checked (SamplingParams, then the engine's model-dependent checks)
+        before anything is built per prompt or per choice."""
         try:
-            return body.sampling_params()
+            params = body.sampling_params()
+            self.engine.engine.check_params(params, body.priority)
         except ValueError as e:
             raise APIError.from_exception(e) from None
+        return params
 
     def _check_lengths(self, prompts: list[PromptInput], params: SamplingParams) -> None:
         limit = self.max_model_len
@@ -504,6 +597,11 @@ class OpenAIServing:
                            type="rate_limit_error", code="rate_limit_exceeded",
                            headers={"Retry-After": str(self.settings.retry_after_s)})
 
+    def cut_all(self) -> None:
+        """The shutdown deadline: end every call still running with an error its client sees."""
+        for gen in list(self._active):
+            gen.fail(ShutdownError("the server shut down before the request finished"))
+
     async def _run(self, body, request: Request, prompts: list[PromptInput], params: SamplingParams,
                    fmt: _Formatter, arrival: float) -> Response:
         log = request.scope.setdefault(LOG_SCOPE_KEY, {})
@@ -515,25 +613,30 @@ class OpenAIServing:
         timeout = self.settings.request_timeout
         tracker = RequestTracker(self.metrics, arrival)
         gen = Generation(self.engine, fmt.request_id, prompts, params, body.priority,
-                         body.cache_salt, None if timeout is None else arrival + timeout, tracker)
+                         body.cache_salt, None if timeout is None else arrival + timeout, tracker,
+                         self.settings, body.stream)
         headers = {"X-Request-Id": fmt.request_id}
         try:
             await gen.start()
         except Exception as e:
-            raise APIError.from_exception(e) from None
+            raise APIError.from_exception(e, fmt.request_id) from None
+        self._active.add(gen)
         if body.stream:
             return StreamingResponse(self._events(gen, fmt, body.include_usage, log),
                                      media_type="text/event-stream", headers=headers)
         try:
-            finals = await _unless_disconnected(request, gen.collect())
+            results = await _unless_disconnected(request, gen.collect())
         except Exception as e:
-            raise APIError.from_exception(e) from None
+            if not isinstance(e, (ValueError, TimeoutError, ShutdownError)):
+                _log.error("request %s failed: %s", fmt.request_id, e)
+            raise APIError.from_exception(e, fmt.request_id) from None
         finally:
+            self._active.discard(gen)
             gen.close()
             log.update(tracker.log_fields())
-        if finals is None:   # the client left; nobody reads a response
+        if results is None:   # the client left; nobody reads a response
             return Response(status_code=499)
-        return JSONResponse(fmt.response(finals, usage_of(tracker)).model_dump(mode="json"),
+        return JSONResponse(fmt.response(results, usage_of(tracker)).model_dump(mode="json"),
                             headers=headers)
 
     async def _events(self, gen: Generation, fmt: _Formatter, include_usage: bool,
@@ -548,10 +651,11 @@ class OpenAIServing:
             if include_usage:
                 yield sse(fmt.usage_chunk(usage_of(gen.tracker)))
         except Exception as e:
-            error = APIError.from_exception(e)
+            error = APIError.from_exception(e, fmt.request_id)
             log["error"] = error.info.message
             yield sse(ErrorResponse(error=error.info))
         finally:
+            self._active.discard(gen)
             gen.close()
             log.update(gen.tracker.log_fields())
         yield "data: [DONE]\n\n"

@@ -5,7 +5,7 @@ Each variant is timed inside a CUDA graph of back-to-back calls that cycle throu
 enough copies of the weight (>= 400 MB) that no call reads from L2, as in a model
 step where each layer's weights are read once.
 
-    python benchmarks/gemv_bench.py [--quick]
+    python benchmarks/lab/gemv_bench.py [--quick]
 """
 from __future__ import annotations
 

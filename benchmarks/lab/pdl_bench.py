@@ -9,7 +9,7 @@ down projection's GEMV (one kernel fewer per layer), and with one empty kernel m
 per layer (what a kernel boundary costs); the GEMVs' bandwidth (weights over the
 time left after the spin kernels); and checks that all compute the same bits.
 
-    python benchmarks/pdl_bench.py [--spin-us 6]
+    python benchmarks/lab/pdl_bench.py [--spin-us 6]
 """
 from __future__ import annotations
 

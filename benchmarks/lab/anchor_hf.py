@@ -6,7 +6,7 @@ where the installed transformers supports them) with the same requests as
 with the same shapes, and prints output tokens/s; with --orbitllm-json it also
 prints orbitllm's figure from the same run and the ratio.
 
-    python benchmarks/anchor_hf.py --model qwen3-0.6b --num-prompts 256
+    python benchmarks/lab/anchor_hf.py --model qwen3-0.6b --num-prompts 256
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ NCCL all-reduce then the fused RMSNorm kernel, and the engine's fused peer kerne
 Each is timed in a CUDA graph of 64 back-to-back calls (attention / MLP slots
 alternating, as in a model step); µs per call, from rank 0.
 
-    python benchmarks/peer_reduce_bench.py [--world 2] [--hidden 4096] [--rows 1 4 16]
+    python benchmarks/lab/peer_reduce_bench.py [--world 2] [--hidden 4096] [--rows 1 4 16]
 """
 from __future__ import annotations
 

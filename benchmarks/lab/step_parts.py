@@ -2,8 +2,7 @@
 the decode graph (the forward without LM head and sampling) replayed back to back as
 is, then re-captured with one part changed at a time: without the attention (the
 rotary + KV write and the decode kernels; timing only, the outputs are wrong), with
-the KV write alone or the decode kernels alone, with the rotation and KV write in the
-QKV GEMV's epilogue (``ORBITLLM_ROPE_GEMV``), with other decode tile configs,
+the KV write alone or the decode kernels alone, with other decode tile configs,
 without communication (each rank's partial taken as the sum: timing only), with a
 fixed number of KV splits, with PDL off. Then the parts outside the graph: the LM
 head (with the logit gather under TP) and the argmax.
@@ -15,7 +14,7 @@ taken out: a tensor-parallel rank's shapes and kernels, timed on one GPU (the st
 Each rank builds its shard directly (no engine, no scheduler), so every rank can
 re-capture its graph; under TP the ranks replay in lockstep (their all-reduces meet).
 
-    python benchmarks/step_parts.py [--model llama3.1-8b] [--context 768] [--tp 2 | --shard-of 2]
+    python benchmarks/lab/step_parts.py [--model llama3.1-8b] [--context 768] [--tp 2 | --shard-of 2]
 """
 from __future__ import annotations
 
@@ -33,7 +32,6 @@ from graph_timing import replay_ms, us_per_call
 import orbitllm.kernels.paged_attention as pa
 import orbitllm.kernels.pdl as pdl
 import orbitllm.layers.triton_attention as ta
-import orbitllm.models.llama as llama
 from orbitllm.kernels.kv_write import rotary_store_kv_cache
 from orbitllm.kernels.paged_attention import paged_decode_attention
 from orbitllm.config import EngineConfig
@@ -119,7 +117,7 @@ def measure(shard: Shard, cfg: EngineConfig, init_method: str, args) -> None:
         graphs.release()
         graphs.capture()
         sync()
-        return replay_ms(graphs.graphs[1], args.reps, sync)
+        return replay_ms(graphs.graphs[(1, 1)], args.reps, sync)
 
     def say(line: str) -> None:   # as it comes, so that a hang still leaves the lines before
         if rank == 0:
@@ -132,7 +130,6 @@ def measure(shard: Shard, cfg: EngineConfig, init_method: str, args) -> None:
     variants = {"without attention": attention(no_attention),
                 "KV write only": attention(kv_write_only),
                 "attention, no KV write": attention(no_kv_write),
-                "rotary + KV write in the QKV GEMV": patch.object(llama, "rope_in_gemv", lambda: True),
                 "PDL off": patch.object(pdl, "_pdl_on", lambda i: False)}
     if size > 1 and not lone:
         variants["without communication"] = no_communication()

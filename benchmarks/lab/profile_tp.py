@@ -5,7 +5,7 @@ the driver's device time per step, and the kernels of 30 steps (torch.profiler o
 the driver, rank 0): what each adds to the step's critical path, and their totals. With one GPU also the decode graph (the forward without the LM
 head and sampling) replayed back to back: the step's device floor.
 
-    python benchmarks/profile_tp.py --model llama3.1-8b --tp 2 --tp-all-reduce peer
+    python benchmarks/lab/profile_tp.py --model llama3.1-8b --tp 2 --tp-all-reduce peer
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def main() -> None:
 
     graphs = eng.runner.graphs
     if args.tp == 1 and graphs is not None:   # the forward alone, back to back (no host)
-        print(f"[{tag}] decode graph replayed alone: {replay_ms(graphs.graphs[1], args.steps):.3f} ms")
+        print(f"[{tag}] decode graph replayed alone: {replay_ms(graphs.graphs[(1, 1)], args.steps):.3f} ms")
 
     steps = 30
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -9,7 +9,7 @@ the default, inside ``pdl_bench.py``'s stand-in step (32 layers, one CUDA graph)
 a second pass starts from the first's bests; then every projection's best together,
 against the default, twice each.
 
-    python benchmarks/gemv_chain_tune.py [--spin-us 6] [--reps 40]
+    python benchmarks/lab/gemv_chain_tune.py [--spin-us 6] [--reps 40]
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 the PyTorch exponential race (float copy, scale, softmax, noise, divide, argmax) against
 the one-pass Gumbel-max kernel, for 1 and 256 rows.
 
-    python benchmarks/sample_bench.py
+    python benchmarks/lab/sample_bench.py
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ L2 cache, so that Python launch overhead does not hide the GPU time.
 against the 3-stage, 4-warp-reduce tiles of larger batches.
 The table is printed and, if ``OUT`` is set, written to ``$OUT/kernels.txt``.
 
-    python3 benchmarks/kernels_bench.py [--sweep]
+    python3 benchmarks/lab/kernels_bench.py [--sweep]
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, when run as a script
 from orbitllm.kernels import (  # noqa: E402
     DecodeConfig,
     PrefillConfig,

@@ -1,7 +1,7 @@
 """Where a step's host time goes: cProfile over steady-state steps of the throughput
 workload (random weights), plus the mean wall time per step.
 
-    python benchmarks/profile_step.py --model qwen3-0.6b --num-prompts 256 --steps 200
+    python benchmarks/lab/profile_step.py --model qwen3-0.6b --num-prompts 256 --steps 200
 """
 from __future__ import annotations
 
