@@ -17,7 +17,7 @@ from orbitllm.config import EngineConfig
 from orbitllm.engine.detokenizer import IncrementalDetokenizer
 from orbitllm.engine.request import Request, RequestStatus
 from orbitllm.engine.scheduler import Scheduler
-from orbitllm.engine.step_data import RequestFault, SchedulerOutput
+from orbitllm.engine.step_data import FatalStepError, RequestFault, SchedulerOutput
 from orbitllm.executor.model_runner import LaunchedStep, ModelRunner
 from orbitllm.executor.setup import EngineParts, build_engine_parts
 from orbitllm.outputs import CompletionOutput, Logprob, RequestOutput
@@ -186,7 +186,10 @@ class LLMEngine:
         prev = self._inflight.launched if self._inflight is not None else None
         try:
             launched = self.runner.launch(sched, prev)
+        except FatalStepError:
+            raise
         except Exception as e:
+            self.runner.check_device(e)
             if only is not None:
                 self._suspects.popleft()
             return outputs + self._drain() + self._step_failed(schedule.requests, e, only is not None)

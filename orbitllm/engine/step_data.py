@@ -68,3 +68,8 @@ class RequestFault(RuntimeError):
         super().__init__(f"requests {request_ids[:4]} failed: {type(cause).__name__}: {cause}")
         self.request_ids = request_ids
         self.cause = cause
+
+
+class FatalStepError(RuntimeError):
+    """The executor cannot go on (a tensor-parallel worker died, the device is lost):
+    no request is to blame and no retry can help, so the engine re-raises it."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from orbitllm.engine.step_data import RequestFault, SchedulerOutput
+from orbitllm.engine.step_data import FatalStepError, RequestFault, SchedulerOutput
 from orbitllm.executor.cuda_graph import DecodeGraphs, ForwardOutput
 from orbitllm.executor.step_inputs import PromptLogprobGroup, StepInputs
 from orbitllm.layers.attention import AttentionMetadata, get_attention_backend
@@ -192,6 +192,16 @@ class ModelRunner:
             except Exception as e:
                 raise RequestFault([group.request_id], e) from e
         return step
+
+    def check_device(self, error: BaseException) -> None:
+        """After a failed step: a device that cannot even synchronize is lost (CUDA
+        errors of one kernel poison the whole context), and that is no request's fault."""
+        if self.device.type != "cuda":
+            return
+        try:
+            torch.cuda.synchronize(self.device)
+        except Exception as lost:
+            raise FatalStepError(f"the device failed ({error}); the engine must be recreated") from lost
 
     def _sample(self, logits: torch.Tensor, rows: SamplingRows,
                 greedy_ids: torch.Tensor | None) -> SamplerOutput:

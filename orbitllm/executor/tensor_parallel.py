@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from orbitllm.config import EngineConfig
-from orbitllm.engine.step_data import SchedulerOutput
+from orbitllm.engine.step_data import FatalStepError, SchedulerOutput
 from orbitllm.executor.model_runner import LaunchedStep, ModelRunner, StepResult
 from orbitllm.executor.step_inputs import StepInputs
 from orbitllm.layers.tensor_parallel import Shard
@@ -48,7 +48,7 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=5)
 IDLE_TIMEOUT = timedelta(days=365)
 
 
-class WorkerDiedError(RuntimeError):
+class WorkerDiedError(FatalStepError):
     """A tensor-parallel worker process exited; the engine cannot go on."""
 
 

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 from orbitllm.engine.llm_engine import LLMEngine
+from orbitllm.engine.step_data import FatalStepError
 from orbitllm.outputs import PositionLogprobs, RequestOutput
 from orbitllm.sampling_params import SamplingParams
 
@@ -311,6 +312,8 @@ class AsyncEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except FatalStepError:
+            raise   # the loop ends: /health turns 503 and new requests are refused
         except Exception as e:   # the engine isolates request faults; this is a bug in it
             log.exception("engine step failed; failing the %d requests in flight", len(self._streams))
             self._fail_all(RequestFailedError("the engine step failed"))
