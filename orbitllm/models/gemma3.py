@@ -12,12 +12,12 @@ What sets Gemma 3 apart from the Llama family, each checked against transformers
 - the MLP is gated GELU (tanh approximation); the LM head is the embedding (tied).
 
 Under tensor parallelism the partial sums of o_proj and down_proj go through a plain
-all-reduce: Gemma normalizes them before the residual add, which the fused peer-memory
-all-reduce + add + RMSNorm does not do, so that path is not used here.
+all-reduce (their ``RowParallelLinear`` has no reduce slot): Gemma normalizes them before
+the residual add, which the fused peer-memory all-reduce + add + RMSNorm does not do.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
@@ -29,7 +29,7 @@ from orbitllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from orbitllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from orbitllm.layers.norm import GemmaRMSNorm
 from orbitllm.layers.rotary import RotaryEmbedding
-from orbitllm.layers.tensor_parallel import ReduceSlot, Shard, check_shardable, kv_heads_per_rank
+from orbitllm.layers.tensor_parallel import Shard, check_shardable, kv_heads_per_rank
 from orbitllm.layers.weight_loading import CheckpointTensor
 from orbitllm.models.errors import ModelLoadError
 from orbitllm.models.weights import load_checkpoint_weights
@@ -133,8 +133,7 @@ class Gemma3Attention(nn.Module):
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = spec.head_dim
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
-        self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, shard,
-                                        reduce_slot=ReduceSlot.ATTENTION)
+        self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, shard)
         self.q_norm = GemmaRMSNorm(spec.head_dim, spec.rms_norm_eps)
         self.k_norm = GemmaRMSNorm(spec.head_dim, spec.rms_norm_eps)
         self.attn = Attention(spec.query_pre_attn_scalar ** -0.5, rotary, spec.sliding_windows[layer])
@@ -157,8 +156,7 @@ class Gemma3MLP(nn.Module):
         self.shard = shard
         self.gate_up_proj = MergedColumnParallelLinear(spec.hidden_size, [spec.intermediate_size] * 2, shard)
         self.act_fn = GeluTanhAndMul()
-        self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, shard,
-                                           reduce_slot=ReduceSlot.MLP)
+        self.down_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, shard)
 
     def forward(self, x):
         return self.shard.all_reduce(self.down_proj(self.gate_up_proj(x), act=self.act_fn))
@@ -206,7 +204,6 @@ class Gemma3ForCausalLM(nn.Module):
     def __init__(self, spec: Gemma3Spec, shard: Shard = Shard()) -> None:
         super().__init__()
         check_shardable(spec.num_heads, spec.num_kv_heads, spec.intermediate_size, shard.size)
-        shard = replace(shard, peer_reduce=None)   # see the module docstring
         self.spec = spec
         self.shard = shard
         self.num_kv_heads = kv_heads_per_rank(spec.num_kv_heads, shard.size)   # in this rank's cache
