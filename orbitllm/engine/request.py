@@ -103,16 +103,22 @@ class Request:
     def scheduled(self, num_new_tokens: int, block_ids: list[int]) -> ScheduledRequest:
         """This step's part of the request as plain data: its new tokens (only those),
         and its sampling inputs when the step reaches the last token."""
+        # The hot path of every step, per request: plain reads, no property calls.
         start = self.num_computed_tokens
         end = start + num_new_tokens
         p = self.params
-        s = ScheduledRequest(self.request_id, start, num_new_tokens,
-                             self.token_range(start, min(end, self.num_known_tokens)), block_ids, p)
-        if end == self.num_tokens:
+        prompt, output = self.prompt_token_ids, self.output_token_ids
+        num_prompt = len(prompt)
+        known = num_prompt + len(output)
+        upto = end if end < known else known
+        tokens = (output[start - num_prompt:upto - num_prompt] if start >= num_prompt
+                  else self.token_range(start, upto))
+        s = ScheduledRequest(self.request_id, start, num_new_tokens, tokens, block_ids, p)
+        if end == known + self.num_pending:
             s.num_sampled = 1
             s.seed = self.seed
-            s.num_output_tokens = self.num_output_tokens + self.num_pending
-            s.num_prompt_tokens = len(self.prompt_token_ids)
+            s.num_output_tokens = len(output) + self.num_pending
+            s.num_prompt_tokens = num_prompt
             if _has_penalties(p):
                 s.history = self.all_token_ids
         if p.prompt_logprobs is not None and start < len(self.prompt_token_ids) - 1:

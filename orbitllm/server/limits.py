@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import re
 import resource
 import sys
@@ -154,7 +155,7 @@ class LimitedTemplateRenderer:
     Jinja's sandbox stops escapes but not exhaustion, so this one also: caps the
     rendered text; refuses ``*``, ``+``, ``%`` and ``**`` whose result would pass that cap
     and calls with huge integer arguments (``'a'.ljust(10**10)``) before they allocate;
-    and traces the render so that it stops at its deadline or once the process's peak
+    and traces the render so that it stops at its deadline or once the process's
     memory has grown by ``max_memory_bytes`` (loops of ``~`` that double a string).
     The variables are those Hugging Face templates expect."""
 
@@ -171,7 +172,7 @@ class LimitedTemplateRenderer:
         except Exception as e:
             raise ValueError(f"chat_template: does not compile: {e}") from None
         deadline = time.monotonic() + self.timeout_s
-        rss_start = _peak_rss_bytes()
+        rss_start = _rss_bytes()
         events = 0
 
         def trace(frame, event, arg):
@@ -180,7 +181,7 @@ class LimitedTemplateRenderer:
             if events % 32 == 0:
                 if time.monotonic() > deadline:
                     raise TemplateLimitError(f"chat_template: rendering took longer than {self.timeout_s:g} s")
-                if _peak_rss_bytes() - rss_start > self.max_memory_bytes:
+                if _rss_bytes() - rss_start > self.max_memory_bytes:
                     raise TemplateLimitError("chat_template: rendering used too much memory")
             return trace
 
@@ -266,5 +267,14 @@ def _raise(message: str):
     raise ValueError(message)
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux: kB
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _rss_bytes() -> int:
+    """The process's resident memory now (not its peak: a peak reached while the model
+    loaded would hide any growth below it)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except OSError:   # not Linux: the peak is the best there is
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
