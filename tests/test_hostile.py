@@ -240,7 +240,8 @@ def test_client_that_stops_reading_is_aborted(server):
     """A stream whose client never reads: its unread outputs pile up until the buffer
     bound or the stall timeout aborts it, and its KV blocks come back."""
     aborted_before = server.metric("request_success_total", 'finished_reason="abort"')
-    body = json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 2000, "n": 16,
+    # 64 choices: every step sends 64 events, so the socket buffers fill within a second.
+    body = json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 2000, "n": 64,
                        "ignore_eos": True, "stream": True}).encode()
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -248,7 +249,7 @@ def test_client_that_stops_reading_is_aborted(server):
     s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 30
         while server.metric("request_success_total", 'finished_reason="abort"') <= aborted_before:
             assert time.monotonic() < deadline, "the stalled stream was not aborted"
             time.sleep(0.1)
