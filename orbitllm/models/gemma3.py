@@ -32,7 +32,7 @@ from orbitllm.layers.rotary import RotaryEmbedding
 from orbitllm.layers.tensor_parallel import Shard, check_shardable, kv_heads_per_rank
 from orbitllm.layers.weight_loading import CheckpointTensor
 from orbitllm.models.errors import ModelLoadError
-from orbitllm.models.weights import load_checkpoint_weights
+from orbitllm.models.weights import load_checkpoint_weights, map_stacked_name
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -191,11 +191,6 @@ class Gemma3ForCausalLM(nn.Module):
     states, ``compute_logits`` the logits of the rows the sampler needs. Built for one
     ``shard`` of a tensor-parallel group."""
 
-    # HF name fragment -> (our fused parameter, shard id)
-    _stacked = {
-        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
-    }
 
     @classmethod
     def from_config(cls, config, shard: Shard = Shard()) -> "Gemma3ForCausalLM":
@@ -241,10 +236,4 @@ class Gemma3ForCausalLM(nn.Module):
         load_checkpoint_weights(self, weights, source, self._map_name)
 
     def _map_name(self, hf_name: str) -> tuple[str, object] | None:
-        name = hf_name.removeprefix("model.")
-        if name == "lm_head.weight" and self.lm_head is None:
-            return None   # tied: the embedding is the head
-        for frag, (fused, shard_id) in self._stacked.items():
-            if f".{frag}." in name:
-                return name.replace(frag, fused), shard_id
-        return name, None
+        return map_stacked_name(hf_name, tied_head=self.lm_head is None)

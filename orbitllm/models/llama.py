@@ -21,7 +21,7 @@ from orbitllm.layers.norm import RMSNorm
 from orbitllm.layers.rotary import RotaryEmbedding, rope_parameters
 from orbitllm.layers.tensor_parallel import ReduceSlot, Shard, check_shardable, kv_heads_per_rank
 from orbitllm.layers.weight_loading import CheckpointTensor
-from orbitllm.models.weights import load_checkpoint_weights
+from orbitllm.models.weights import load_checkpoint_weights, map_stacked_name
 
 
 @dataclass
@@ -150,11 +150,6 @@ class LlamaForCausalLM(nn.Module):
     attention_bias = False   # the default where the config has no attention_bias field
     qk_norm = False          # per-head RMSNorm of q and k
 
-    # HF name fragment -> (our fused parameter, shard id)
-    _stacked = {
-        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
-    }
 
     @classmethod
     def from_config(cls, config, shard: Shard = Shard()) -> "LlamaForCausalLM":
@@ -197,15 +192,7 @@ class LlamaForCausalLM(nn.Module):
         load_checkpoint_weights(self, weights, source, self._map_name)
 
     def _map_name(self, hf_name: str) -> tuple[str, object] | None:
-        if "rotary_emb" in hf_name:
-            return None
-        name = hf_name.removeprefix("model.")
-        if name == "lm_head.weight" and self.lm_head is None:
-            return None   # tied: the embedding is the head
-        for frag, (fused, shard_id) in self._stacked.items():
-            if f".{frag}." in name:
-                return name.replace(frag, fused), shard_id
-        return name, None
+        return map_stacked_name(hf_name, tied_head=self.lm_head is None)
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -11,6 +11,27 @@ from orbitllm.models.errors import ModelLoadError
 # Checkpoint name -> (the model's parameter name, shard id within it), or None: not used.
 NameMap = Callable[[str], "tuple[str, object] | None"]
 
+# Hugging Face's separate projections -> (our fused parameter, its shard id), the same in
+# every family that fuses Q/K/V and gate/up.
+STACKED_PROJECTIONS = {
+    "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
+
+
+def map_stacked_name(hf_name: str, tied_head: bool) -> tuple[str, object] | None:
+    """A checkpoint name in our fused layout; None for what the model does not hold (a
+    rotary buffer, the LM head where it is the embedding)."""
+    if "rotary_emb" in hf_name:
+        return None
+    name = hf_name.removeprefix("model.")
+    if name == "lm_head.weight" and tied_head:
+        return None
+    for frag, (fused, shard_id) in STACKED_PROJECTIONS.items():
+        if f".{frag}." in name:
+            return name.replace(frag, fused), shard_id
+    return name, None
+
 
 def load_checkpoint_weights(model: nn.Module, weights: Iterable[tuple[str, CheckpointTensor]],
                             source: str, map_name: NameMap) -> None:
