@@ -236,9 +236,10 @@ def test_idle_connection_is_closed(server):
         assert time.monotonic() - start < 5
 
 
-def test_client_that_stops_reading_is_aborted(server):
+def test_client_that_stops_reading_is_aborted(server, reference):
     """A stream whose client never reads: its unread outputs pile up until the buffer
-    bound or the stall timeout aborts it, and its KV blocks come back."""
+    bound or the stall timeout aborts it, and its KV blocks come back; the victims in
+    flight meanwhile finish as they would have alone."""
     aborted_before = server.metric("request_success_total", 'finished_reason="abort"')
     # 64 choices: every step sends 64 events, so the socket buffers fill within a second.
     body = json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 2000, "n": 64,
@@ -248,16 +249,22 @@ def test_client_that_stops_reading_is_aborted(server):
     s.connect(("127.0.0.1", server.port))
     s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    victims = Victims(server).__enter__()
     try:
         deadline = time.monotonic() + 30
         while server.metric("request_success_total", 'finished_reason="abort"') <= aborted_before:
             assert time.monotonic() < deadline, "the stalled stream was not aborted"
             time.sleep(0.1)
-        while server.metric("kv_cache_usage_perc") != 0.0:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
     finally:
+        victims.__exit__(None, None, None)
         s.close()
+    _assert_contained(server, victims, reference)
+
+
+def test_an_empty_api_key_refuses_to_start(capsys):
+    from orbitllm.cli import main
+    assert main(["serve", "--api-key", ""]) == 2
+    assert "empty" in capsys.readouterr().err
 
 
 # ---- fuzzing -------------------------------------------------------------------------------
