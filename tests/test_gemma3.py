@@ -22,7 +22,7 @@ from orbitllm.models.errors import ModelLoadError
 from orbitllm.models.gemma3 import Gemma3Spec
 from orbitllm.models.gguf import GGUFCheckpoint
 from test_default_model import _assert_same_up_to_near_ties, _hf_from_gguf, _hf_greedy
-from test_gguf import MERGES, SPECIAL_TOKENS, TOKENS
+from test_gguf import TOKENS, write_gguf
 
 
 def _hf(path: str):
@@ -96,45 +96,15 @@ def write_gemma3_gguf(path: Path, qtype: Q) -> Path:
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.normal_(0.0, 0.5)
-    writer = gguf.GGUFWriter(str(path), "gemma3")
-    writer.add_block_count(6)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(config.head_dim)
-    writer.add_value_length(config.head_dim)
-    writer.add_rope_freq_base(1e6)
-    writer.add_sliding_window(config.sliding_window)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(TOKENS)
-    writer.add_token_types([3] * len(SPECIAL_TOKENS) + [1] * (len(TOKENS) - len(SPECIAL_TOKENS)))
-    writer.add_token_merges(MERGES)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_pad_token_id(0)
-    for hf_name, tensor in model.state_dict().items():
-        if hf_name == "lm_head.weight":
-            continue   # tied
-        data = tensor.numpy()
-        if hf_name == "model.embed_tokens.weight":
-            name = "token_embd.weight"
-        elif hf_name == "model.norm.weight":
-            name = "output_norm.weight"
-        else:
-            _, _, layer, module = hf_name.rsplit(".", 1)[0].split(".", 3)
-            name = f"blk.{layer}.{GEMMA3_GGUF_PARTS[module]}.weight"
-        if "norm" in name:
-            writer.add_tensor(name, data + 1)
-        else:
-            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}   # tied
+
+    def gemma_keys(writer: gguf.GGUFWriter) -> None:
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+        writer.add_sliding_window(config.sliding_window)
+
+    return write_gguf(path, config, state, qtype, arch="gemma3", customize=gemma_keys,
+                      layer_parts=GEMMA3_GGUF_PARTS, rope_base=1e6, chat_template=None)
 
 
 def test_tiny_gguf_loads_as_transformers_loads_it(tmp_path, monkeypatch):

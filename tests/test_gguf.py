@@ -83,12 +83,12 @@ def tiny_model(kind: str = "llama", seed: int = 0) -> tuple[object, dict[str, to
     return config, {name: t.detach().clone() for name, t in model.state_dict().items()}
 
 
-def gguf_name(hf_name: str) -> str:
+def gguf_name(hf_name: str, layer_parts: dict[str, str] = LAYER_PARTS) -> str:
     stem, kind = hf_name.rsplit(".", 1)
     if hf_name in TOP_LEVEL:
         return f"{TOP_LEVEL[hf_name]}.{kind}"
     _, _, layer, module = stem.split(".", 3)
-    return f"blk.{layer}.{LAYER_PARTS[module]}.{kind}"
+    return f"blk.{layer}.{layer_parts[module]}.{kind}"
 
 
 def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -107,12 +107,16 @@ def stored(hf_name: str, tensor: torch.Tensor, config, arch: str) -> np.ndarray:
         return llama_cpp_permute(data, config.num_attention_heads)
     if arch == "llama" and ".k_proj." in hf_name:
         return llama_cpp_permute(data, config.num_key_value_heads)
+    if arch == "gemma3" and "norm" in hf_name:
+        return data + 1   # Gemma's (1 + w) norms are stored with the one added
     return data
 
 
 def write_gguf(
     path: Path, config, state: dict[str, torch.Tensor], qtype: Q = Q.F32, arch: str = "llama",
     customize: Callable[[gguf.GGUFWriter], None] = lambda writer: None,
+    layer_parts: dict[str, str] = LAYER_PARTS, rope_base: float = 1e4,
+    chat_template: str | None = CHAT_TEMPLATE,
 ) -> Path:
     writer = gguf.GGUFWriter(str(path), arch)
     customize(writer)
@@ -122,7 +126,7 @@ def write_gguf(
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(1e4)
+    writer.add_rope_freq_base(rope_base)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list(TOKENS)
@@ -131,13 +135,15 @@ def write_gguf(
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_pad_token_id(0)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
     for name, tensor in state.items():
         data = stored(name, tensor, config, arch)
         if data.ndim == 2 and qtype != Q.F32:  # llama.cpp keeps norms (1-D) in F32
-            writer.add_tensor(gguf_name(name), gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+            writer.add_tensor(gguf_name(name, layer_parts), gguf.quants.quantize(data, qtype),
+                              raw_dtype=qtype)
         else:
-            writer.add_tensor(gguf_name(name), data)
+            writer.add_tensor(gguf_name(name, layer_parts), data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
