@@ -82,7 +82,7 @@ class SamplingParams:
             if len(s) > MAX_STOP_STRING_CHARS:
                 raise ValueError(f"stop: a stop string has {len(s)} characters, "
                                  f"at most {MAX_STOP_STRING_CHARS} are allowed")
-            _text("stop", s)
+            check_text("stop", s)
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise ValueError(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids, "
                              f"got {len(self.stop_token_ids)}")
@@ -119,10 +119,6 @@ def _float(name: str, value, low: float, high: float = math.inf, low_open: bool 
 def check_text(name: str, text: str) -> None:
     """Refuse strings that are not valid Unicode text (a lone surrogate from JSON ``\\ud800``):
     the tokenizer would raise deep inside the request."""
-    _text(name, text)
-
-
-def _text(name: str, text: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
