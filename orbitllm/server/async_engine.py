@@ -314,7 +314,7 @@ class AsyncEngine:
             outputs = self.engine.step()
         except FatalStepError:
             raise   # the loop ends: /health turns 503 and new requests are refused
-        except Exception as e:   # the engine isolates request faults; this is a bug in it
+        except Exception:   # the engine isolates request faults; this is a bug in it
             log.exception("engine step failed; failing the %d requests in flight", len(self._streams))
             self._fail_all(RequestFailedError("the engine step failed"))
             return
