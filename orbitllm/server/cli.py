@@ -65,6 +65,8 @@ def _serve(args: argparse.Namespace, engine_config_from_args) -> int:
     for flag in ("preprocess_timeout", "stream_stall_timeout", "idle_connection_timeout"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
+    from orbitllm.deps import SERVER_PACKAGES, require
+    require(SERVER_PACKAGES, "orbitllm serve")   # before the model loads, not after
     from orbitllm.engine.llm_engine import LLMEngine
     from orbitllm.server.api_server import run_server
     from orbitllm.server.serving import ServerSettings
