@@ -90,6 +90,8 @@ class LLMEngine:
             raise ValueError(f"request_id: {request_id!r} is already running")
         self.check_params(params, priority)
         text, ids = self._tokenize(prompt)
+        if params.truncate_prompt_tokens is not None and len(ids) > params.truncate_prompt_tokens:
+            text, ids = None, params.truncate(ids)
         self._validate(ids, params)
         if params.max_tokens is None:
             params = _with_max_tokens(params, self.max_model_len - len(ids))
@@ -102,7 +104,8 @@ class LLMEngine:
             children.append(child)
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
                                                  params.stop_strings,
-                                                 params.include_stop_str_in_output))
+                                                 params.include_stop_str_in_output,
+                                                 params.spaces_between_special_tokens))
         group = _Group(request_id, text, ids, children, detoks, final_only)
         self._groups[request_id] = group
         for child in children:

@@ -33,7 +33,8 @@ from orbitllm.server.protocol import (AssistantMessage, ChatChoice, ChatChunkCho
                                       ChatCompletionChunk, ChatCompletionRequest,
                                       ChatCompletionResponse, ChatLogprobs, CompletionChoice,
                                       CompletionLogprobs, CompletionRequest, CompletionResponse,
-                                      DeltaMessage, ErrorInfo, ErrorResponse, TokenLogprob,
+                                      DeltaMessage, ErrorInfo, ErrorResponse, PromptLogprob,
+                                      PromptLogprobs, PromptTokensDetails, TokenLogprob,
                                       TopLogprob, Usage)
 
 _log = logging.getLogger(__name__)
@@ -297,7 +298,35 @@ def _clamp(logprob: float) -> float:
 
 def usage_of(tracker: RequestTracker) -> Usage:
     return Usage(prompt_tokens=tracker.prompt_tokens, completion_tokens=tracker.completion_tokens,
-                 total_tokens=tracker.prompt_tokens + tracker.completion_tokens)
+                 total_tokens=tracker.prompt_tokens + tracker.completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=tracker.cached_tokens))
+
+
+def prompt_logprobs_json(entries: list[PositionLogprobs | None] | None,
+                         wanted: bool) -> PromptLogprobs | None:
+    """vLLM's ``prompt_logprobs``: per prompt position, token id -> logprob, rank, text."""
+    if not wanted or entries is None:
+        return None
+    return [None if e is None else {str(t): PromptLogprob(logprob=_clamp(lp.logprob), rank=lp.rank,
+                                                          decoded_token=lp.decoded_token)
+                                    for t, lp in e.items()} for e in entries]
+
+
+def _truncated(prompts: list[PromptInput], params: SamplingParams) -> list[PromptInput]:
+    """``truncate_prompt_tokens``: the prompts as the engine will compute them (a cut
+    prompt's text no longer matches its ids, so it is dropped)."""
+    k = params.truncate_prompt_tokens
+    if k is None:
+        return prompts
+    return [p if len(p.token_ids) <= k else PromptInput(params.truncate(p.token_ids)) for p in prompts]
+
+
+def best_of(result: PromptResult, n: int) -> PromptResult:
+    """The ``n`` choices of ``best_of`` with the highest cumulative logprob (vLLM's rule),
+    in that order."""
+    def score(c: ChoiceResult) -> float:
+        return sum(e[t].logprob for t, e in zip(c.token_ids, c.logprobs or []))
+    return PromptResult(sorted(result.choices, key=score, reverse=True)[:n], result.prompt_logprobs)
 
 
 class CompletionFormatter(_Formatter):
@@ -309,6 +338,7 @@ class CompletionFormatter(_Formatter):
         self.prompts = prompts
         self.echo = body.echo
         self.logprobs = body.logprobs
+        self.prompt_logprobs = body.prompt_logprobs is not None
         self._offsets: dict[int, int] = {}
         self._prompt_logprobs: dict[int, list | None] = {}
 
@@ -367,9 +397,10 @@ class CompletionFormatter(_Formatter):
                 prefix = self._echo_text(p) if self.echo else ""
                 lps = self._logprobs(index, c.token_ids, c.logprobs, p if self.echo else None,
                                      result.prompt_logprobs)
-                choices.append(CompletionChoice(index=index, text=prefix + c.text, logprobs=lps,
-                                                finish_reason=c.finish_reason,
-                                                stop_reason=c.stop_reason))
+                choices.append(CompletionChoice(
+                    index=index, text=prefix + c.text, logprobs=lps, finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
+                    prompt_logprobs=prompt_logprobs_json(result.prompt_logprobs, self.prompt_logprobs)))
         return CompletionResponse(id=self.request_id, created=self.created, model=self.model,
                                   choices=choices, usage=usage)
 
@@ -384,6 +415,7 @@ class ChatFormatter(_Formatter):
     def __init__(self, request_id: str, model: str, body: ChatCompletionRequest, tokenizer) -> None:
         super().__init__(request_id, model, body.n, tokenizer, body.logprobs)
         self.top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        self.prompt_logprobs = body.prompt_logprobs is not None
 
     def _logprobs(self, ids: list[int], entries) -> ChatLogprobs | None:
         if self.top_logprobs is None:
@@ -418,8 +450,9 @@ class ChatFormatter(_Formatter):
                               logprobs=self._logprobs(c.token_ids, c.logprobs),
                               finish_reason=c.finish_reason, stop_reason=c.stop_reason)
                    for i, c in enumerate(results[0].choices)]
-        return ChatCompletionResponse(id=self.request_id, created=self.created, model=self.model,
-                                      choices=choices, usage=usage)
+        return ChatCompletionResponse(
+            id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage,
+            prompt_logprobs=prompt_logprobs_json(results[0].prompt_logprobs, self.prompt_logprobs))
 
     def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model,
@@ -459,7 +492,7 @@ class OpenAIServing:
         arrival = time.monotonic()
         model = self._check_model(body.model)
         params = self._params(body)
-        prompts = await self._completion_prompts(body.prompt, params.n)
+        prompts = _truncated(await self._completion_prompts(body.prompt, params.n), params)
         fmt = CompletionFormatter(f"cmpl-{uuid.uuid4().hex}", model, body, prompts, self.tokenizer)
         return await self._run(body, request, prompts, params, fmt, arrival)
 
@@ -489,7 +522,7 @@ class OpenAIServing:
         arrival = time.monotonic()
         model = self._check_model(body.model)
         params = self._params(body)
-        prompt = await self._chat_prompt(body)
+        prompt = _truncated([await self._chat_prompt(body)], params)[0]
         fmt = ChatFormatter(f"chatcmpl-{uuid.uuid4().hex}", model, body, self.tokenizer)
         return await self._run(body, request, [prompt], params, fmt, arrival)
 
@@ -551,6 +584,41 @@ class OpenAIServing:
                                 f"this model's context length is {self.max_model_len} tokens",
                            param=name, code="context_length_exceeded")
 
+    # -- issue 22: /tokenize and /detokenize
+    async def tokenize(self, body) -> dict:
+        self._check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "prompt: give exactly one of prompt and messages", param="prompt")
+        if self.tokenizer is None:
+            raise APIError(400, "prompt: this server has no tokenizer", param="prompt")
+        if body.prompt is not None:
+            self._check_text_size("prompt", body.prompt)
+            ids = await self._preprocess(lambda: self.tokenizer.encode(
+                body.prompt, add_special_tokens=body.add_special_tokens))
+        else:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise APIError(400, "messages: this model's tokenizer has no chat template",
+                               param="messages")
+            ids = await self._preprocess(functools.partial(
+                self._render_model_template, [m.as_template_input() for m in body.messages],
+                body.add_generation_prompt and not body.continue_final_message,
+                body.continue_final_message))
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": list(ids)}
+
+    async def detokenize(self, body) -> dict:
+        self._check_model(body.model)
+        if self.tokenizer is None:
+            raise APIError(400, "tokens: this server has no tokenizer", param="tokens")
+        vocab = self.engine.engine.vocab_size
+        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"tokens: {bad} is outside the vocabulary (0..{vocab - 1})",
+                           param="tokens")
+        if len(body.tokens) > self.max_model_len:
+            raise APIError(400, f"tokens: {len(body.tokens)} tokens, more than the context "
+                                f"length {self.max_model_len}", param="tokens")
+        return {"prompt": await self._preprocess(lambda: self.tokenizer.decode(body.tokens))}
+
     # -- shared
     def _check_model(self, name: str | None) -> str:
         names = self.settings.served_model_names
@@ -564,6 +632,13 @@ class OpenAIServing:
     def _params(self, body) -> SamplingParams:
         """Every field checked (SamplingParams, then the engine's model-dependent checks)
         before anything is built per prompt or per choice."""
+        max_n = self.engine.engine.config.max_n
+        if isinstance(body.best_of, int) and body.best_of > max_n:
+            raise APIError(400, f"best_of: at most {max_n} sequences per prompt (--max-n), "
+                                f"got {body.best_of}", param="best_of")
+        unknown = body.unknown_fields()
+        if unknown:
+            _log.info("ignoring unknown request field(s): %s", ", ".join(unknown))
         try:
             params = body.sampling_params()
             self.engine.engine.check_params(params, body.priority)
@@ -636,6 +711,8 @@ class OpenAIServing:
             log.update(tracker.log_fields())
         if results is None:   # the client left; nobody reads a response
             return Response(status_code=499)
+        if params.n > body.n:
+            results = [best_of(r, body.n) for r in results]
         return JSONResponse(fmt.response(results, usage_of(tracker)).model_dump(mode="json"),
                             headers=headers)
 
