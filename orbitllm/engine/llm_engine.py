@@ -73,6 +73,9 @@ class LLMEngine:
         self._suspects: collections.deque[str] = collections.deque()   # to run alone, in turn
         self._groups: dict[str, _Group] = {}
         self._child_group: dict[str, _Group] = {}
+        self._fork_pending: dict[str, list[Request]] = {}   # first sequence -> the n - 1 to fork
+        self._keep: set[str] = set()                        # requests whose blocks outlive them
+        self._kept: dict[str, Request] = {}                 # ... finished, blocks still held
         self.last_scheduled: SchedulerOutput | None = None   # the last step's, for stats
         # Everything built so far (model, tokenizer, imported modules) lives as long as
         # the engine: out of the collector's sight, a step's short-lived objects no
@@ -83,11 +86,20 @@ class LLMEngine:
     # ---- requests in -------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int] | dict,
                     params: SamplingParams | None = None, priority: int = 0,
-                    cache_salt: str | None = None, final_only: bool = False) -> None:
-        """Validate and queue a request; raises ValueError naming the bad field."""
+                    cache_salt: str | None = None, final_only: bool = False,
+                    fork_from: str | None = None, keep_blocks: bool = False) -> None:
+        """Validate and queue a request; raises ValueError naming the bad field.
+
+        ``keep_blocks``: when the request finishes its KV blocks stay held (until
+        ``release_blocks``), so that later requests can ``fork_from`` it: they share its
+        blocks of their common prefix instead of computing it (beam search)."""
         params = params or SamplingParams()
-        if request_id in self._groups:
+        if request_id in self._groups or request_id in self._kept:
             raise ValueError(f"request_id: {request_id!r} is already running")
+        if (fork_from is not None or keep_blocks) and params.n != 1:
+            raise ValueError("n: fork_from and keep_blocks need n == 1")
+        if fork_from is not None and fork_from not in self._kept:
+            raise ValueError(f"fork_from: {fork_from!r} is not a finished request with kept blocks")
         self.check_params(params, priority)
         text, ids = self._tokenize(prompt)
         if params.truncate_prompt_tokens is not None and len(ids) > params.truncate_prompt_tokens:
@@ -110,7 +122,47 @@ class LLMEngine:
         self._groups[request_id] = group
         for child in children:
             self._child_group[child.request_id] = group
-            self.scheduler.add(child)
+        first = children[0]
+        if fork_from is not None:
+            first.num_computed_tokens = self._fork_from_kept(self._kept[fork_from], first)
+        if keep_blocks:
+            self._keep.add(request_id)
+        self.scheduler.add(first)
+        if params.n > 1:
+            # The other n - 1 sequences fork from the first once its prompt is computed,
+            # so the prompt is computed once, with or without the prefix cache.
+            self._fork_pending[first.request_id] = children[1:]
+
+    def _fork_from_kept(self, parent: Request, child: Request) -> int:
+        """Share the kept parent's blocks of the prefix both have; returns the tokens shared.
+        The child computes at least its last token (its logits)."""
+        known = parent.token_range(0, parent.num_computed_tokens)
+        ids = child.prompt_token_ids
+        limit = min(len(known), len(ids) - 1)
+        common = 0
+        while common < limit and known[common] == ids[common]:
+            common += 1
+        return self.kv.fork(parent, child, common)
+
+    def _fork_prompts(self, requests: list[Request]) -> None:
+        """After a step is launched: the n > 1 requests whose prompt it completes hand their
+        blocks to their other sequences (the step's KV writes come before any later read)."""
+        for req in requests:
+            children = self._fork_pending.get(req.request_id)
+            if children is None or req.num_computed_tokens < req.num_prompt_tokens:
+                continue
+            del self._fork_pending[req.request_id]
+            for child in children:
+                if not child.is_finished:
+                    child.num_computed_tokens = self.kv.fork(req, child, req.num_prompt_tokens - 1)
+                    self.scheduler.add(child)
+
+    def release_blocks(self, request_id: str) -> None:
+        """Free the blocks a finished ``keep_blocks`` request still holds."""
+        self._keep.discard(request_id)
+        req = self._kept.pop(request_id, None)
+        if req is not None:
+            self.kv.free(req)
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -210,6 +262,8 @@ class LLMEngine:
                 req.first_scheduled_time = now
             req.num_computed_tokens += s.num_new_tokens
             req.num_pending += s.num_sampled
+        if self._fork_pending:
+            self._fork_prompts(schedule.requests)
         outputs += self._drain()
         self._inflight = _InFlight(sched, schedule.requests, launched)
         if not self.overlap:
@@ -357,7 +411,14 @@ class LLMEngine:
     def _finish(self, req: Request, reason: str) -> None:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
-        self.scheduler.remove(req)
+        keep = bool(self._keep) and req.request_id in self._keep
+        self.scheduler.remove(req, free_blocks=not keep)
+        if keep:
+            self._kept[req.request_id] = req
+        if self._fork_pending:   # its prompt never completed (aborted, failed): nor do they
+            for child in self._fork_pending.pop(req.request_id, ()):
+                if not child.is_finished:
+                    self._finish(child, reason)
 
     def _make_output(self, group: _Group, finished: bool) -> RequestOutput:
         outs = []
