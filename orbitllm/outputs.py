@@ -39,3 +39,19 @@ class RequestOutput:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class BeamSearchSequence:
+    """One finished beam, as vLLM's: ``tokens`` holds the prompt's ids and the generated ones."""
+
+    tokens: list[int]
+    cum_logprob: float
+    logprobs: list[PositionLogprobs] = field(default_factory=list)   # per generated token
+    text: str | None = None           # the generated tokens' text
+    finish_reason: str | None = None  # "stop" (EOS) or "length"
+
+
+@dataclass
+class BeamSearchOutput:
+    sequences: list[BeamSearchSequence]   # best first

@@ -133,3 +133,23 @@ def check_text(name: str, text: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise ValueError(f"{name}: not valid Unicode text ({e.reason} at position {e.start})") from None
+
+
+@dataclass
+class BeamSearchParams:
+    """``LLM.beam_search``'s settings (vLLM's): ``beam_width`` beams, each step keeping
+    the best ``beam_width`` continuations by cumulative logprob / length^length_penalty."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        _int("beam_width", self.beam_width, 1)
+        _int("max_tokens", self.max_tokens, 1)
+        _float("temperature", self.temperature, 0.0)
+        _float("length_penalty", self.length_penalty, -math.inf)
+        if not isinstance(self.ignore_eos, bool):
+            raise _bad("ignore_eos", "must be a boolean", self.ignore_eos)

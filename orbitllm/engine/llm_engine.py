@@ -101,7 +101,7 @@ class LLMEngine:
         if fork_from is not None and fork_from not in self._kept:
             raise ValueError(f"fork_from: {fork_from!r} is not a finished request with kept blocks")
         self.check_params(params, priority)
-        text, ids = self._tokenize(prompt)
+        text, ids = self.tokenize(prompt)
         if params.truncate_prompt_tokens is not None and len(ids) > params.truncate_prompt_tokens:
             text, ids = None, params.truncate(ids)
         self._validate(ids, params)
@@ -164,7 +164,8 @@ class LLMEngine:
         if req is not None:
             self.kv.free(req)
 
-    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+    def tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        """A prompt as ``add_request`` reads it: its text (if any) and its token ids."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("prompt: this engine has no tokenizer; pass prompt_token_ids")
@@ -174,7 +175,7 @@ class LLMEngine:
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             if "prompt" in prompt:
-                return self._tokenize(prompt["prompt"])
+                return self.tokenize(prompt["prompt"])
             raise ValueError("prompt: a dict prompt needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             return None, list(prompt)
