@@ -15,7 +15,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 from orbitllm import LLM, SamplingParams  # noqa: E402
-from test_server import MAX_MODEL_LEN, MODEL, PROMPTS, ServerProcess  # noqa: E402
+from test_server import MAX_MODEL_LEN, MODEL, PROMPTS, ServerProcess, _wait_for  # noqa: E402
 from conftest import assert_all_blocks_free  # noqa: E402
 
 
@@ -219,3 +219,25 @@ def test_offline_truncate_prompt_tokens(llm):
     with pytest.raises(ValueError, match="truncate_prompt_tokens"):
         SamplingParams(truncate_prompt_tokens=0)
     assert_all_blocks_free(llm)
+
+
+def test_use_beam_search_matches_offline(server, client, llm):
+    from orbitllm import BeamSearchParams
+    ref = llm.beam_search([PROMPTS[0], PROMPTS[2]], BeamSearchParams(beam_width=3, max_tokens=5))
+    r = client.completions.create(model=MODEL, prompt=[PROMPTS[0], PROMPTS[2]], n=2, best_of=3,
+                                  max_tokens=5, logprobs=1, extra_body={"use_beam_search": True})
+    assert [c.text for c in r.choices] == [s.text for out in ref for s in out.sequences[:2]]
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert all(len(c.logprobs.tokens) == 5 for c in r.choices)
+    cum = sum(c.logprobs.token_logprobs[i] for c in r.choices[:1] for i in range(5))
+    assert math.isclose(cum, ref[0].sequences[0].cum_logprob, abs_tol=1e-4)
+    msgs = [{"role": "user", "content": "hi"}]
+    chat = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=4,
+                                          extra_body={"use_beam_search": True, "best_of": 2})
+    want = llm.beam_search({"prompt_token_ids": llm.apply_chat_template(msgs)},
+                           BeamSearchParams(beam_width=2, max_tokens=4))[0].sequences[0]
+    assert chat.choices[0].message.content == want.text
+    e = httpx.post(server.v1 + "/completions", json={"prompt": "hi", "use_beam_search": True,
+                                                     "stream": True})
+    assert e.status_code == 400 and e.json()["error"]["param"] == "use_beam_search"
+    _wait_for(lambda: server.metric("kv_cache_usage_perc") == 0.0, timeout=2.0)   # all released

@@ -165,10 +165,17 @@ class _Add:
     priority: int
     cache_salt: str | None
     accepted: asyncio.Future
+    keep_blocks: bool = False        # beam search: the blocks outlive the request ...
+    fork_from: str | None = None     # ... and a later beam's request shares them
 
 
 @dataclass
 class _Abort:
+    request_id: str
+
+
+@dataclass
+class _Release:
     request_id: str
 
 
@@ -205,19 +212,27 @@ class AsyncEngine:
         return self._num_waiting
 
     async def add(self, stream: RequestStream, prompt, params: SamplingParams, priority: int = 0,
-                  cache_salt: str | None = None) -> RequestStream:
-        """Queue a request; returns once the engine accepted it (ValueError if it did not)."""
+                  cache_salt: str | None = None, keep_blocks: bool = False,
+                  fork_from: str | None = None) -> RequestStream:
+        """Queue a request; returns once the engine accepted it (ValueError if it did not).
+        ``keep_blocks`` / ``fork_from``: see ``LLMEngine.add_request``; ``release``
+        frees kept blocks."""
         if not self.is_alive:
             raise EngineDeadError("the engine loop is not running")
         accepted = self._loop.create_future()
         self._num_waiting += 1
-        self._commands.put(_Add(stream, prompt, params, priority, cache_salt, accepted))
+        self._commands.put(_Add(stream, prompt, params, priority, cache_salt, accepted,
+                                keep_blocks, fork_from))
         try:
             await accepted
         except BaseException:
             self.abort(stream)
             raise
         return stream
+
+    def release(self, request_id: str) -> None:
+        """Free the blocks a finished ``keep_blocks`` request still holds."""
+        self._commands.put(_Release(request_id))
 
     def abort(self, stream: RequestStream) -> None:
         """Stop a request and free its KV blocks at the engine's next turn."""
@@ -282,6 +297,8 @@ class AsyncEngine:
                 return False
             if isinstance(cmd, _Add):
                 self._add(cmd)
+            elif isinstance(cmd, _Release):
+                self.engine.release_blocks(cmd.request_id)
             else:
                 self._abort(cmd.request_id)
             try:
@@ -293,7 +310,8 @@ class AsyncEngine:
         rid = cmd.stream.request_id
         try:
             self.engine.add_request(rid, cmd.prompt, cmd.params, priority=cmd.priority,
-                                    cache_salt=cmd.cache_salt)
+                                    cache_salt=cmd.cache_salt, keep_blocks=cmd.keep_blocks,
+                                    fork_from=cmd.fork_from)
         except Exception as e:
             if not isinstance(e, ValueError):   # a ValueError is the client's mistake
                 log.exception("adding request %s failed", rid)

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
 
-from orbitllm.sampling_params import SamplingParams, check_text
+from orbitllm.sampling_params import BeamSearchParams, SamplingParams, check_text
 
 MAX_LOGPROBS = 20
 
@@ -108,6 +108,14 @@ class _SamplingRequest(_Request):
                              f"got {self.service_tier!r}")
         if self.store:
             raise ValueError("store: this server does not store completions")
+
+    def beam_search_params(self, max_tokens: int) -> BeamSearchParams:
+        """``use_beam_search``: ``best_of`` (else ``n``) beams; the best ``n`` are returned."""
+        if self.stream:
+            raise ValueError("use_beam_search: streaming is not supported with beam search")
+        return BeamSearchParams(beam_width=max(self.best_of or self.n, self.n), max_tokens=max_tokens,
+                                ignore_eos=self.ignore_eos, temperature=_or(self.temperature, 0.0),
+                                length_penalty=self.length_penalty)
 
     @property
     def engine_n(self) -> int:

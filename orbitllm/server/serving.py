@@ -21,8 +21,9 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from orbitllm.outputs import PositionLogprobs
-from orbitllm.sampling_params import SamplingParams
+from orbitllm.engine.beam_search import BeamSearchState
+from orbitllm.outputs import BeamSearchOutput, PositionLogprobs
+from orbitllm.sampling_params import BeamSearchParams, SamplingParams
 from orbitllm.server.async_engine import (AsyncEngine, ChoiceDelta, ClientTooSlowError,
                                           EngineDeadError, OutputQueue, RequestStream,
                                           RequestTimeoutError, StreamedOutput)
@@ -321,6 +322,20 @@ def _truncated(prompts: list[PromptInput], params: SamplingParams) -> list[Promp
     return [p if len(p.token_ids) <= k else PromptInput(params.truncate(p.token_ids)) for p in prompts]
 
 
+def _beam_result(prompt: PromptInput, out: BeamSearchOutput, n: int, fmt: _Formatter) -> PromptResult:
+    """The ``n`` best beams as choices; their logprobs cut to what the request asked for."""
+    wanted = fmt.wanted_logprobs
+    choices = []
+    for seq in out.sequences[:n]:
+        ids = seq.tokens[len(prompt.token_ids):]
+        lps = None
+        if wanted is not None:
+            lps = [{t: lp for t, lp in e.items() if t == tid or (lp.rank or 0) <= wanted}
+                   for tid, e in zip(ids, seq.logprobs)]
+        choices.append(ChoiceResult(seq.text or "", ids, lps, seq.finish_reason))
+    return PromptResult(choices)
+
+
 def best_of(result: PromptResult, n: int) -> PromptResult:
     """The ``n`` choices of ``best_of`` with the highest cumulative logprob (vLLM's rule),
     in that order."""
@@ -339,6 +354,7 @@ class CompletionFormatter(_Formatter):
         self.echo = body.echo
         self.logprobs = body.logprobs
         self.prompt_logprobs = body.prompt_logprobs is not None
+        self.wanted_logprobs = body.logprobs
         self._offsets: dict[int, int] = {}
         self._prompt_logprobs: dict[int, list | None] = {}
 
@@ -416,6 +432,7 @@ class ChatFormatter(_Formatter):
         super().__init__(request_id, model, body.n, tokenizer, body.logprobs)
         self.top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
         self.prompt_logprobs = body.prompt_logprobs is not None
+        self.wanted_logprobs = self.top_logprobs
 
     def _logprobs(self, ids: list[int], entries) -> ChatLogprobs | None:
         if self.top_logprobs is None:
@@ -494,6 +511,8 @@ class OpenAIServing:
         params = self._params(body)
         prompts = _truncated(await self._completion_prompts(body.prompt, params.n), params)
         fmt = CompletionFormatter(f"cmpl-{uuid.uuid4().hex}", model, body, prompts, self.tokenizer)
+        if body.use_beam_search:
+            return await self._run_beam_search(body, request, prompts, params, fmt, arrival)
         return await self._run(body, request, prompts, params, fmt, arrival)
 
     async def _completion_prompts(self, prompt, n: int) -> list[PromptInput]:
@@ -524,6 +543,8 @@ class OpenAIServing:
         params = self._params(body)
         prompt = _truncated([await self._chat_prompt(body)], params)[0]
         fmt = ChatFormatter(f"chatcmpl-{uuid.uuid4().hex}", model, body, self.tokenizer)
+        if body.use_beam_search:
+            return await self._run_beam_search(body, request, [prompt], params, fmt, arrival)
         return await self._run(body, request, [prompt], params, fmt, arrival)
 
     async def _chat_prompt(self, body: ChatCompletionRequest) -> PromptInput:
@@ -676,6 +697,76 @@ class OpenAIServing:
         """The shutdown deadline: end every call still running with an error its client sees."""
         for gen in list(self._active):
             gen.fail(ShutdownError("the server shut down before the request finished"))
+
+    # -- issue 22: use_beam_search ------------------------------------------------------
+    async def _run_beam_search(self, body, request: Request, prompts: list[PromptInput],
+                               params: SamplingParams, fmt: _Formatter, arrival: float) -> Response:
+        """Each prompt's beam search (as ``LLM.beam_search``) over the async engine; the
+        ``n`` best beams are the choices. Not streamed: the best beams are known at the end."""
+        log = request.scope.setdefault(LOG_SCOPE_KEY, {})
+        log.update(id=fmt.request_id, model=fmt.model, stream=False, n=body.n, beam_search=True)
+        self._check_lengths(prompts, params)
+        longest = max(len(p.token_ids) for p in prompts)
+        try:
+            beam = body.beam_search_params(params.max_tokens or self.max_model_len - longest)
+            self.engine.engine.check_params(SamplingParams(n=beam.beam_width,
+                                                           logprobs=2 * beam.beam_width))
+        except ValueError as e:
+            raise APIError.from_exception(e) from None
+        self._admit(len(prompts))
+        timeout = self.settings.request_timeout
+        deadline = None if timeout is None else arrival + timeout
+        searches = [self._beam_search(f"{fmt.request_id}-{i}", p, beam, body, deadline)
+                    for i, p in enumerate(prompts)]
+        try:
+            outs = await _unless_disconnected(request, asyncio.gather(*searches))
+        except Exception as e:
+            raise APIError.from_exception(e, fmt.request_id) from None
+        if outs is None:
+            return Response(status_code=499)
+        results = [_beam_result(p, out, body.n, fmt) for p, out in zip(prompts, outs)]
+        completion = sum(len(c.token_ids) for r in results for c in r.choices)
+        prompt_tokens = sum(len(p.token_ids) for p in prompts)
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                      total_tokens=prompt_tokens + completion,
+                      prompt_tokens_details=PromptTokensDetails(cached_tokens=0))
+        log.update(prompt_tokens=prompt_tokens, completion_tokens=completion)
+        return JSONResponse(fmt.response(results, usage).model_dump(mode="json"),
+                            headers={"X-Request-Id": fmt.request_id})
+
+    async def _beam_search(self, request_id: str, prompt: PromptInput, params: BeamSearchParams,
+                           body, deadline: float | None) -> BeamSearchOutput:
+        state = BeamSearchState(prompt.token_ids, params, self.engine.engine.eos_token_ids)
+        step_params = state.step_params()
+        held: dict[str, RequestStream] = {}   # requests whose blocks a live beam may fork from
+        try:
+            while not state.done:
+                queue = OutputQueue(1 << 62, float("inf"), lambda: None)
+                streams = [RequestStream(f"{request_id}-s{state.steps}-b{j}", j, queue, 1)
+                           for j in range(len(state.beams))]
+                for stream, b in zip(streams, state.beams):
+                    await self.engine.add(stream, {"prompt_token_ids": b.tokens}, step_params,
+                                          body.priority, body.cache_salt, keep_blocks=True,
+                                          fork_from=b.request_id)
+                    held[stream.request_id] = stream
+                entries: list[PositionLogprobs | None] = [None] * len(streams)
+                remaining = len(streams)
+                while remaining:
+                    j, item = await queue.get(deadline, request_id)
+                    for c in item.choices:
+                        if c.logprobs:
+                            entries[j] = c.logprobs[0]
+                    remaining -= item.finished
+                state.advance(entries, [st.request_id for st in streams])
+                wanted = {b.request_id for b in state.beams}
+                for rid in [r for r in held if r not in wanted]:
+                    self.engine.release(held.pop(rid).request_id)
+        finally:   # also on cancellation: plain commands, nothing awaited
+            for rid, stream in held.items():
+                if not stream.finished:
+                    self.engine.abort(stream)
+                self.engine.release(rid)
+        return state.output(self.tokenizer.decode if self.tokenizer is not None else None)
 
     async def _run(self, body, request: Request, prompts: list[PromptInput], params: SamplingParams,
                    fmt: _Formatter, arrival: float) -> Response:
