@@ -55,3 +55,14 @@ class BeamSearchSequence:
 @dataclass
 class BeamSearchOutput:
     sequences: list[BeamSearchSequence]   # best first
+
+
+@dataclass
+class PoolingRequestOutput:
+    """An embedding request's result: the pooled final hidden state, L2-normalized."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    embedding: list[float]
+    finished: bool = True
+    finish_reason: str = "stop"           # "error" if its step failed, "abort"

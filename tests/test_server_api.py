@@ -241,3 +241,51 @@ def test_use_beam_search_matches_offline(server, client, llm):
                                                      "stream": True})
     assert e.status_code == 400 and e.json()["error"]["param"] == "use_beam_search"
     _wait_for(lambda: server.metric("kv_cache_usage_perc") == 0.0, timeout=2.0)   # all released
+
+
+# ---- embeddings ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_embed_matches_transformers_final_hidden_state(model_path, pooling):
+    """Chunked prefill (16 tokens a step) over a longer prompt: mean pooling must sum
+    every chunk once."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    llm = LLM(model_path, max_model_len=MAX_MODEL_LEN, num_kv_blocks=64, max_num_batched_tokens=16)
+    hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    prompts = [PROMPTS[0] * 4, "hi"]
+    outs = llm.embed(prompts, pooling=pooling)
+    for p, out in zip(prompts, outs):
+        ids = llm.get_tokenizer().encode(p)
+        with torch.no_grad():
+            h = hf.model(torch.tensor([ids])).last_hidden_state[0]
+        ref = h[-1] if pooling == "last" else h.mean(0)
+        assert torch.allclose(torch.tensor(out.embedding), ref / ref.norm(), atol=1e-5)
+    with pytest.raises(ValueError, match="pooling"):
+        llm.embed("hi", pooling="cls")
+    assert_all_blocks_free(llm)
+
+
+def test_embeddings_endpoint(server, client, llm):
+    import base64
+
+    import numpy as np
+    inputs = [PROMPTS[1], PROMPTS[5]]
+    ref = [o.embedding for o in llm.embed(inputs)]
+    r = client.embeddings.create(model=MODEL, input=inputs)   # the client asks for base64
+    assert [d.index for d in r.data] == [0, 1]
+    for d, want in zip(r.data, ref):
+        assert np.allclose(d.embedding, want, atol=1e-5)
+    tok = llm.get_tokenizer()
+    assert r.usage.prompt_tokens == sum(len(tok.encode(t)) for t in inputs)
+    plain = httpx.post(server.v1 + "/embeddings", json={"input": tok.encode(PROMPTS[1]),
+                                                        "encoding_format": "float"}).json()
+    assert np.allclose(plain["data"][0]["embedding"], ref[0], atol=1e-5)
+    b64 = httpx.post(server.v1 + "/embeddings", json={"input": "x", "encoding_format": "base64"})
+    assert len(np.frombuffer(base64.b64decode(b64.json()["data"][0]["embedding"]), "<f4")) == 64
+    for body, param in [({"input": "x", "dimensions": 8}, "dimensions"),
+                        ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
+                        ({"input": []}, "input")]:
+        e = httpx.post(server.v1 + "/embeddings", json=body)
+        assert e.status_code == 400 and e.json()["error"]["param"] == param, (body, e.text)
+    _wait_for(lambda: server.metric("kv_cache_usage_perc") == 0.0, timeout=2.0)

@@ -16,15 +16,17 @@ from dataclasses import dataclass, field, replace
 
 from orbitllm.config import EngineConfig
 from orbitllm.engine.detokenizer import IncrementalDetokenizer
-from orbitllm.engine.request import Request, RequestStatus
+from orbitllm.engine.request import PoolingRequest, Request, RequestStatus
 from orbitllm.engine.scheduler import Scheduler
 from orbitllm.engine.step_data import FatalStepError, RequestFault, SchedulerOutput
 from orbitllm.executor.model_runner import LaunchedStep, ModelRunner
 from orbitllm.executor.setup import EngineParts, build_engine_parts
-from orbitllm.outputs import CompletionOutput, Logprob, RequestOutput
+from orbitllm.outputs import CompletionOutput, Logprob, PoolingRequestOutput, RequestOutput
 from orbitllm.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, check_text
 
 log = logging.getLogger(__name__)
+
+POOLING_TYPES = ("last", "mean")
 
 
 @dataclass
@@ -76,6 +78,7 @@ class LLMEngine:
         self._fork_pending: dict[str, list[Request]] = {}   # first sequence -> the n - 1 to fork
         self._keep: set[str] = set()                        # requests whose blocks outlive them
         self._kept: dict[str, Request] = {}                 # ... finished, blocks still held
+        self._pooling: dict[str, PoolingRequest] = {}       # embedding requests in flight
         self.last_scheduled: SchedulerOutput | None = None   # the last step's, for stats
         # Everything built so far (model, tokenizer, imported modules) lives as long as
         # the engine: out of the collector's sight, a step's short-lived objects no
@@ -132,6 +135,41 @@ class LLMEngine:
             # The other n - 1 sequences fork from the first once its prompt is computed,
             # so the prompt is computed once, with or without the prefix cache.
             self._fork_pending[first.request_id] = children[1:]
+
+    def add_pooling_request(self, request_id: str, prompt: str | list[int] | dict,
+                            pooling: str = "last") -> None:
+        """Queue an embedding request: its prompt's final hidden states (after the final
+        norm), pooled at the ``last`` token or by their ``mean``, L2-normalized. It
+        samples nothing; its blocks are freed once the prompt is computed."""
+        if pooling not in POOLING_TYPES:
+            raise ValueError(f"pooling: must be one of {list(POOLING_TYPES)}, got {pooling!r}")
+        if request_id in self._groups or request_id in self._pooling or request_id in self._kept:
+            raise ValueError(f"request_id: {request_id!r} is already running")
+        _, ids = self.tokenize(prompt)
+        params = SamplingParams(max_tokens=1)
+        self._validate(ids, params)
+        req = PoolingRequest(request_id, ids, params, pooling=pooling)
+        self._pooling[request_id] = req
+        self.scheduler.add(req)
+
+    def _pooled(self, chunks: dict) -> list[PoolingRequestOutput]:
+        """Fold a step's pooled chunks into their requests; the finished ones' outputs."""
+        outputs = []
+        for rid, chunk in chunks.items():
+            req = self._pooling.get(rid)
+            if req is None or req.is_finished:
+                continue
+            restart = chunk.start == 0 or req.pooled_total is None   # first chunk, or recomputed
+            req.pooled_total = chunk.total if restart else req.pooled_total + chunk.total
+            req.pooled_last = chunk.last
+            if chunk.start + chunk.count < req.num_prompt_tokens:
+                continue
+            vec = req.pooled_total / req.num_prompt_tokens if req.pooling == "mean" else req.pooled_last
+            vec = vec / vec.norm().clamp_min(1e-12)
+            self._finish(req, "stop")
+            del self._pooling[rid]
+            outputs.append(PoolingRequestOutput(rid, req.prompt_token_ids, vec.tolist()))
+        return outputs
 
     def _fork_from_kept(self, parent: Request, child: Request) -> int:
         """Share the kept parent's blocks of the prefix both have; returns the tokens shared.
@@ -214,6 +252,10 @@ class LLMEngine:
             raise ValueError(f"prompt_token_ids: {bad!r} is outside the vocabulary (0..{self.vocab_size - 1})")
 
     def abort_request(self, request_id: str) -> None:
+        pooling = self._pooling.pop(request_id, None) if self._pooling else None
+        if pooling is not None:
+            self._finish(pooling, "abort")
+            return
         group = self._groups.pop(request_id, None)
         if group is None:
             return
@@ -245,6 +287,8 @@ class LLMEngine:
             outputs += self._drain()
         # Built after any drain: it copies the tokens the host knows now.
         sched = self.last_scheduled = schedule.step_data()
+        if self._pooling:
+            sched.pooling = [i for i, r in enumerate(schedule.requests) if r.request_id in self._pooling]
         prev = self._inflight.launched if self._inflight is not None else None
         try:
             launched = self.runner.launch(sched, prev)
@@ -293,13 +337,18 @@ class LLMEngine:
         log.error("failing request(s) %s: the step failed", [r.request_id for r in culprits],
                   exc_info=error)
         self._drop_unwritten_blocks(culprits)
-        touched = {}
+        touched, failed = {}, []
         for req in culprits:
+            if req.request_id in self._pooling:   # an embedding request: no group
+                self._finish(self._pooling.pop(req.request_id), "error")
+                failed.append(PoolingRequestOutput(req.request_id, req.prompt_token_ids, [],
+                                                   finish_reason="error"))
+                continue
             group = self._child_group.get(req.request_id)
             if group is not None and not req.is_finished:
                 self._finish(req, "error")
                 touched[group.request_id] = group
-        return self._outputs(touched.values())
+        return self._outputs(touched.values()) + failed
 
     def _drop_unwritten_blocks(self, failed: list[Request]) -> None:
         """Blocks that requests of a failed step were to fill are in the prefix cache
@@ -316,7 +365,8 @@ class LLMEngine:
         while self._suspects:
             rid = self._suspects[0]
             group = self._child_group.get(rid)
-            req = next((c for c in group.children if c.request_id == rid), None) if group else None
+            req = (next((c for c in group.children if c.request_id == rid), None) if group
+                   else self._pooling.get(rid))
             if req is not None and req in self.scheduler.running:
                 return rid
             self._suspects.popleft()   # finished, aborted or preempted meanwhile
@@ -342,7 +392,10 @@ class LLMEngine:
                 log.exception("postprocessing request %s failed", req.request_id)
                 if not req.is_finished:
                     self._finish(req, "error")
-        return self._outputs(touched.values())
+        outputs = self._outputs(touched.values())
+        if result.pooled:
+            outputs += self._pooled(result.pooled)
+        return outputs
 
     def _postprocess(self, req: Request, group: _Group, result, now: float) -> None:
         rid = req.request_id

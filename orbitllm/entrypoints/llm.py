@@ -9,7 +9,7 @@ from tqdm import tqdm
 from orbitllm.config import EngineConfig
 from orbitllm.engine.beam_search import BeamSearchState
 from orbitllm.engine.llm_engine import LLMEngine
-from orbitllm.outputs import BeamSearchOutput, RequestOutput
+from orbitllm.outputs import BeamSearchOutput, PoolingRequestOutput, RequestOutput
 from orbitllm.sampling_params import BeamSearchParams, SamplingParams
 
 
@@ -55,6 +55,25 @@ class LLM:
                 ids.append(rid)
             return self._run(ids, use_tqdm)
         except BaseException:   # a bad prompt, a dead worker, Ctrl-C: free the others' blocks
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+
+    def embed(self, prompts, pooling: str = "last", use_tqdm: bool = False) -> list[PoolingRequestOutput]:
+        """One embedding per prompt (vLLM's ``LLM.embed`` for a decoder model): the final
+        hidden state after the final norm at the ``last`` token, or the ``mean`` over the
+        prompt, L2-normalized."""
+        if isinstance(prompts, (str, dict)) or (
+                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        ids = []
+        try:
+            for prompt in prompts:
+                rid = f"embed-{next(self._ids)}"
+                self.engine.add_pooling_request(rid, prompt, pooling)
+                ids.append(rid)
+            return self._run(ids, use_tqdm)
+        except BaseException:
             for rid in ids:
                 self.engine.abort_request(rid)
             raise

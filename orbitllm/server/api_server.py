@@ -24,7 +24,7 @@ from orbitllm.server.async_engine import AsyncEngine
 from orbitllm.server.limits import BodySizeLimitMiddleware, IdleTimeoutH11Protocol
 from orbitllm.server.metrics import ServerMetrics
 from orbitllm.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                      ModelCard, ModelList, TokenizeRequest)
+                                      EmbeddingRequest, ModelCard, ModelList, TokenizeRequest)
 from orbitllm.server.serving import LOG_SCOPE_KEY, APIError, OpenAIServing, ServerSettings
 
 access_log = logging.getLogger("orbitllm.access")
@@ -131,6 +131,10 @@ def _install_routes(app: FastAPI) -> None:
     @app.post("/v1/chat/completions", dependencies=v1)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await request.app.state.serving.chat(body, request)
+
+    @app.post("/v1/embeddings", dependencies=v1)
+    async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+        return await request.app.state.serving.embeddings(body, request)
 
     @app.get("/v1/models", dependencies=v1)
     async def models(request: Request) -> dict:

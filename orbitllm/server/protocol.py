@@ -243,6 +243,17 @@ class DetokenizeRequest(_Request):
     tokens: list[int]
 
 
+# ---- issue 22: /v1/embeddings --------------------------------------------------------
+
+class EmbeddingRequest(_Request):
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    priority: int = 0
+
+
 # ---- responses ----------------------------------------------------------------------
 
 class ErrorInfo(BaseModel):

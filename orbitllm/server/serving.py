@@ -8,6 +8,7 @@ non-streaming share one path through the engine.
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import json
 import logging
@@ -15,6 +16,8 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
+
+import numpy as np
 from typing import AsyncIterator
 
 from pydantic import BaseModel
@@ -104,6 +107,7 @@ class ServerSettings:
     stream_stall_timeout: float = 60.0     # ... or seconds its oldest may wait, then abort
     idle_connection_timeout: float = 5.0   # a connection with no request is closed after it
     max_sequences_per_request: int = 256   # prompts x n of one completions call
+    pooling: str = "last"                  # /v1/embeddings: "last" token or "mean"
 
 
 @dataclass
@@ -320,6 +324,13 @@ def _truncated(prompts: list[PromptInput], params: SamplingParams) -> list[Promp
     if k is None:
         return prompts
     return [p if len(p.token_ids) <= k else PromptInput(params.truncate(p.token_ids)) for p in prompts]
+
+
+def _encode_embedding(vector: list[float], encoding_format: str) -> list[float] | str:
+    """``base64``: the float32 little-endian bytes, as OpenAI sends (and its client reads)."""
+    if encoding_format == "float":
+        return vector
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
 
 
 def _beam_result(prompt: PromptInput, out: BeamSearchOutput, n: int, fmt: _Formatter) -> PromptResult:
@@ -604,6 +615,52 @@ class OpenAIServing:
             raise APIError(400, f"{name}: {len(text)} characters are at least {least} tokens, but "
                                 f"this model's context length is {self.max_model_len} tokens",
                            param=name, code="context_length_exceeded")
+
+    # -- issue 22: /v1/embeddings
+    async def embeddings(self, body, request: Request) -> Response:
+        """OpenAI's embeddings response: the pooled final hidden state of each input."""
+        model = self._check_model(body.model)
+        if body.dimensions is not None:
+            raise APIError(400, "dimensions: not supported (the embedding is the model's hidden "
+                                "size)", param="dimensions")
+        if not body.input:
+            raise APIError(400, "input: must not be empty", param="input")
+        prompts = await self._completion_prompts(body.input, 1)
+        params = SamplingParams(max_tokens=1)
+        self._check_lengths(prompts, params)
+        self._admit(len(prompts))
+        request_id = f"embd-{uuid.uuid4().hex}"
+        timeout = self.settings.request_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        queue = OutputQueue(1 << 62, float("inf"), lambda: None)
+        streams = [RequestStream(f"{request_id}-{i}", i, queue, 1) for i in range(len(prompts))]
+
+        async def run() -> list:
+            for stream, p in zip(streams, prompts):
+                await self.engine.add(stream, {"prompt_token_ids": p.token_ids}, params,
+                                      body.priority, pooling=self.settings.pooling)
+            vectors = [None] * len(streams)
+            for _ in streams:
+                i, out = await queue.get(deadline, request_id)
+                vectors[i] = out.embedding
+            return vectors
+
+        try:
+            vectors = await _unless_disconnected(request, run())
+        except Exception as e:
+            raise APIError.from_exception(e, request_id) from None
+        finally:
+            for stream in streams:
+                if not stream.finished and not stream.aborted:
+                    self.engine.abort(stream)
+        if vectors is None:
+            return Response(status_code=499)
+        tokens = sum(len(p.token_ids) for p in prompts)
+        data = [{"object": "embedding", "index": i, "embedding": _encode_embedding(v, body.encoding_format)}
+                for i, v in enumerate(vectors)]
+        return JSONResponse({"object": "list", "data": data, "model": model,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
+                            headers={"X-Request-Id": request_id})
 
     # -- issue 22: /tokenize and /detokenize
     async def tokenize(self, body) -> dict:
