@@ -63,6 +63,15 @@ def test_served_name_is_the_folder_or_gguf_name(tmp_path):
     assert served_name(str(folder)) == "Qwen3-8B"
     assert served_name(str(tmp_path / "model-q4.gguf")) == "model-q4"
     assert served_name("org/name") == "org/name"
+    # The model argument as given is accepted too (vLLM's name for it), though not listed.
+    from types import SimpleNamespace
+
+    from orbitllm.server.serving import APIError, OpenAIServing, ServerSettings
+    serving = SimpleNamespace(settings=ServerSettings(["Qwen3-8B"], model_aliases=[str(folder)]))
+    assert OpenAIServing._check_model(serving, str(folder)) == str(folder)
+    assert OpenAIServing._check_model(serving, "Qwen3-8B") == "Qwen3-8B"
+    with pytest.raises(APIError):
+        OpenAIServing._check_model(serving, "other")
 
 
 def test_tokenize_detokenize_roundtrip(server, llm):
@@ -151,7 +160,7 @@ def test_unknown_fields_ignored_and_logged(server, client):
     r = client.completions.create(model=MODEL, prompt="hi", max_tokens=2,
                                   extra_body={"frobnicate": 1, "user": "u-1"})
     assert r.choices[0].text is not None
-    assert "ignoring unknown request field(s): frobnicate" in server.output()
+    assert "ignoring unknown request field(s): 'frobnicate'\n" in server.output()
 
 
 @pytest.mark.parametrize("field,value", [

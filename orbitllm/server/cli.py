@@ -79,6 +79,7 @@ def _serve(args: argparse.Namespace, engine_config_from_args) -> int:
     engine = LLMEngine(config)
     settings = ServerSettings(
         served_model_names=args.served_model_name or [served_name(config.model)],
+        model_aliases=[config.model] if config.model and not args.served_model_name else [],
         api_key=args.api_key, max_num_waiting=args.max_num_waiting,
         request_timeout=args.request_timeout, log_prompts=args.log_prompts,
         max_request_bytes=args.max_request_bytes, preprocess_timeout=args.preprocess_timeout,

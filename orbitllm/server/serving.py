@@ -94,6 +94,9 @@ class ShutdownError(RuntimeError):
 @dataclass
 class ServerSettings:
     served_model_names: list[str]
+    # Also accepted, never listed: the model argument as given (a path, as vLLM names it),
+    # so a client that names the model the way the server was started is not refused.
+    model_aliases: list[str] = field(default_factory=list)
     api_key: str | None = None
     max_num_waiting: int | None = None     # beyond it: 429
     request_timeout: float | None = None   # seconds per request; None: no limit
@@ -702,7 +705,7 @@ class OpenAIServing:
         names = self.settings.served_model_names
         if name is None:
             return names[0]
-        if name not in names:
+        if name not in names and name not in self.settings.model_aliases:
             raise APIError(404, f"The model `{name}` does not exist.", param="model",
                            code="model_not_found")
         return name
@@ -715,8 +718,10 @@ class OpenAIServing:
             raise APIError(400, f"best_of: at most {max_n} sequences per prompt (--max-n), "
                                 f"got {body.best_of}", param="best_of")
         unknown = body.unknown_fields()
-        if unknown:
-            _log.info("ignoring unknown request field(s): %s", ", ".join(unknown))
+        if unknown:   # names as repr (no newline or surrogate reaches the log), capped
+            more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
+            _log.info("ignoring unknown request field(s): %s%s",
+                      ", ".join(repr(name[:64]) for name in unknown[:20]), more)
         try:
             params = body.sampling_params()
             self.engine.engine.check_params(params, body.priority)
