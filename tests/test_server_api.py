@@ -126,6 +126,10 @@ def test_prompt_logprobs_match_offline(client, llm):
     for want, have, tid in zip(ref[1:], got[1:], ids[1:]):
         assert set(have) == {str(t) for t in want}
         assert math.isclose(have[str(tid)]["logprob"], want[tid].logprob, abs_tol=1e-4)
+    streamed = [c.choices[0].model_extra.get("prompt_logprobs") for c in client.completions.create(
+        model=MODEL, prompt=PROMPTS[2], max_tokens=3, stream=True, extra_body={"prompt_logprobs": 2})
+        if c.choices]
+    assert streamed[0] == got and all(p is None for p in streamed[1:])   # in the first chunk only
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                           max_tokens=1, extra_body={"prompt_logprobs": 0})
     assert chat.model_extra["prompt_logprobs"][0] is None

@@ -413,10 +413,12 @@ class CompletionFormatter(_Formatter):
             text = (self._echo_text(prompt_index) if echo else "") + c.text
             lps = self._logprobs(d.index, c.token_ids, c.logprobs, prompt_index if echo else None,
                                  self._prompt_logprobs.get(prompt_index))
+            prompt_lps = prompt_logprobs_json(self._prompt_logprobs.get(prompt_index),
+                                              self.prompt_logprobs and d.first)
             chunks.append(CompletionResponse(
                 id=self.request_id, created=self.created, model=self.model, choices=[CompletionChoice(
                     index=d.index, text=text, logprobs=lps, finish_reason=c.finish_reason,
-                    stop_reason=c.stop_reason)]))
+                    stop_reason=c.stop_reason, prompt_logprobs=prompt_lps)]))
         return chunks
 
     def response(self, results: list[PromptResult], usage: Usage) -> CompletionResponse:
