@@ -39,3 +39,30 @@ class RequestOutput:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class BeamSearchSequence:
+    """One finished beam, as vLLM's: ``tokens`` holds the prompt's ids and the generated ones."""
+
+    tokens: list[int]
+    cum_logprob: float
+    logprobs: list[PositionLogprobs] = field(default_factory=list)   # per generated token
+    text: str | None = None           # the generated tokens' text
+    finish_reason: str | None = None  # "stop" (EOS) or "length"
+
+
+@dataclass
+class BeamSearchOutput:
+    sequences: list[BeamSearchSequence]   # best first
+
+
+@dataclass
+class PoolingRequestOutput:
+    """An embedding request's result: the pooled final hidden state, L2-normalized."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    embedding: list[float]
+    finished: bool = True
+    finish_reason: str = "stop"           # "error" if its step failed, "abort"

@@ -39,6 +39,8 @@ class SamplingParams:
     logprobs: int | None = None         # top-N logprobs per generated token
     prompt_logprobs: int | None = None  # top-N logprobs per prompt token
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    truncate_prompt_tokens: int | None = None   # keep only the prompt's last N tokens
     stop_strings: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -71,7 +73,10 @@ class SamplingParams:
                 _int(name, getattr(self, name), 0)
         if self.seed is not None:
             _int("seed", self.seed, INT64_MIN)
-        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+        if self.truncate_prompt_tokens is not None:
+            _int("truncate_prompt_tokens", self.truncate_prompt_tokens, 1)
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
+                     "spaces_between_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, "must be a boolean", getattr(self, name))
         if len(self.stop_strings) > MAX_STOP_STRINGS:
@@ -88,6 +93,11 @@ class SamplingParams:
                              f"got {len(self.stop_token_ids)}")
         for t in self.stop_token_ids:
             _int("stop_token_ids", t, 0, why="must be token ids (integers >= 0)")
+
+    def truncate(self, prompt_token_ids: list[int]) -> list[int]:
+        """The prompt as the engine computes it: its last ``truncate_prompt_tokens``."""
+        k = self.truncate_prompt_tokens
+        return prompt_token_ids if k is None or len(prompt_token_ids) <= k else prompt_token_ids[-k:]
 
     @property
     def greedy(self) -> bool:
@@ -123,3 +133,23 @@ def check_text(name: str, text: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise ValueError(f"{name}: not valid Unicode text ({e.reason} at position {e.start})") from None
+
+
+@dataclass
+class BeamSearchParams:
+    """``LLM.beam_search``'s settings (vLLM's): ``beam_width`` beams, each step keeping
+    the best ``beam_width`` continuations by cumulative logprob / length^length_penalty."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        _int("beam_width", self.beam_width, 1)
+        _int("max_tokens", self.max_tokens, 1)
+        _float("temperature", self.temperature, 0.0)
+        _float("length_penalty", self.length_penalty, -math.inf)
+        if not isinstance(self.ignore_eos, bool):
+            raise _bad("ignore_eos", "must be a boolean", self.ignore_eos)

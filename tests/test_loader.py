@@ -60,3 +60,37 @@ def test_sharded_checkpoint_loads(copy_of):
     save_file({n: tensors[n] for n in names[1::2]}, str(path / "b.safetensors"))
     (path / "model.safetensors").unlink()
     LLM(str(path), num_kv_blocks=8)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """The hub client offline, over an empty cache of our own: no network in CI."""
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def test_hub_id_without_network_is_one_clear_line(offline_hub):
+    with pytest.raises(ModelLoadError) as e:
+        LLM("someorg/some-model")
+    message = str(e.value)
+    assert "\n" not in message and "'someorg/some-model'" in message
+    assert "Hugging Face hub" in message and "local model folder" in message
+
+
+def test_hub_id_resolves_through_the_hub_cache(offline_hub, tiny_models):
+    """``LLM("org/name")`` with no such local path asks huggingface_hub, which here
+    answers from its cache (the layout a download leaves)."""
+    commit = "0" * 40
+    repo = offline_hub / "models--someorg--tiny"
+    shutil.copytree(tiny_models["llama"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    llm = LLM("someorg/tiny", num_kv_blocks=8)
+    assert llm.engine.vocab_size > 0 and llm.get_tokenizer() is not None
+
+
+def test_local_looking_path_is_not_sent_to_the_hub(tmp_path):
+    with pytest.raises(ModelLoadError, match="neither a Hugging Face model folder"):
+        LLM(str(tmp_path / "no" / "such" / "dir"))

@@ -269,6 +269,8 @@ async def _main_async(args: argparse.Namespace) -> BenchReport:
 
 
 def main(args: argparse.Namespace) -> int:
+    from orbitllm.deps import HTTP_CLIENT_PACKAGES, require
+    require(HTTP_CLIENT_PACKAGES, "orbitllm bench serve")
     if args.request_rate <= 0:
         raise ValueError(f"--request-rate must be > 0 (or inf), got {args.request_rate}")
     report = asyncio.run(_main_async(args))

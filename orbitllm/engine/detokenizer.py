@@ -14,7 +14,8 @@ _CONTEXT = 5
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool,
-                 stop_strings: list[str], include_stop_str_in_output: bool) -> None:
+                 stop_strings: list[str], include_stop_str_in_output: bool,
+                 spaces_between_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         # A fast tokenizer's Rust backend decodes ~7x faster than the Python wrapper.
         self._backend = getattr(tokenizer, "_tokenizer", None)
@@ -26,12 +27,34 @@ class IncrementalDetokenizer:
         self._prefix = 0
         self._read = len(self._ids)
         self.text = ""
+        # Bound once, so the plain path per token pays nothing for the option.
+        self._added = (_added_tokens(tokenizer)
+                       if tokenizer is not None and not (skip_special_tokens or spaces_between_special_tokens)
+                       else None)
+        self._decode = self._decode_joined if self._added else self._decode_plain
 
-    def _decode(self, ids: list[int]) -> str:
+    def _decode_plain(self, ids: list[int]) -> str:
         if self._backend is not None:
             return self._backend.decode(ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
                                      clean_up_tokenization_spaces=False)
+
+    def _decode_joined(self, ids: list[int]) -> str:
+        """``spaces_between_special_tokens=False``: added tokens as their bare text, joined
+        to the text around them without the spaces a decoder (WordPiece, ...) puts there."""
+        parts, run = [], []
+        for t in ids:
+            piece = self._added.get(t)
+            if piece is None:
+                run.append(t)
+                continue
+            if run:
+                parts.append(self._decode_plain(run))
+                run = []
+            parts.append(piece)
+        if run:
+            parts.append(self._decode_plain(run))
+        return "".join(parts)
 
     def add_token(self, token_id: int) -> str | None:
         """Append one token; returns the stop string if one now appears in the text."""
@@ -78,3 +101,8 @@ class IncrementalDetokenizer:
         if finished or self.max_stop_len <= 1:
             return self.text
         return self.text[:max(0, len(self.text) - self.max_stop_len + 1)]
+
+
+def _added_tokens(tokenizer) -> dict[int, str]:
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return {i: getattr(t, "content", str(t)) for i, t in decoder.items()}

@@ -16,15 +16,17 @@ from dataclasses import dataclass, field, replace
 
 from orbitllm.config import EngineConfig
 from orbitllm.engine.detokenizer import IncrementalDetokenizer
-from orbitllm.engine.request import Request, RequestStatus
+from orbitllm.engine.request import PoolingRequest, Request, RequestStatus
 from orbitllm.engine.scheduler import Scheduler
 from orbitllm.engine.step_data import FatalStepError, RequestFault, SchedulerOutput
 from orbitllm.executor.model_runner import LaunchedStep, ModelRunner
 from orbitllm.executor.setup import EngineParts, build_engine_parts
-from orbitllm.outputs import CompletionOutput, Logprob, RequestOutput
+from orbitllm.outputs import CompletionOutput, Logprob, PoolingRequestOutput, RequestOutput
 from orbitllm.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, check_text
 
 log = logging.getLogger(__name__)
+
+POOLING_TYPES = ("last", "mean")
 
 
 @dataclass
@@ -73,6 +75,10 @@ class LLMEngine:
         self._suspects: collections.deque[str] = collections.deque()   # to run alone, in turn
         self._groups: dict[str, _Group] = {}
         self._child_group: dict[str, _Group] = {}
+        self._fork_pending: dict[str, list[Request]] = {}   # first sequence -> the n - 1 to fork
+        self._keep: set[str] = set()                        # requests whose blocks outlive them
+        self._kept: dict[str, Request] = {}                 # ... finished, blocks still held
+        self._pooling: dict[str, PoolingRequest] = {}       # embedding requests in flight
         self.last_scheduled: SchedulerOutput | None = None   # the last step's, for stats
         # Everything built so far (model, tokenizer, imported modules) lives as long as
         # the engine: out of the collector's sight, a step's short-lived objects no
@@ -83,13 +89,24 @@ class LLMEngine:
     # ---- requests in -------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int] | dict,
                     params: SamplingParams | None = None, priority: int = 0,
-                    cache_salt: str | None = None, final_only: bool = False) -> None:
-        """Validate and queue a request; raises ValueError naming the bad field."""
+                    cache_salt: str | None = None, final_only: bool = False,
+                    fork_from: str | None = None, keep_blocks: bool = False) -> None:
+        """Validate and queue a request; raises ValueError naming the bad field.
+
+        ``keep_blocks``: when the request finishes its KV blocks stay held (until
+        ``release_blocks``), so that later requests can ``fork_from`` it: they share its
+        blocks of their common prefix instead of computing it (beam search)."""
         params = params or SamplingParams()
-        if request_id in self._groups:
+        if request_id in self._groups or request_id in self._kept:
             raise ValueError(f"request_id: {request_id!r} is already running")
+        if (fork_from is not None or keep_blocks) and params.n != 1:
+            raise ValueError("n: fork_from and keep_blocks need n == 1")
+        if fork_from is not None and fork_from not in self._kept:
+            raise ValueError(f"fork_from: {fork_from!r} is not a finished request with kept blocks")
         self.check_params(params, priority)
-        text, ids = self._tokenize(prompt)
+        text, ids = self.tokenize(prompt)
+        if params.truncate_prompt_tokens is not None and len(ids) > params.truncate_prompt_tokens:
+            text, ids = None, params.truncate(ids)
         self._validate(ids, params)
         if params.max_tokens is None:
             params = _with_max_tokens(params, self.max_model_len - len(ids))
@@ -102,14 +119,91 @@ class LLMEngine:
             children.append(child)
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
                                                  params.stop_strings,
-                                                 params.include_stop_str_in_output))
+                                                 params.include_stop_str_in_output,
+                                                 params.spaces_between_special_tokens))
         group = _Group(request_id, text, ids, children, detoks, final_only)
         self._groups[request_id] = group
         for child in children:
             self._child_group[child.request_id] = group
-            self.scheduler.add(child)
+        first = children[0]
+        if fork_from is not None:
+            first.num_computed_tokens = self._fork_from_kept(self._kept[fork_from], first)
+        if keep_blocks:
+            self._keep.add(request_id)
+        self.scheduler.add(first)
+        if params.n > 1:
+            # The other n - 1 sequences fork from the first once its prompt is computed,
+            # so the prompt is computed once, with or without the prefix cache.
+            self._fork_pending[first.request_id] = children[1:]
 
-    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+    def add_pooling_request(self, request_id: str, prompt: str | list[int] | dict,
+                            pooling: str = "last") -> None:
+        """Queue an embedding request: its prompt's final hidden states (after the final
+        norm), pooled at the ``last`` token or by their ``mean``, L2-normalized. It
+        samples nothing; its blocks are freed once the prompt is computed."""
+        if pooling not in POOLING_TYPES:
+            raise ValueError(f"pooling: must be one of {list(POOLING_TYPES)}, got {pooling!r}")
+        if request_id in self._groups or request_id in self._pooling or request_id in self._kept:
+            raise ValueError(f"request_id: {request_id!r} is already running")
+        _, ids = self.tokenize(prompt)
+        params = SamplingParams(max_tokens=1)
+        self._validate(ids, params)
+        req = PoolingRequest(request_id, ids, params, pooling=pooling)
+        self._pooling[request_id] = req
+        self.scheduler.add(req)
+
+    def _pooled(self, chunks: dict) -> list[PoolingRequestOutput]:
+        """Fold a step's pooled chunks into their requests; the finished ones' outputs."""
+        outputs = []
+        for rid, chunk in chunks.items():
+            req = self._pooling.get(rid)
+            if req is None or req.is_finished:
+                continue
+            restart = chunk.start == 0 or req.pooled_total is None   # first chunk, or recomputed
+            req.pooled_total = chunk.total if restart else req.pooled_total + chunk.total
+            req.pooled_last = chunk.last
+            if chunk.start + chunk.count < req.num_prompt_tokens:
+                continue
+            vec = req.pooled_total / req.num_prompt_tokens if req.pooling == "mean" else req.pooled_last
+            vec = vec / vec.norm().clamp_min(1e-12)
+            self._finish(req, "stop")
+            del self._pooling[rid]
+            outputs.append(PoolingRequestOutput(rid, req.prompt_token_ids, vec.tolist()))
+        return outputs
+
+    def _fork_from_kept(self, parent: Request, child: Request) -> int:
+        """Share the kept parent's blocks of the prefix both have; returns the tokens shared.
+        The child computes at least its last token (its logits)."""
+        known = parent.token_range(0, parent.num_computed_tokens)
+        ids = child.prompt_token_ids
+        limit = min(len(known), len(ids) - 1)
+        common = 0
+        while common < limit and known[common] == ids[common]:
+            common += 1
+        return self.kv.fork(parent, child, common)
+
+    def _fork_prompts(self, requests: list[Request]) -> None:
+        """After a step is launched: the n > 1 requests whose prompt it completes hand their
+        blocks to their other sequences (the step's KV writes come before any later read)."""
+        for req in requests:
+            children = self._fork_pending.get(req.request_id)
+            if children is None or req.num_computed_tokens < req.num_prompt_tokens:
+                continue
+            del self._fork_pending[req.request_id]
+            for child in children:
+                if not child.is_finished:
+                    child.num_computed_tokens = self.kv.fork(req, child, req.num_prompt_tokens - 1)
+                    self.scheduler.add(child)
+
+    def release_blocks(self, request_id: str) -> None:
+        """Free the blocks a finished ``keep_blocks`` request still holds."""
+        self._keep.discard(request_id)
+        req = self._kept.pop(request_id, None)
+        if req is not None:
+            self.kv.free(req)
+
+    def tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        """A prompt as ``add_request`` reads it: its text (if any) and its token ids."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("prompt: this engine has no tokenizer; pass prompt_token_ids")
@@ -119,7 +213,7 @@ class LLMEngine:
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
             if "prompt" in prompt:
-                return self._tokenize(prompt["prompt"])
+                return self.tokenize(prompt["prompt"])
             raise ValueError("prompt: a dict prompt needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             return None, list(prompt)
@@ -158,6 +252,10 @@ class LLMEngine:
             raise ValueError(f"prompt_token_ids: {bad!r} is outside the vocabulary (0..{self.vocab_size - 1})")
 
     def abort_request(self, request_id: str) -> None:
+        pooling = self._pooling.pop(request_id, None) if self._pooling else None
+        if pooling is not None:
+            self._finish(pooling, "abort")
+            return
         group = self._groups.pop(request_id, None)
         if group is None:
             return
@@ -189,6 +287,8 @@ class LLMEngine:
             outputs += self._drain()
         # Built after any drain: it copies the tokens the host knows now.
         sched = self.last_scheduled = schedule.step_data()
+        if self._pooling:
+            sched.pooling = [i for i, r in enumerate(schedule.requests) if r.request_id in self._pooling]
         prev = self._inflight.launched if self._inflight is not None else None
         try:
             launched = self.runner.launch(sched, prev)
@@ -207,6 +307,8 @@ class LLMEngine:
                 req.first_scheduled_time = now
             req.num_computed_tokens += s.num_new_tokens
             req.num_pending += s.num_sampled
+        if self._fork_pending:
+            self._fork_prompts(schedule.requests)
         outputs += self._drain()
         self._inflight = _InFlight(sched, schedule.requests, launched)
         if not self.overlap:
@@ -235,13 +337,18 @@ class LLMEngine:
         log.error("failing request(s) %s: the step failed", [r.request_id for r in culprits],
                   exc_info=error)
         self._drop_unwritten_blocks(culprits)
-        touched = {}
+        touched, failed = {}, []
         for req in culprits:
+            if req.request_id in self._pooling:   # an embedding request: no group
+                self._finish(self._pooling.pop(req.request_id), "error")
+                failed.append(PoolingRequestOutput(req.request_id, req.prompt_token_ids, [],
+                                                   finish_reason="error"))
+                continue
             group = self._child_group.get(req.request_id)
             if group is not None and not req.is_finished:
                 self._finish(req, "error")
                 touched[group.request_id] = group
-        return self._outputs(touched.values())
+        return self._outputs(touched.values()) + failed
 
     def _drop_unwritten_blocks(self, failed: list[Request]) -> None:
         """Blocks that requests of a failed step were to fill are in the prefix cache
@@ -258,7 +365,8 @@ class LLMEngine:
         while self._suspects:
             rid = self._suspects[0]
             group = self._child_group.get(rid)
-            req = next((c for c in group.children if c.request_id == rid), None) if group else None
+            req = (next((c for c in group.children if c.request_id == rid), None) if group
+                   else self._pooling.get(rid))
             if req is not None and req in self.scheduler.running:
                 return rid
             self._suspects.popleft()   # finished, aborted or preempted meanwhile
@@ -284,7 +392,10 @@ class LLMEngine:
                 log.exception("postprocessing request %s failed", req.request_id)
                 if not req.is_finished:
                     self._finish(req, "error")
-        return self._outputs(touched.values())
+        outputs = self._outputs(touched.values())
+        if result.pooled:
+            outputs += self._pooled(result.pooled)
+        return outputs
 
     def _postprocess(self, req: Request, group: _Group, result, now: float) -> None:
         rid = req.request_id
@@ -354,7 +465,14 @@ class LLMEngine:
     def _finish(self, req: Request, reason: str) -> None:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
-        self.scheduler.remove(req)
+        keep = bool(self._keep) and req.request_id in self._keep
+        self.scheduler.remove(req, free_blocks=not keep)
+        if keep:
+            self._kept[req.request_id] = req
+        if self._fork_pending:   # its prompt never completed (aborted, failed): nor do they
+            for child in self._fork_pending.pop(req.request_id, ()):
+                if not child.is_finished:
+                    self._finish(child, reason)
 
     def _make_output(self, group: _Group, finished: bool) -> RequestOutput:
         outs = []

@@ -129,3 +129,23 @@ class Request:
 
 def _has_penalties(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+
+
+@dataclass
+class PoolingRequest(Request):
+    """A prompt whose final hidden states are pooled into an embedding: it samples
+    nothing, and its KV blocks are freed as soon as its prompt is computed. A subclass,
+    so that generation requests pay nothing for it in the per-step path."""
+
+    pooling: str = "last"                  # "last" token or "mean" over the prompt
+    pooled_total: object = None            # running sum of hidden states (mean)
+    pooled_last: object = None
+
+    @property
+    def uses_prefix_cache(self) -> bool:
+        return False   # cached positions have no hidden states to pool
+
+    def scheduled(self, num_new_tokens: int, block_ids: list[int]) -> ScheduledRequest:
+        s = super().scheduled(num_new_tokens, block_ids)
+        s.num_sampled = 0
+        return s

@@ -75,13 +75,15 @@ class Scheduler:
         bisect.insort(self.waiting, ((req.priority, req.arrival_time, order), req),
                       key=lambda item: item[0])
 
-    def remove(self, req: Request) -> None:
-        """Take a request out of the queues (finished or aborted) and free its blocks."""
+    def remove(self, req: Request, free_blocks: bool = True) -> None:
+        """Take a request out of the queues (finished or aborted) and free its blocks
+        (``free_blocks=False``: the engine keeps them, for sequences forked from it)."""
         if req in self.running:
             self.running.remove(req)
         else:
             self.waiting = [item for item in self.waiting if item[1] is not req]
-        self.kv.free(req)
+        if free_blocks:
+            self.kv.free(req)
 
     def schedule(self, only: str | None = None) -> Schedule:
         """``only``: a step of that one running request and nothing else (the engine
@@ -117,7 +119,8 @@ class Scheduler:
         while (only is None and not out.preempted and self.waiting and budget > 0
                and len(self.running) < self.max_num_seqs):
             req = self.waiting[0][1]
-            hits, num_hit = [], 0
+            # A forked sequence arrives with its parent's blocks (num_computed_tokens > 0).
+            hits, num_hit = [], req.num_computed_tokens
             if req.num_computed_tokens == 0:
                 hits, num_hit = self.kv.get_computed_blocks(req)
             num_new = min(req.num_tokens - num_hit, budget)

@@ -50,6 +50,9 @@ class SchedulerOutput:
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)   # request ids preempted this step
+    # Indexes into ``scheduled`` of pooling (embedding) sequences: the runner returns the
+    # sum and the last of their final hidden states instead of sampling them.
+    pooling: list[int] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:

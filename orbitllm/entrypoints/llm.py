@@ -7,9 +7,10 @@ from typing import Sequence
 from tqdm import tqdm
 
 from orbitllm.config import EngineConfig
+from orbitllm.engine.beam_search import BeamSearchState
 from orbitllm.engine.llm_engine import LLMEngine
-from orbitllm.outputs import RequestOutput
-from orbitllm.sampling_params import SamplingParams
+from orbitllm.outputs import BeamSearchOutput, PoolingRequestOutput, RequestOutput
+from orbitllm.sampling_params import BeamSearchParams, SamplingParams
 
 
 class LLM:
@@ -57,6 +58,71 @@ class LLM:
             for rid in ids:
                 self.engine.abort_request(rid)
             raise
+
+    def embed(self, prompts, pooling: str = "last", use_tqdm: bool = False) -> list[PoolingRequestOutput]:
+        """One embedding per prompt (vLLM's ``LLM.embed`` for a decoder model): the final
+        hidden state after the final norm at the ``last`` token, or the ``mean`` over the
+        prompt, L2-normalized."""
+        if isinstance(prompts, (str, dict)) or (
+                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        ids = []
+        try:
+            for prompt in prompts:
+                rid = f"embed-{next(self._ids)}"
+                self.engine.add_pooling_request(rid, prompt, pooling)
+                ids.append(rid)
+            return self._run(ids, use_tqdm)
+        except BaseException:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+
+    def beam_search(self, prompts, params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's ``LLM.beam_search``: one output per prompt (text, token ids or a dict
+        with ``prompt_token_ids``), its ``beam_width`` best sequences first.
+
+        Every beam of a step is one engine request; all prompts' beams run batched. A
+        request keeps its KV blocks after it finishes, so that the next step's beams fork
+        from it instead of computing their prefix again; they are released a step later."""
+        if isinstance(prompts, (str, dict)) or (
+                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        engine = self.engine
+        states = [BeamSearchState(engine.tokenize(p)[1], params, engine.eos_token_ids)
+                  for p in prompts]
+        for s in states:
+            if s.num_prompt_tokens + params.max_tokens > engine.max_model_len:
+                raise ValueError(f"max_tokens: a prompt of {s.num_prompt_tokens} tokens and "
+                                 f"{params.max_tokens} more exceed max_model_len {engine.max_model_len}")
+        held: list[str] = []
+        try:
+            with tqdm(total=params.max_tokens, desc="Beam search", disable=not use_tqdm) as bar:
+                while not all(s.done for s in states):
+                    live = [s for s in states if not s.done]
+                    ids = [[f"beam-{next(self._ids)}" for _ in s.beams] for s in live]
+                    for s, rids in zip(live, ids):
+                        for beam, rid in zip(s.beams, rids):
+                            engine.add_request(rid, {"prompt_token_ids": beam.tokens},
+                                               s.step_params(), final_only=True, keep_blocks=True,
+                                               fork_from=beam.request_id)
+                            held.append(rid)
+                    outs = {o.request_id: o for o in self._run([r for rs in ids for r in rs], False)}
+                    for s, rids in zip(live, ids):
+                        s.advance([outs[r].outputs[0].logprobs[0] for r in rids], rids)
+                    # A request's blocks stay only while a live beam may fork from it.
+                    wanted = {b.request_id for s in states for b in s.beams}
+                    for rid in [r for r in held if r not in wanted]:
+                        engine.release_blocks(rid)
+                    held = [r for r in held if r in wanted]
+                    bar.update(1)
+        finally:
+            for rid in held:
+                engine.abort_request(rid)
+                engine.release_blocks(rid)
+        decode = engine.tokenizer.decode if engine.tokenizer is not None else None
+        return [s.output(decode) for s in states]
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
              chat_template: str | None = None, add_generation_prompt: bool = True,

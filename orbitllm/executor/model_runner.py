@@ -33,6 +33,18 @@ class StepResult:
     # request id -> per prompt position: (token id, logprob, rank, top list)
     prompt_logprobs: dict[str, list[tuple[int, float, int, list[tuple[int, float]]]]] = field(
         default_factory=dict)
+    # request id -> (first position, hidden-state sum over the step's rows, last row), on the host
+    pooled: dict[str, "PooledChunk"] = field(default_factory=dict)
+
+
+@dataclass
+class PooledChunk:
+    """A pooling sequence's part of one step: enough for last-token and mean pooling."""
+
+    start: int              # the chunk's first position (0: the sequence starts over)
+    count: int
+    total: torch.Tensor     # [hidden] float32 sum of the chunk's final hidden states
+    last: torch.Tensor      # [hidden] the chunk's last row
 
 
 @dataclass
@@ -44,6 +56,7 @@ class LaunchedStep:
     host_ids: torch.Tensor | None = None       # sampled ids, copied back without blocking
     ready: torch.cuda.Event | None = None
     prompt_logprobs: dict = field(default_factory=dict)
+    pooled: dict = field(default_factory=dict)
 
     @functools.cached_property
     def rows_of(self) -> dict[str, range]:
@@ -186,6 +199,8 @@ class ModelRunner:
                 step.host_ids.copy_(step.out.token_ids, non_blocking=True)
                 step.ready = torch.cuda.Event()
                 step.ready.record()
+        if sched.pooling:
+            step.pooled = self._pool(fwd.hidden, inputs.query_start_loc, sched)
         for group, hidden_rows in zip(inputs.sampling.prompt_logprobs, inputs.prompt_groups()):
             try:
                 step.prompt_logprobs[group.request_id] = self._prompt_logprobs(group, fwd.hidden[hidden_rows])
@@ -249,6 +264,9 @@ class ModelRunner:
     def finish(self, step: "LaunchedStep") -> StepResult:
         """Wait for a launched step and read its sampled tokens (the step's one sync)."""
         result = StepResult(prompt_logprobs=step.prompt_logprobs)
+        if step.pooled:
+            result.pooled = {rid: PooledChunk(c.start, c.count, c.total.cpu(), c.last.cpu())
+                             for rid, c in step.pooled.items()}
         if step.rows is not None:
             if step.ready is not None:
                 step.ready.synchronize()
@@ -297,6 +315,19 @@ class ModelRunner:
             if n is not None and lps is not None:
                 tops = list(zip(top_ids[i][:n], top_lps[i][:n])) if n > 0 else []
                 result.logprobs.setdefault(rid, []).append((lps[i], ranks[i], tops))
+
+    @staticmethod
+    def _pool(hidden: torch.Tensor, query_start_loc: np.ndarray,
+              sched: SchedulerOutput) -> dict[str, PooledChunk]:
+        """The pooling sequences' final hidden states (after the final norm), reduced on
+        the device to what pooling needs; only steps that hold such a sequence pay."""
+        out = {}
+        for i in sched.pooling:
+            s = sched.scheduled[i]
+            rows = hidden[int(query_start_loc[i]):int(query_start_loc[i + 1])].float()
+            out[s.request_id] = PooledChunk(s.num_computed_tokens, s.num_new_tokens,
+                                            rows.sum(0), rows[-1])
+        return out
 
     def _prompt_logprobs(self, group: PromptLogprobGroup, hidden: torch.Tensor):
         targets = group.targets

@@ -132,6 +132,29 @@ class KVCacheManager:
             self._num_cached[req.request_id] = first
         return [b.block_id for b in blocks[first:]]
 
+    def fork(self, parent: CacheRequest, child: CacheRequest, num_tokens: int) -> int:
+        """Copy-on-write fork: the child's block table starts with the parent's full blocks
+        of its first ``num_tokens`` tokens, shared by reference count, with or without the
+        prefix cache. Returns the tokens shared (a multiple of the block size).
+
+        Full blocks are never written again, so sharing them needs no copy. The block the
+        parent is still writing into (the partial last one) is not shared: the child
+        recomputes those < block_size tokens into a block of its own when it is scheduled.
+        Recompute instead of a device block copy keeps the runner, CUDA graphs and
+        tensor-parallel workers unchanged, and costs at most one block of prefill per child.
+        """
+        if child.request_id in self._blocks:
+            raise ValueError(f"fork: {child.request_id!r} already holds KV blocks")
+        k = min(num_tokens, parent.num_computed_tokens) // self.block_size
+        shared = self._blocks.get(parent.request_id, [])[:k]
+        self.pool.touch(shared)
+        self._blocks[child.request_id] = list(shared)
+        self._ids[child.request_id] = [b.block_id for b in shared]
+        if self.enable_prefix_caching:
+            self._num_cached[child.request_id] = min(k, self._num_cached.get(parent.request_id, 0))
+        child.block_hashes[:] = parent.block_hashes[:k]
+        return len(shared) * self.block_size
+
     def free(self, req: CacheRequest) -> None:
         """Return a finished, aborted or preempted request's blocks (tail first)."""
         blocks = self._blocks.pop(req.request_id, [])

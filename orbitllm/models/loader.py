@@ -7,7 +7,7 @@ folder holding one, and None for the built-in default model.
 from __future__ import annotations
 
 import json
-import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -86,7 +86,7 @@ def open_checkpoint(model: str | None, tokenizer: str | None = None) -> Checkpoi
         ckpt = _open_gguf(path)
     elif path.is_dir():
         ckpt = _open_hf_folder(path)
-    elif path.exists() or os.sep in model or model.startswith("."):
+    elif path.exists() or not _HUB_ID.fullmatch(model):
         raise ModelLoadError(f"model: {model!r} is neither a Hugging Face model folder "
                              "(config.json + *.safetensors) nor a .gguf file")
     else:
@@ -106,14 +106,27 @@ def build_model(ckpt: Checkpoint, shard: Shard = Shard()) -> CausalLM:
     return registry.model_class(arch).from_config(ckpt.config, shard)
 
 
+# "org/name" or "name" (the hub's repo ids); anything else is taken as a local path.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+# What a safetensors checkpoint needs: weights, configs, tokenizer files; never other
+# formats' weights (.bin, .pt, .gguf, ONNX), which can be many times the size.
+_HUB_FILES = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+              "tokenizer*", "special_tokens_map.json", "vocab*", "merges.txt", "*.model",
+              "chat_template*"]
+
+
 def _download(repo_id: str) -> Path:
+    """A hub id with no local folder of that name: its snapshot from the Hugging Face hub
+    (or the hub's local cache), safetensors and tokenizer files only."""
     try:
         from huggingface_hub import snapshot_download
-        return Path(snapshot_download(
-            repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
-    except Exception as e:  # no network, unknown repo, ...
-        raise ModelLoadError(f"model: {repo_id!r} is not a local path and could not be fetched "
-                             f"from the hub ({type(e).__name__}: {e})") from None
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
+    except Exception as e:  # no network, HF_HUB_OFFLINE, unknown or gated repo, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelLoadError(
+            f"model: {repo_id!r} is not a local path, and fetching it from the Hugging Face hub "
+            f"failed ({type(e).__name__}{': ' + reason[:200] if reason else ''}); pass a local "
+            "model folder (config.json + *.safetensors) or a .gguf file instead") from None
 
 
 def _hf_tokenizer(path: str | Path):

@@ -23,7 +23,8 @@ from orbitllm.engine.llm_engine import LLMEngine
 from orbitllm.server.async_engine import AsyncEngine
 from orbitllm.server.limits import BodySizeLimitMiddleware, IdleTimeoutH11Protocol
 from orbitllm.server.metrics import ServerMetrics
-from orbitllm.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from orbitllm.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                      EmbeddingRequest, ModelCard, ModelList, TokenizeRequest)
 from orbitllm.server.serving import LOG_SCOPE_KEY, APIError, OpenAIServing, ServerSettings
 
 access_log = logging.getLogger("orbitllm.access")
@@ -77,7 +78,8 @@ def _require_api_key(request: Request) -> None:
 
 def _validation_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
-    first = errors[0] if errors else {}
+    # A check of ours (a value error) says more than a union's other branches' type errors.
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0] if errors else {})
     if first.get("type") == "json_invalid":
         return APIError(400, f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}")
     # Drop "body" and pydantic's union-member tags ("str", "list[int]") from the location.
@@ -130,6 +132,10 @@ def _install_routes(app: FastAPI) -> None:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await request.app.state.serving.chat(body, request)
 
+    @app.post("/v1/embeddings", dependencies=v1)
+    async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+        return await request.app.state.serving.embeddings(body, request)
+
     @app.get("/v1/models", dependencies=v1)
     async def models(request: Request) -> dict:
         settings: ServerSettings = request.app.state.settings
@@ -139,11 +145,25 @@ def _install_routes(app: FastAPI) -> None:
                                          max_model_len=max_len)
                                for name in settings.served_model_names]).model_dump()
 
+    @app.post("/tokenize", dependencies=v1)
+    async def tokenize(body: TokenizeRequest, request: Request) -> dict:
+        return await request.app.state.serving.tokenize(body)
+
+    @app.post("/detokenize", dependencies=v1)
+    async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
+        return await request.app.state.serving.detokenize(body)
+
     @app.get("/health")
     async def health(request: Request) -> Response:
-        if request.app.state.serving.draining or not request.app.state.engine.is_alive:
-            return Response(status_code=503)
-        return Response(status_code=200)
+        """Liveness: the process answers and its engine loop has not died."""
+        return Response(status_code=200 if request.app.state.engine.is_alive else 503)
+
+    @app.get("/ready")
+    async def ready(request: Request) -> Response:
+        """Readiness: the model is loaded and new requests are accepted (not while the
+        server drains for shutdown), so a load balancer sends traffic elsewhere then."""
+        ok = request.app.state.engine.is_alive and not request.app.state.serving.draining
+        return Response(status_code=200 if ok else 503)
 
     @app.get("/version")
     async def version() -> dict:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from orbitllm.engine.llm_engine import LLMEngine
 from orbitllm.engine.step_data import FatalStepError
-from orbitllm.outputs import PositionLogprobs, RequestOutput
+from orbitllm.outputs import PoolingRequestOutput, PositionLogprobs, RequestOutput
 from orbitllm.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -151,8 +151,8 @@ class RequestStream:
         self.cursors = [_ChoiceCursor() for _ in range(n)]   # engine thread only
         self.sent_first = False                               # engine thread only
 
-    def put(self, item: StreamedOutput | BaseException) -> None:
-        if isinstance(item, StreamedOutput) and item.finished:
+    def put(self, item: StreamedOutput | PoolingRequestOutput | BaseException) -> None:
+        if isinstance(item, (StreamedOutput, PoolingRequestOutput)) and item.finished:
             self.finished = True
         self.sink.put(self.index, item)
 
@@ -165,10 +165,18 @@ class _Add:
     priority: int
     cache_salt: str | None
     accepted: asyncio.Future
+    keep_blocks: bool = False        # beam search: the blocks outlive the request ...
+    fork_from: str | None = None     # ... and a later beam's request shares them
+    pooling: str | None = None       # an embedding request ("last" / "mean")
 
 
 @dataclass
 class _Abort:
+    request_id: str
+
+
+@dataclass
+class _Release:
     request_id: str
 
 
@@ -205,19 +213,28 @@ class AsyncEngine:
         return self._num_waiting
 
     async def add(self, stream: RequestStream, prompt, params: SamplingParams, priority: int = 0,
-                  cache_salt: str | None = None) -> RequestStream:
-        """Queue a request; returns once the engine accepted it (ValueError if it did not)."""
+                  cache_salt: str | None = None, keep_blocks: bool = False,
+                  fork_from: str | None = None, pooling: str | None = None) -> RequestStream:
+        """Queue a request; returns once the engine accepted it (ValueError if it did not).
+        ``keep_blocks`` / ``fork_from``: see ``LLMEngine.add_request``; ``release``
+        frees kept blocks. ``pooling``: an embedding request, whose one output is a
+        ``PoolingRequestOutput``."""
         if not self.is_alive:
             raise EngineDeadError("the engine loop is not running")
         accepted = self._loop.create_future()
         self._num_waiting += 1
-        self._commands.put(_Add(stream, prompt, params, priority, cache_salt, accepted))
+        self._commands.put(_Add(stream, prompt, params, priority, cache_salt, accepted,
+                                keep_blocks, fork_from, pooling))
         try:
             await accepted
         except BaseException:
             self.abort(stream)
             raise
         return stream
+
+    def release(self, request_id: str) -> None:
+        """Free the blocks a finished ``keep_blocks`` request still holds."""
+        self._commands.put(_Release(request_id))
 
     def abort(self, stream: RequestStream) -> None:
         """Stop a request and free its KV blocks at the engine's next turn."""
@@ -282,6 +299,8 @@ class AsyncEngine:
                 return False
             if isinstance(cmd, _Add):
                 self._add(cmd)
+            elif isinstance(cmd, _Release):
+                self.engine.release_blocks(cmd.request_id)
             else:
                 self._abort(cmd.request_id)
             try:
@@ -292,8 +311,12 @@ class AsyncEngine:
     def _add(self, cmd: _Add) -> None:
         rid = cmd.stream.request_id
         try:
-            self.engine.add_request(rid, cmd.prompt, cmd.params, priority=cmd.priority,
-                                    cache_salt=cmd.cache_salt)
+            if cmd.pooling is not None:
+                self.engine.add_pooling_request(rid, cmd.prompt, cmd.pooling)
+            else:
+                self.engine.add_request(rid, cmd.prompt, cmd.params, priority=cmd.priority,
+                                        cache_salt=cmd.cache_salt, keep_blocks=cmd.keep_blocks,
+                                        fork_from=cmd.fork_from)
         except Exception as e:
             if not isinstance(e, ValueError):   # a ValueError is the client's mistake
                 log.exception("adding request %s failed", rid)
@@ -325,7 +348,8 @@ class AsyncEngine:
             if stream is None:
                 continue
             try:
-                item = self._delta(stream, out, now)
+                item = self._pooled(out) if isinstance(out, PoolingRequestOutput) else self._delta(
+                    stream, out, now)
             except Exception as e:
                 log.exception("output of %s failed", out.request_id)
                 self._abort(out.request_id)
@@ -366,6 +390,12 @@ class AsyncEngine:
         prompt_lps = None if out.prompt_logprobs is None else list(out.prompt_logprobs)
         return StreamedOutput(choices, out.finished, now, True, list(out.prompt_token_ids),
                               prompt_lps, out.num_cached_tokens, dict(out.metrics))
+
+    @staticmethod
+    def _pooled(out: PoolingRequestOutput) -> PoolingRequestOutput | BaseException:
+        if out.finish_reason == "error":
+            return RequestFailedError(f"the engine could not compute request {out.request_id}")
+        return out
 
     def _stream_texts(self, out: RequestOutput) -> list[str]:
         detoks = self.engine.detokenizers(out.request_id)

@@ -44,6 +44,9 @@ def register(subparsers, add_engine_args, engine_config_from_args) -> None:
                        help="abort a stream whose oldest unread output is this old")
     group.add_argument("--idle-connection-timeout", type=float, default=5.0, metavar="SECONDS",
                        help="close a connection that sends no request for this long")
+    group.add_argument("--pooling", choices=["last", "mean"], default="last",
+                       help="/v1/embeddings: the final hidden state of the last token, or the "
+                            "mean over the input's tokens (default: last)")
     group.add_argument("--log-prompts", action="store_true",
                        help="include prompt text in the access log (off: privacy)")
     group.add_argument("--log-level", default="info",
@@ -65,6 +68,8 @@ def _serve(args: argparse.Namespace, engine_config_from_args) -> int:
     for flag in ("preprocess_timeout", "stream_stall_timeout", "idle_connection_timeout"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
+    from orbitllm.deps import SERVER_PACKAGES, require
+    require(SERVER_PACKAGES, "orbitllm serve")   # before the model loads, not after
     from orbitllm.engine.llm_engine import LLMEngine
     from orbitllm.server.api_server import run_server
     from orbitllm.server.serving import ServerSettings
@@ -74,12 +79,13 @@ def _serve(args: argparse.Namespace, engine_config_from_args) -> int:
     engine = LLMEngine(config)
     settings = ServerSettings(
         served_model_names=args.served_model_name or [served_name(config.model)],
+        model_aliases=[config.model] if config.model and not args.served_model_name else [],
         api_key=args.api_key, max_num_waiting=args.max_num_waiting,
         request_timeout=args.request_timeout, log_prompts=args.log_prompts,
         max_request_bytes=args.max_request_bytes, preprocess_timeout=args.preprocess_timeout,
         trust_request_chat_template=args.trust_request_chat_template,
         max_stream_buffer=args.max_stream_buffer, stream_stall_timeout=args.stream_stall_timeout,
-        idle_connection_timeout=args.idle_connection_timeout)
+        idle_connection_timeout=args.idle_connection_timeout, pooling=args.pooling)
     run_server(engine, settings, args.host, args.port, args.shutdown_timeout, args.log_level)
     return 0
 

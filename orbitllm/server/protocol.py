@@ -7,11 +7,11 @@ Range checks live in ``SamplingParams``: the server and the offline API share th
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
 
-from orbitllm.sampling_params import SamplingParams, check_text
+from orbitllm.sampling_params import BeamSearchParams, SamplingParams, check_text
 
 MAX_LOGPROBS = 20
 
@@ -44,7 +44,10 @@ class StreamOptions(_Request):
 
 
 class _SamplingRequest(_Request):
-    """Fields shared by /v1/completions and /v1/chat/completions."""
+    """Fields shared by /v1/completions and /v1/chat/completions. Unknown top-level
+    fields are kept (``extra="allow"``) only so the server can log their names."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
 
     model: str | None = None
     n: int = 1
@@ -69,6 +72,56 @@ class _SamplingRequest(_Request):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # ---- issue 22: more vLLM fields -------------------------------------------------
+    prompt_logprobs: int | None = None
+    truncate_prompt_tokens: int | None = None
+    spaces_between_special_tokens: bool = True
+    best_of: int | None = None
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    # ---- issue 22: OpenAI features orbitllm does not implement (400 naming them) -----
+    audio: Any = None
+    modalities: list[str] | None = None
+    prediction: Any = None
+    web_search_options: Any = None
+    service_tier: str | None = None
+    store: bool | None = None
+    # -----------------------------------------------------------------------------------
+
+    def unknown_fields(self) -> list[str]:
+        """Fields this server does not know (ignored, as vLLM does; the server logs them)."""
+        return sorted(self.model_extra or ())
+
+    def refuse_unsupported(self) -> None:
+        """A known OpenAI feature that orbitllm lacks is refused by name, never ignored:
+        the client would otherwise get a 200 without what it asked for."""
+        if self.audio is not None:
+            raise ValueError("audio: audio output is not supported by this server")
+        if self.modalities is not None and set(self.modalities) - {"text"}:
+            raise ValueError(f"modalities: only ['text'] is supported, got {self.modalities}")
+        if self.prediction is not None:
+            raise ValueError("prediction: predicted outputs are not supported by this server")
+        if self.web_search_options is not None:
+            raise ValueError("web_search_options: web search is not supported by this server")
+        if self.service_tier not in (None, "auto", "default"):
+            raise ValueError(f"service_tier: only 'auto' and 'default' are supported, "
+                             f"got {self.service_tier!r}")
+        if self.store:
+            raise ValueError("store: this server does not store completions")
+
+    def beam_search_params(self, max_tokens: int) -> BeamSearchParams:
+        """``use_beam_search``: ``best_of`` (else ``n``) beams; the best ``n`` are returned."""
+        if self.stream:
+            raise ValueError("use_beam_search: streaming is not supported with beam search")
+        return BeamSearchParams(beam_width=max(self.best_of or self.n, self.n), max_tokens=max_tokens,
+                                ignore_eos=self.ignore_eos, temperature=_or(self.temperature, 0.0),
+                                length_penalty=self.length_penalty)
+
+    @property
+    def engine_n(self) -> int:
+        """Sequences the engine generates per prompt: ``best_of`` of them, of which the
+        ``n`` with the highest cumulative logprob are returned (vLLM's best_of)."""
+        return self.n if self.best_of is None or self.use_beam_search else max(self.best_of, self.n)
 
     @property
     def include_usage(self) -> bool:
@@ -79,17 +132,32 @@ class _SamplingRequest(_Request):
         """Raises ValueError naming the field when a value is out of range."""
         if self.logit_bias:
             raise ValueError("logit_bias: not supported by this server")
+        self.refuse_unsupported()
         if logprobs is not None and logprobs > MAX_LOGPROBS:
             raise ValueError(f"logprobs: at most {MAX_LOGPROBS} are supported, got {logprobs}")
+        if self.best_of is not None:
+            if isinstance(self.best_of, bool) or self.best_of < self.n:
+                raise ValueError(f"best_of: must be >= n ({self.n}), got {self.best_of}")
+            if self.stream and self.best_of > self.n:
+                raise ValueError("best_of: streaming is not supported with best_of > n")
+        if self.prompt_logprobs is not None and self.prompt_logprobs > MAX_LOGPROBS:
+            raise ValueError(f"prompt_logprobs: at most {MAX_LOGPROBS} are supported, "
+                             f"got {self.prompt_logprobs}")
+        if self.prompt_logprobs is not None:
+            prompt_logprobs = self.prompt_logprobs
+        if self.engine_n > self.n and logprobs is None:
+            logprobs = 0   # the sampler's logprob of each token ranks the best_of candidates
         return SamplingParams(
-            n=self.n, temperature=_or(self.temperature, 1.0), top_p=_or(self.top_p, 1.0),
+            n=self.engine_n, temperature=_or(self.temperature, 1.0), top_p=_or(self.top_p, 1.0),
             top_k=_or(self.top_k, 0), min_p=_or(self.min_p, 0.0), seed=self.seed,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=_or(self.repetition_penalty, 1.0), max_tokens=max_tokens,
             min_tokens=self.min_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-            skip_special_tokens=self.skip_special_tokens)
+            skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
+            truncate_prompt_tokens=self.truncate_prompt_tokens)
 
 
 def _or(value, default):
@@ -101,14 +169,11 @@ class CompletionRequest(_SamplingRequest):
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
-    best_of: int | None = None
     suffix: str | None = None
 
     def sampling_params(self) -> SamplingParams:
         if self.suffix:
             raise ValueError("suffix: not supported by this server")
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of: only best_of == n is supported")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError(f"logprobs: must be >= 0, got {self.logprobs}")
         prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
@@ -116,8 +181,16 @@ class CompletionRequest(_SamplingRequest):
 
 
 class TextPart(_Request):
-    type: Literal["text"]
+    type: str
     text: str
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value: str) -> str:
+        """Images, audio and files are OpenAI features this server lacks: refused by name."""
+        if value != "text":
+            raise ValueError(f"content parts of type {value!r} are not supported (text only)")
+        return value
 
 
 class ChatMessage(_Request):
@@ -152,6 +225,35 @@ class ChatCompletionRequest(_SamplingRequest):
         return self._sampling_params(max_tokens, logprobs)
 
 
+# ---- issue 22: /tokenize and /detokenize (vLLM's shapes) ---------------------------
+
+class TokenizeRequest(_Request):
+    """Either ``prompt`` or ``messages`` (rendered with the model's chat template)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
+
+
+# ---- issue 22: /v1/embeddings --------------------------------------------------------
+
+class EmbeddingRequest(_Request):
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    priority: int = 0
+
+
 # ---- responses ----------------------------------------------------------------------
 
 class ErrorInfo(BaseModel):
@@ -165,10 +267,15 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0    # prompt tokens found in the prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -178,12 +285,24 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's shape of one prompt position's entry (keyed by token id)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -229,6 +348,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaMessage(BaseModel):

@@ -8,6 +8,7 @@ non-streaming share one path through the engine.
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import json
 import logging
@@ -15,14 +16,17 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
+
+import numpy as np
 from typing import AsyncIterator
 
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from orbitllm.outputs import PositionLogprobs
-from orbitllm.sampling_params import SamplingParams
+from orbitllm.engine.beam_search import BeamSearchState
+from orbitllm.outputs import BeamSearchOutput, PositionLogprobs
+from orbitllm.sampling_params import BeamSearchParams, SamplingParams
 from orbitllm.server.async_engine import (AsyncEngine, ChoiceDelta, ClientTooSlowError,
                                           EngineDeadError, OutputQueue, RequestStream,
                                           RequestTimeoutError, StreamedOutput)
@@ -33,7 +37,8 @@ from orbitllm.server.protocol import (AssistantMessage, ChatChoice, ChatChunkCho
                                       ChatCompletionChunk, ChatCompletionRequest,
                                       ChatCompletionResponse, ChatLogprobs, CompletionChoice,
                                       CompletionLogprobs, CompletionRequest, CompletionResponse,
-                                      DeltaMessage, ErrorInfo, ErrorResponse, TokenLogprob,
+                                      DeltaMessage, ErrorInfo, ErrorResponse, PromptLogprob,
+                                      PromptLogprobs, PromptTokensDetails, TokenLogprob,
                                       TopLogprob, Usage)
 
 _log = logging.getLogger(__name__)
@@ -89,6 +94,9 @@ class ShutdownError(RuntimeError):
 @dataclass
 class ServerSettings:
     served_model_names: list[str]
+    # Also accepted, never listed: the model argument as given (a path, as vLLM names it),
+    # so a client that names the model the way the server was started is not refused.
+    model_aliases: list[str] = field(default_factory=list)
     api_key: str | None = None
     max_num_waiting: int | None = None     # beyond it: 429
     request_timeout: float | None = None   # seconds per request; None: no limit
@@ -102,6 +110,7 @@ class ServerSettings:
     stream_stall_timeout: float = 60.0     # ... or seconds its oldest may wait, then abort
     idle_connection_timeout: float = 5.0   # a connection with no request is closed after it
     max_sequences_per_request: int = 256   # prompts x n of one completions call
+    pooling: str = "last"                  # /v1/embeddings: "last" token or "mean"
 
 
 @dataclass
@@ -297,7 +306,56 @@ def _clamp(logprob: float) -> float:
 
 def usage_of(tracker: RequestTracker) -> Usage:
     return Usage(prompt_tokens=tracker.prompt_tokens, completion_tokens=tracker.completion_tokens,
-                 total_tokens=tracker.prompt_tokens + tracker.completion_tokens)
+                 total_tokens=tracker.prompt_tokens + tracker.completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=tracker.cached_tokens))
+
+
+def prompt_logprobs_json(entries: list[PositionLogprobs | None] | None,
+                         wanted: bool) -> PromptLogprobs | None:
+    """vLLM's ``prompt_logprobs``: per prompt position, token id -> logprob, rank, text."""
+    if not wanted or entries is None:
+        return None
+    return [None if e is None else {str(t): PromptLogprob(logprob=_clamp(lp.logprob), rank=lp.rank,
+                                                          decoded_token=lp.decoded_token)
+                                    for t, lp in e.items()} for e in entries]
+
+
+def _truncated(prompts: list[PromptInput], params: SamplingParams) -> list[PromptInput]:
+    """``truncate_prompt_tokens``: the prompts as the engine will compute them (a cut
+    prompt's text no longer matches its ids, so it is dropped)."""
+    k = params.truncate_prompt_tokens
+    if k is None:
+        return prompts
+    return [p if len(p.token_ids) <= k else PromptInput(params.truncate(p.token_ids)) for p in prompts]
+
+
+def _encode_embedding(vector: list[float], encoding_format: str) -> list[float] | str:
+    """``base64``: the float32 little-endian bytes, as OpenAI sends (and its client reads)."""
+    if encoding_format == "float":
+        return vector
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+
+
+def _beam_result(prompt: PromptInput, out: BeamSearchOutput, n: int, fmt: _Formatter) -> PromptResult:
+    """The ``n`` best beams as choices; their logprobs cut to what the request asked for."""
+    wanted = fmt.wanted_logprobs
+    choices = []
+    for seq in out.sequences[:n]:
+        ids = seq.tokens[len(prompt.token_ids):]
+        lps = None
+        if wanted is not None:
+            lps = [{t: lp for t, lp in e.items() if t == tid or (lp.rank or 0) <= wanted}
+                   for tid, e in zip(ids, seq.logprobs)]
+        choices.append(ChoiceResult(seq.text or "", ids, lps, seq.finish_reason))
+    return PromptResult(choices)
+
+
+def best_of(result: PromptResult, n: int) -> PromptResult:
+    """The ``n`` choices of ``best_of`` with the highest cumulative logprob (vLLM's rule),
+    in that order."""
+    def score(c: ChoiceResult) -> float:
+        return sum(e[t].logprob for t, e in zip(c.token_ids, c.logprobs or []))
+    return PromptResult(sorted(result.choices, key=score, reverse=True)[:n], result.prompt_logprobs)
 
 
 class CompletionFormatter(_Formatter):
@@ -309,6 +367,8 @@ class CompletionFormatter(_Formatter):
         self.prompts = prompts
         self.echo = body.echo
         self.logprobs = body.logprobs
+        self.prompt_logprobs = body.prompt_logprobs is not None
+        self.wanted_logprobs = body.logprobs
         self._offsets: dict[int, int] = {}
         self._prompt_logprobs: dict[int, list | None] = {}
 
@@ -353,10 +413,12 @@ class CompletionFormatter(_Formatter):
             text = (self._echo_text(prompt_index) if echo else "") + c.text
             lps = self._logprobs(d.index, c.token_ids, c.logprobs, prompt_index if echo else None,
                                  self._prompt_logprobs.get(prompt_index))
+            prompt_lps = prompt_logprobs_json(self._prompt_logprobs.get(prompt_index),
+                                              self.prompt_logprobs and d.first)
             chunks.append(CompletionResponse(
                 id=self.request_id, created=self.created, model=self.model, choices=[CompletionChoice(
                     index=d.index, text=text, logprobs=lps, finish_reason=c.finish_reason,
-                    stop_reason=c.stop_reason)]))
+                    stop_reason=c.stop_reason, prompt_logprobs=prompt_lps)]))
         return chunks
 
     def response(self, results: list[PromptResult], usage: Usage) -> CompletionResponse:
@@ -367,9 +429,10 @@ class CompletionFormatter(_Formatter):
                 prefix = self._echo_text(p) if self.echo else ""
                 lps = self._logprobs(index, c.token_ids, c.logprobs, p if self.echo else None,
                                      result.prompt_logprobs)
-                choices.append(CompletionChoice(index=index, text=prefix + c.text, logprobs=lps,
-                                                finish_reason=c.finish_reason,
-                                                stop_reason=c.stop_reason))
+                choices.append(CompletionChoice(
+                    index=index, text=prefix + c.text, logprobs=lps, finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
+                    prompt_logprobs=prompt_logprobs_json(result.prompt_logprobs, self.prompt_logprobs)))
         return CompletionResponse(id=self.request_id, created=self.created, model=self.model,
                                   choices=choices, usage=usage)
 
@@ -384,6 +447,8 @@ class ChatFormatter(_Formatter):
     def __init__(self, request_id: str, model: str, body: ChatCompletionRequest, tokenizer) -> None:
         super().__init__(request_id, model, body.n, tokenizer, body.logprobs)
         self.top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        self.prompt_logprobs = body.prompt_logprobs is not None
+        self.wanted_logprobs = self.top_logprobs
 
     def _logprobs(self, ids: list[int], entries) -> ChatLogprobs | None:
         if self.top_logprobs is None:
@@ -418,8 +483,9 @@ class ChatFormatter(_Formatter):
                               logprobs=self._logprobs(c.token_ids, c.logprobs),
                               finish_reason=c.finish_reason, stop_reason=c.stop_reason)
                    for i, c in enumerate(results[0].choices)]
-        return ChatCompletionResponse(id=self.request_id, created=self.created, model=self.model,
-                                      choices=choices, usage=usage)
+        return ChatCompletionResponse(
+            id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage,
+            prompt_logprobs=prompt_logprobs_json(results[0].prompt_logprobs, self.prompt_logprobs))
 
     def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model,
@@ -459,8 +525,10 @@ class OpenAIServing:
         arrival = time.monotonic()
         model = self._check_model(body.model)
         params = self._params(body)
-        prompts = await self._completion_prompts(body.prompt, params.n)
+        prompts = _truncated(await self._completion_prompts(body.prompt, params.n), params)
         fmt = CompletionFormatter(f"cmpl-{uuid.uuid4().hex}", model, body, prompts, self.tokenizer)
+        if body.use_beam_search:
+            return await self._run_beam_search(body, request, prompts, params, fmt, arrival)
         return await self._run(body, request, prompts, params, fmt, arrival)
 
     async def _completion_prompts(self, prompt, n: int) -> list[PromptInput]:
@@ -489,8 +557,10 @@ class OpenAIServing:
         arrival = time.monotonic()
         model = self._check_model(body.model)
         params = self._params(body)
-        prompt = await self._chat_prompt(body)
+        prompt = _truncated([await self._chat_prompt(body)], params)[0]
         fmt = ChatFormatter(f"chatcmpl-{uuid.uuid4().hex}", model, body, self.tokenizer)
+        if body.use_beam_search:
+            return await self._run_beam_search(body, request, [prompt], params, fmt, arrival)
         return await self._run(body, request, [prompt], params, fmt, arrival)
 
     async def _chat_prompt(self, body: ChatCompletionRequest) -> PromptInput:
@@ -551,12 +621,93 @@ class OpenAIServing:
                                 f"this model's context length is {self.max_model_len} tokens",
                            param=name, code="context_length_exceeded")
 
+    # -- issue 22: /v1/embeddings
+    async def embeddings(self, body, request: Request) -> Response:
+        """OpenAI's embeddings response: the pooled final hidden state of each input."""
+        model = self._check_model(body.model)
+        if body.dimensions is not None:
+            raise APIError(400, "dimensions: not supported (the embedding is the model's hidden "
+                                "size)", param="dimensions")
+        if not body.input:
+            raise APIError(400, "input: must not be empty", param="input")
+        prompts = await self._completion_prompts(body.input, 1)
+        params = SamplingParams(max_tokens=1)
+        self._check_lengths(prompts, params)
+        self._admit(len(prompts))
+        request_id = f"embd-{uuid.uuid4().hex}"
+        timeout = self.settings.request_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        queue = OutputQueue(1 << 62, float("inf"), lambda: None)
+        streams = [RequestStream(f"{request_id}-{i}", i, queue, 1) for i in range(len(prompts))]
+
+        async def run() -> list:
+            for stream, p in zip(streams, prompts):
+                await self.engine.add(stream, {"prompt_token_ids": p.token_ids}, params,
+                                      body.priority, pooling=self.settings.pooling)
+            vectors = [None] * len(streams)
+            for _ in streams:
+                i, out = await queue.get(deadline, request_id)
+                vectors[i] = out.embedding
+            return vectors
+
+        try:
+            vectors = await _unless_disconnected(request, run())
+        except Exception as e:
+            raise APIError.from_exception(e, request_id) from None
+        finally:
+            for stream in streams:
+                if not stream.finished and not stream.aborted:
+                    self.engine.abort(stream)
+        if vectors is None:
+            return Response(status_code=499)
+        tokens = sum(len(p.token_ids) for p in prompts)
+        data = [{"object": "embedding", "index": i, "embedding": _encode_embedding(v, body.encoding_format)}
+                for i, v in enumerate(vectors)]
+        return JSONResponse({"object": "list", "data": data, "model": model,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
+                            headers={"X-Request-Id": request_id})
+
+    # -- issue 22: /tokenize and /detokenize
+    async def tokenize(self, body) -> dict:
+        self._check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "prompt: give exactly one of prompt and messages", param="prompt")
+        if self.tokenizer is None:
+            raise APIError(400, "prompt: this server has no tokenizer", param="prompt")
+        if body.prompt is not None:
+            self._check_text_size("prompt", body.prompt)
+            ids = await self._preprocess(lambda: self.tokenizer.encode(
+                body.prompt, add_special_tokens=body.add_special_tokens))
+        else:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise APIError(400, "messages: this model's tokenizer has no chat template",
+                               param="messages")
+            ids = await self._preprocess(functools.partial(
+                self._render_model_template, [m.as_template_input() for m in body.messages],
+                body.add_generation_prompt and not body.continue_final_message,
+                body.continue_final_message))
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": list(ids)}
+
+    async def detokenize(self, body) -> dict:
+        self._check_model(body.model)
+        if self.tokenizer is None:
+            raise APIError(400, "tokens: this server has no tokenizer", param="tokens")
+        vocab = self.engine.engine.vocab_size
+        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"tokens: {bad} is outside the vocabulary (0..{vocab - 1})",
+                           param="tokens")
+        if len(body.tokens) > self.max_model_len:
+            raise APIError(400, f"tokens: {len(body.tokens)} tokens, more than the context "
+                                f"length {self.max_model_len}", param="tokens")
+        return {"prompt": await self._preprocess(lambda: self.tokenizer.decode(body.tokens))}
+
     # -- shared
     def _check_model(self, name: str | None) -> str:
         names = self.settings.served_model_names
         if name is None:
             return names[0]
-        if name not in names:
+        if name not in names and name not in self.settings.model_aliases:
             raise APIError(404, f"The model `{name}` does not exist.", param="model",
                            code="model_not_found")
         return name
@@ -564,6 +715,15 @@ class OpenAIServing:
     def _params(self, body) -> SamplingParams:
         """Every field checked (SamplingParams, then the engine's model-dependent checks)
         before anything is built per prompt or per choice."""
+        max_n = self.engine.engine.config.max_n
+        if isinstance(body.best_of, int) and body.best_of > max_n:
+            raise APIError(400, f"best_of: at most {max_n} sequences per prompt (--max-n), "
+                                f"got {body.best_of}", param="best_of")
+        unknown = body.unknown_fields()
+        if unknown:   # names as repr (no newline or surrogate reaches the log), capped
+            more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
+            _log.info("ignoring unknown request field(s): %s%s",
+                      ", ".join(repr(name[:64]) for name in unknown[:20]), more)
         try:
             params = body.sampling_params()
             self.engine.engine.check_params(params, body.priority)
@@ -602,6 +762,76 @@ class OpenAIServing:
         for gen in list(self._active):
             gen.fail(ShutdownError("the server shut down before the request finished"))
 
+    # -- issue 22: use_beam_search ------------------------------------------------------
+    async def _run_beam_search(self, body, request: Request, prompts: list[PromptInput],
+                               params: SamplingParams, fmt: _Formatter, arrival: float) -> Response:
+        """Each prompt's beam search (as ``LLM.beam_search``) over the async engine; the
+        ``n`` best beams are the choices. Not streamed: the best beams are known at the end."""
+        log = request.scope.setdefault(LOG_SCOPE_KEY, {})
+        log.update(id=fmt.request_id, model=fmt.model, stream=False, n=body.n, beam_search=True)
+        self._check_lengths(prompts, params)
+        longest = max(len(p.token_ids) for p in prompts)
+        try:
+            beam = body.beam_search_params(params.max_tokens or self.max_model_len - longest)
+            self.engine.engine.check_params(SamplingParams(n=beam.beam_width,
+                                                           logprobs=2 * beam.beam_width))
+        except ValueError as e:
+            raise APIError.from_exception(e) from None
+        self._admit(len(prompts))
+        timeout = self.settings.request_timeout
+        deadline = None if timeout is None else arrival + timeout
+        searches = [self._beam_search(f"{fmt.request_id}-{i}", p, beam, body, deadline)
+                    for i, p in enumerate(prompts)]
+        try:
+            outs = await _unless_disconnected(request, asyncio.gather(*searches))
+        except Exception as e:
+            raise APIError.from_exception(e, fmt.request_id) from None
+        if outs is None:
+            return Response(status_code=499)
+        results = [_beam_result(p, out, body.n, fmt) for p, out in zip(prompts, outs)]
+        completion = sum(len(c.token_ids) for r in results for c in r.choices)
+        prompt_tokens = sum(len(p.token_ids) for p in prompts)
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                      total_tokens=prompt_tokens + completion,
+                      prompt_tokens_details=PromptTokensDetails(cached_tokens=0))
+        log.update(prompt_tokens=prompt_tokens, completion_tokens=completion)
+        return JSONResponse(fmt.response(results, usage).model_dump(mode="json"),
+                            headers={"X-Request-Id": fmt.request_id})
+
+    async def _beam_search(self, request_id: str, prompt: PromptInput, params: BeamSearchParams,
+                           body, deadline: float | None) -> BeamSearchOutput:
+        state = BeamSearchState(prompt.token_ids, params, self.engine.engine.eos_token_ids)
+        step_params = state.step_params()
+        held: dict[str, RequestStream] = {}   # requests whose blocks a live beam may fork from
+        try:
+            while not state.done:
+                queue = OutputQueue(1 << 62, float("inf"), lambda: None)
+                streams = [RequestStream(f"{request_id}-s{state.steps}-b{j}", j, queue, 1)
+                           for j in range(len(state.beams))]
+                for stream, b in zip(streams, state.beams):
+                    await self.engine.add(stream, {"prompt_token_ids": b.tokens}, step_params,
+                                          body.priority, body.cache_salt, keep_blocks=True,
+                                          fork_from=b.request_id)
+                    held[stream.request_id] = stream
+                entries: list[PositionLogprobs | None] = [None] * len(streams)
+                remaining = len(streams)
+                while remaining:
+                    j, item = await queue.get(deadline, request_id)
+                    for c in item.choices:
+                        if c.logprobs:
+                            entries[j] = c.logprobs[0]
+                    remaining -= item.finished
+                state.advance(entries, [st.request_id for st in streams])
+                wanted = {b.request_id for b in state.beams}
+                for rid in [r for r in held if r not in wanted]:
+                    self.engine.release(held.pop(rid).request_id)
+        finally:   # also on cancellation: plain commands, nothing awaited
+            for rid, stream in held.items():
+                if not stream.finished:
+                    self.engine.abort(stream)
+                self.engine.release(rid)
+        return state.output(self.tokenizer.decode if self.tokenizer is not None else None)
+
     async def _run(self, body, request: Request, prompts: list[PromptInput], params: SamplingParams,
                    fmt: _Formatter, arrival: float) -> Response:
         log = request.scope.setdefault(LOG_SCOPE_KEY, {})
@@ -636,6 +866,8 @@ class OpenAIServing:
             log.update(tracker.log_fields())
         if results is None:   # the client left; nobody reads a response
             return Response(status_code=499)
+        if params.n > body.n:
+            results = [best_of(r, body.n) for r in results]
         return JSONResponse(fmt.response(results, usage_of(tracker)).model_dump(mode="json"),
                             headers=headers)
 
