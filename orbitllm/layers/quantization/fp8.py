@@ -4,7 +4,8 @@ Each weight is quantized as its loader receives it, one checkpoint tensor (one r
 slice) at a time: E4M3 with one float32 scale per output channel (its row's amax maps
 to 448), so the 16-bit model never exists on the device. Per-channel scales of fused
 layers (Q/K/V, gate/up) are just their parts' rows side by side, and a row-parallel
-layer's rows are whole on every rank, so tensor parallelism slices scales with rows.
+layer's rows are whole on every rank (each rank reads its rows whole to find their amax,
+then keeps its columns), so any number of ranks holds the same weights.
 """
 from __future__ import annotations
 
@@ -63,8 +64,13 @@ class Fp8LinearMethod(Fp8WeightMethod):
     @staticmethod
     def _load_weight(layer):
         def load(param: torch.nn.Parameter, loaded: CheckpointTensor, shard_id) -> None:
-            part, rows = layer.checkpoint_part(param.shape, loaded, shard_id, 0, 1)
-            q, scale = quantize_rows(part.to(param.device))
+            # Whole rows, so a row-parallel rank's scale is the row's: the same weights
+            # whatever the number of ranks.
+            start, length, size = layer.input_part()
+            whole, rows = layer.checkpoint_part((param.shape[0], size), loaded, shard_id, 0, None)
+            whole = whole.to(param.device)
+            _, scale = quantize_rows(whole)
+            q, _ = quantize_rows(whole.narrow(1, start, length), scale)
             param.data.narrow(0, *rows).copy_(q)
             layer.weight_scale.narrow(0, *rows).copy_(scale)
         return load

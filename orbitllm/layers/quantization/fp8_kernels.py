@@ -19,10 +19,13 @@ FP8_MAX = torch.finfo(FP8_DTYPE).max   # 448
 _MIN_SCALE = 1e-12                     # an all-zero row keeps a finite scale
 
 
-def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """E4M3 ``w`` with one float32 scale per row (row amax -> 448): (q, scale [rows])."""
+def quantize_rows(w: torch.Tensor, scale: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """E4M3 ``w`` with one float32 scale per row (row amax -> 448, unless ``scale`` is
+    given): (q, scale [rows])."""
     w = w.float()
-    scale = (w.abs().amax(dim=-1) / FP8_MAX).clamp(min=_MIN_SCALE)
+    if scale is None:
+        scale = (w.abs().amax(dim=-1) / FP8_MAX).clamp(min=_MIN_SCALE)
     q = (w / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
