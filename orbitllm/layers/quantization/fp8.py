@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from orbitllm.layers.matmul import matmul
 from orbitllm.layers.quantization.fp8_kernels import (
-    FP8_DTYPE, fp8_linear, quantize_rows, takes_fp8_gemv)
+    FP8_DTYPE, dequantize, fp8_linear, quantize_rows, takes_fp8_gemv)
 from orbitllm.layers.weight_loading import CheckpointTensor
 
 
@@ -45,8 +46,21 @@ class Fp8WeightMethod:
 
     def apply(self, layer, x: torch.Tensor, out: torch.Tensor | None = None,
               send=None, silu_mul: bool = False) -> torch.Tensor:
+        if not x.is_cuda:
+            return matmul(x, self._dequantized(layer, x.dtype), layer.bias, out=out)
         return fp8_linear(x, layer.weight, getattr(layer, self.scale_name), layer.bias,
                           self.input_scale(layer), out=out, send=send, silu_mul=silu_mul)
+
+
+    def _dequantized(self, layer, dtype: torch.dtype) -> torch.Tensor:
+        """The CPU path's weight: dequantized once, at the first product (the CPU has no
+        FP8 kernels, and widening E4M3 costs ~20 ns a weight there: seconds a step for a
+        135M model). The numbers are those of dequantizing at every call."""
+        w = layer.__dict__.get("_dequantized")
+        if w is None or w.dtype != dtype:
+            w = layer.__dict__["_dequantized"] = dequantize(
+                layer.weight, getattr(layer, self.scale_name), dtype)
+        return w
 
 
 class Fp8LinearMethod(Fp8WeightMethod):
