@@ -98,6 +98,17 @@ def test_fp8_gemv_matches_dequantized_linear(n, k, bias, config):
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("n,k,block", [(64, 256, 32), (37, 200, 64)])
+def test_fp8_gemv_with_block_scales(n, k, block):
+    """Block-wise checkpoints' scales (per row and block of columns, the last ragged)."""
+    q = torch.randn(n, k, device=DEVICE).to(FP8_DTYPE)
+    s = torch.rand(n, -(-k // block), device=DEVICE) + 0.5
+    x = torch.randn(1, k, device=DEVICE)
+    got = gemv(x, q, config=GemvConfig(4, 64, 2, 2), weight_scale=s)
+    want = torch.nn.functional.linear(x, dequantize(q, s, torch.float32))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_fp8_gemv_fused_silu_mul():
     from orbitllm.kernels.fused_ops import silu_and_mul_ref
     n, k = 37, 200

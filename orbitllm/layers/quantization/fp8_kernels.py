@@ -2,9 +2,10 @@
 
 The one place that picks a kernel for an FP8 weight: on a CUDA GPU with FP8 tensor cores
 (compute capability 8.9+) the decode GEMV (``kernels/gemv.py``, FP8 weights dequantized
-in registers) takes one-row products of per-channel weights, and ``torch._scaled_mm``
-(cuBLASLt, activations quantized per token) the rest; elsewhere (CPU, and block-wise
-weights, which ``_scaled_mm`` takes only in per-tensor or row-wise form) the weight is
+in registers, per-channel or block-wise scales) takes one-row products, and
+``torch._scaled_mm`` (cuBLASLt, activations quantized per token) the others of
+per-channel weights; elsewhere (CPU, and block-wise weights in steps of several rows,
+which ``_scaled_mm`` takes only in per-tensor or row-wise form) the weight is
 dequantized and multiplied in the activation dtype.
 """
 from __future__ import annotations
@@ -69,8 +70,8 @@ def check_fp8_device(device: torch.device, what: str) -> None:
 
 def takes_fp8_gemv(x: torch.Tensor, scale: torch.Tensor) -> bool:
     """Whether ``fp8_linear`` runs this product on the Triton FP8 GEMV."""
-    return (x.is_cuda and x.shape[0] == 1 and scale.dim() == 1
-            and x.dtype in (torch.bfloat16, torch.float16) and gemv_enabled())
+    return (x.is_cuda and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
+            and gemv_enabled())
 
 
 def scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
