@@ -122,6 +122,39 @@ def test_fp8_gemv_fused_silu_mul():
 CUDA = torch.cuda.is_available()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 8])
+@pytest.mark.parametrize("block", [None, 128])
+def test_gpu_fp8_linear_matches_dequantized_reference(rows, block):
+    """The GPU path: the FP8 GEMV (one row) and ``_scaled_mm`` (per-channel, several rows)
+    or the dequantized product (block-wise, several rows), bf16 activations."""
+    n, k = 512, 1024
+    w = torch.randn(n, k, device="cuda") * 0.05
+    if block is None:
+        q, s = quantize_rows(w)
+    else:
+        q, s = w.to(FP8_DTYPE), torch.rand(n, k // block, device="cuda") + 0.5
+    x = torch.randn(rows, k, device="cuda").bfloat16()
+    got = fp8_kernels.fp8_linear(x, q, s).float()
+    want = torch.nn.functional.linear(x.float(), dequantize(q, s, torch.float32))
+    assert ((got - want).norm() / want.norm()).item() < 0.03   # per-token E4M3 activations
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_engine_cuda_graphs_match_eager(tiny_models):
+    path = tiny_models["llama"]
+    prompts = [{"prompt_token_ids": _prompt(n)} for n in (5, 23, 40)]
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    fp8 = {"quantization": "fp8", "kv_cache_dtype": "fp8", "dtype": "bfloat16", "num_kv_blocks": 64}
+    tokens = []
+    for eager in (True, False):
+        llm = LLM(path, enforce_eager=eager, **fp8)
+        assert (llm.engine.runner.graphs is None) == eager
+        tokens.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+        assert_all_blocks_free(llm)
+    assert tokens[0] == tokens[1]
+
+
 def _fp8_step(query_lens):
     """An attention step over an E4M3 cache. Triton's interpreter rounds float32 -> E4M3
     wrongly where rounding carries into the exponent (0.4867 -> 0.25), so without CUDA the

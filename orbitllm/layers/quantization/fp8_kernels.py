@@ -94,7 +94,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         from orbitllm.kernels.gemv import gemv
         return gemv(x, weight, bias, out, send=send, silu_mul=silu_mul, weight_scale=scale)
     assert send is None and not silu_mul, "only the Triton GEMV sends to peers or fuses SiLU"
-    if x.is_cuda and scale.dim() == 1 and x.dtype == torch.bfloat16:
+    n, k = weight.shape
+    if x.is_cuda and scale.dim() == 1 and x.dtype == torch.bfloat16 and n % 16 == 0 and k % 16 == 0:
         y = scaled_mm(x, weight, scale, bias, input_scale)
     else:
         y = F.linear(x, dequantize(weight, scale, x.dtype), bias)
