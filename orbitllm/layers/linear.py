@@ -52,10 +52,7 @@ class UnquantizedLinearMethod:
                        bias: bool) -> None:
         # Allocated uninitialized: the checkpoint (or a random init) fills them.
         layer.add_parameter("weight", torch.empty(output_size, input_size), output_dim=0, input_dim=1)
-        if bias:
-            layer.add_parameter("bias", torch.empty(output_size), output_dim=0)
-        else:
-            layer.register_parameter("bias", None)
+        layer.add_bias(output_size, bias)
 
     def uses_gemv(self, layer: "LinearBase", x: torch.Tensor) -> bool:
         return takes_gemv(x, layer.weight)
@@ -85,7 +82,14 @@ class LinearBase(nn.Module):
         """Register a parameter whose ``output_dim`` / ``input_dim`` follow the layer's
         outputs / inputs (sliced like them), or one with its own ``loader``."""
         self.register_parameter(name, nn.Parameter(tensor))
-        self.weight_loaders[name] = loader or self._sliced_loader(output_dim, input_dim)
+        self.weight_loaders[name] = loader or self.sliced_loader(output_dim, input_dim)
+
+    def add_bias(self, output_size: int, bias: bool) -> None:
+        """The bias (in the model's dtype, whatever the weights' method), or None."""
+        if bias:
+            self.add_parameter("bias", torch.empty(output_size), output_dim=0)
+        else:
+            self.register_parameter("bias", None)
 
     def load_weight(self, name: str, loaded: CheckpointTensor, shard_id=None) -> None:
         """Copy this rank's part of the checkpoint tensor ``loaded`` (shard ``shard_id``)
@@ -130,7 +134,7 @@ class LinearBase(nn.Module):
         check_shape(loaded, tuple(expected))
         return take(loaded, parts), rows
 
-    def _sliced_loader(self, output_dim: int | None, input_dim: int | None) -> WeightLoader:
+    def sliced_loader(self, output_dim: int | None, input_dim: int | None) -> WeightLoader:
         def load(param: nn.Parameter, loaded: CheckpointTensor, shard_id) -> None:
             part, rows = self.checkpoint_part(param.shape, loaded, shard_id, output_dim, input_dim)
             target = param.data if rows is None else param.data.narrow(output_dim, *rows)

@@ -16,16 +16,15 @@ import torch
 from torch import nn
 
 from orbitllm.layers.linear import LinearBase
-from orbitllm.layers.quantization.compressed_tensors import (
-    CompressedTensorsConfig, UnsupportedQuantization)
+from orbitllm.layers.quantization.checkpoint_fp8 import UnsupportedQuantization
+from orbitllm.layers.quantization.compressed_tensors import CompressedTensorsConfig
 from orbitllm.layers.quantization.fp8 import Fp8LinearMethod
 from orbitllm.layers.quantization.fp8_block import Fp8BlockConfig
 from orbitllm.layers.quantization.fp8_kernels import FP8_DTYPE, check_fp8_device
 
-QUANTIZATIONS = ("fp8",)                       # values of EngineConfig.quantization
 _CHECKPOINT_SCALES = ("weight_scale", "weight_scale_inv", "input_scale")
 
-__all__ = ["QUANTIZATIONS", "UnsupportedQuantization", "check_fp8_device", "quantization_config",
+__all__ = ["UnsupportedQuantization", "check_fp8_device", "quantization_config",
            "quantize_model", "cast_model", "keeps_stored_dtype"]
 
 
@@ -39,11 +38,9 @@ class OnlineFp8Config:
 
 
 def quantization_config(quantization: str | None, hf_config):
-    """The quantization to build the model with, or None (16-bit). UnsupportedQuantization
-    (a ValueError) names an unknown option or checkpoint scheme."""
-    if quantization is not None and quantization not in QUANTIZATIONS:
-        raise UnsupportedQuantization(
-            f"quantization: unknown method {quantization!r} (one of {', '.join(QUANTIZATIONS)})")
+    """The quantization to build the model with, or None (16-bit): ``quantization`` is
+    None or "fp8" (``EngineConfig`` checks it). UnsupportedQuantization (a ValueError)
+    names a checkpoint scheme this engine cannot run."""
     qcfg = getattr(hf_config, "quantization_config", None)
     if qcfg is None:
         return OnlineFp8Config() if quantization == "fp8" else None

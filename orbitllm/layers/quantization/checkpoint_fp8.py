@@ -13,10 +13,14 @@ from orbitllm.layers.quantization.fp8_kernels import FP8_DTYPE
 from orbitllm.layers.weight_loading import CheckpointTensor, take
 
 
+class UnsupportedQuantization(ValueError):
+    """A checkpoint's quantization scheme (or an option) this engine cannot run."""
+
+
 def add_fp8_weight(layer, input_size: int, output_size: int) -> None:
     """The stored E4M3 weight ``[N, K]``, sliced like a 16-bit one; ValueError when the
     checkpoint's tensor is not E4M3."""
-    sliced = layer._sliced_loader(0, 1)
+    sliced = layer.sliced_loader(0, 1)
 
     def load(param: torch.nn.Parameter, loaded: CheckpointTensor, shard_id) -> None:
         dtype = getattr(loaded, "dtype", None)

@@ -13,12 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from orbitllm.layers.quantization.checkpoint_fp8 import (
-    add_block_scale, add_channel_scale, add_fp8_weight, add_static_input_scale)
+    UnsupportedQuantization, add_block_scale, add_channel_scale, add_fp8_weight,
+    add_static_input_scale)
 from orbitllm.layers.quantization.fp8 import Fp8WeightMethod
-
-
-class UnsupportedQuantization(ValueError):
-    """A checkpoint's quantization scheme this engine cannot run."""
 
 
 @dataclass(frozen=True)
@@ -35,7 +32,7 @@ class CompressedTensorsFp8Method(Fp8WeightMethod):
             add_channel_scale(layer, "weight_scale", output_size)
         if self.static_input:
             add_static_input_scale(layer)
-        self.add_bias(layer, output_size, bias)
+        layer.add_bias(output_size, bias)
 
     def input_scale(self, layer) -> torch.Tensor | None:
         return layer.input_scale.max() if self.static_input else None

@@ -23,12 +23,6 @@ class Fp8WeightMethod:
 
     scale_name = "weight_scale"
 
-    def add_bias(self, layer, output_size: int, bias: bool) -> None:
-        if bias:
-            layer.add_parameter("bias", torch.empty(output_size), output_dim=0)
-        else:
-            layer.register_parameter("bias", None)
-
     def input_scale(self, layer) -> torch.Tensor | None:
         return None
 
@@ -73,7 +67,7 @@ class Fp8LinearMethod(Fp8WeightMethod):
         # every parameter was filled).
         layer.register_buffer("weight_scale", torch.empty(output_size, dtype=torch.float32))
         layer.keep_dtype.add("weight_scale")
-        self.add_bias(layer, output_size, bias)
+        layer.add_bias(output_size, bias)
 
     @staticmethod
     def _load_weight(layer):

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orbitllm.layers.quantization.checkpoint_fp8 import add_block_scale, add_fp8_weight
-from orbitllm.layers.quantization.compressed_tensors import UnsupportedQuantization
+from orbitllm.layers.quantization.checkpoint_fp8 import (
+    UnsupportedQuantization, add_block_scale, add_fp8_weight)
 from orbitllm.layers.quantization.fp8 import Fp8WeightMethod
 
 
@@ -19,7 +19,7 @@ class Fp8BlockLinearMethod(Fp8WeightMethod):
     def create_weights(self, layer, input_size: int, output_size: int, bias: bool) -> None:
         add_fp8_weight(layer, input_size, output_size)
         add_block_scale(layer, "weight_scale_inv", input_size, output_size, self.block)
-        self.add_bias(layer, output_size, bias)
+        layer.add_bias(output_size, bias)
 
 
 class Fp8BlockConfig:
