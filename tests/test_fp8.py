@@ -510,11 +510,12 @@ def test_a_16_bit_weight_in_an_fp8_checkpoint_is_named(ct_checkpoints, tmp_path)
 
 # A copy of ../shared/context/ (the project's own notes); ORBITLLM_PPL_TEXTS names another folder.
 CONTEXT = Path(os.environ.get("ORBITLLM_PPL_TEXTS", Path(__file__).parent / "data" / "context"))
-PPL_TOKENS = 128   # per text: one bounded prefill each, so the test takes seconds
+PPL_TOKENS = 64    # per text: one bounded prefill each (a 64-token prefill takes ~2 s here)
 # The default model's checkpoint is itself 4-bit (Q4_1): E4M3 (3 mantissa bits, 2.6 %
 # relative error per weight, whatever the scale) re-rounds its 4-bit levels, which costs
-# +3.1 % perplexity on these texts (the target, 2 %, holds for 16-bit sources).
-PPL_BOUND = {"fp8": 0.04, "fp8_kv": 0.01}
+# +3.5 % perplexity on these texts (+3.1 % over 128 tokens each; Gemma 3 270M, Q4_K_M:
+# +0.2 %). The 2 % is not met here; the bound catches a broken quantizer.
+PPL_BOUND = {"fp8": 0.05, "fp8_kv": 0.01}
 # A greedy answer "agrees" when its 16 tokens are the unquantized ones, or first differ
 # where the unquantized model's top two tokens are within NEAR_TIE nats: a near tie that
 # any rounding breaks either way (bfloat16 activations alone change 2 of the 6 answers).
