@@ -42,7 +42,6 @@ class CompressedTensorsConfig:
     """The checkpoint's config groups resolved to one FP8 method; ``ignore``d layers
     stay 16-bit."""
 
-    name = "compressed-tensors"
 
     def __init__(self, qcfg: dict) -> None:
         fmt = qcfg.get("format")

@@ -23,7 +23,6 @@ class Fp8BlockLinearMethod(Fp8WeightMethod):
 
 
 class Fp8BlockConfig:
-    name = "fp8"
 
     def __init__(self, qcfg: dict) -> None:
         block = qcfg.get("weight_block_size")
