@@ -31,7 +31,6 @@ __all__ = ["UnsupportedQuantization", "check_fp8_device", "quantization_config",
 class OnlineFp8Config:
     """``quantization="fp8"`` on a 16-bit checkpoint: every projection."""
 
-
     def linear_method(self, hf_names: list[str]) -> Fp8LinearMethod:
         return Fp8LinearMethod()
 

@@ -42,7 +42,6 @@ class CompressedTensorsConfig:
     """The checkpoint's config groups resolved to one FP8 method; ``ignore``d layers
     stay 16-bit."""
 
-
     def __init__(self, qcfg: dict) -> None:
         fmt = qcfg.get("format")
         if fmt not in ("float-quantized", "naive-quantized"):

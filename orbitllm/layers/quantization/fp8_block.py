@@ -23,6 +23,7 @@ class Fp8BlockLinearMethod(Fp8WeightMethod):
 
 
 class Fp8BlockConfig:
+    """A block-wise checkpoint's config; ``modules_to_not_convert`` stay 16-bit."""
 
     def __init__(self, qcfg: dict) -> None:
         block = qcfg.get("weight_block_size")
