@@ -28,6 +28,8 @@ class EngineConfig:
     tensor_parallel_size: int = 1       # N > 1: the model split over N processes (GPUs)
     max_n: int = 128                    # most choices (n, best_of) one request may ask for
     scheduling_policy: str = "fcfs"     # fcfs | priority (requests' priority is honoured)
+    quantization: str | None = None     # None | fp8 (weights quantized at load); FP8 checkpoints are detected
+    kv_cache_dtype: str = "auto"        # auto (the model's dtype) | fp8 | fp8_e4m3: E4M3 KV cache, twice the tokens
     tp_all_reduce: str = "auto"         # auto | nccl | peer (decode all-reduces fused with add + RMSNorm, read from peer GPUs); auto: peer on one host of peer-connected GPUs
 
     def __post_init__(self) -> None:
@@ -49,6 +51,10 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.tp_all_reduce not in ("auto", "nccl", "peer"):
             raise ValueError(f"tp_all_reduce must be auto, nccl or peer, got {self.tp_all_reduce!r}")
+        if self.quantization is not None and self.quantization != "fp8":
+            raise ValueError(f"quantization: unknown method {self.quantization!r} (fp8)")
+        if self.kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3"):
+            raise ValueError(f"kv_cache_dtype must be auto, fp8 or fp8_e4m3, got {self.kv_cache_dtype!r}")
         if self.max_n < 1:
             raise ValueError(f"max_n must be >= 1, got {self.max_n}")
         if self.scheduling_policy not in ("fcfs", "priority"):

@@ -113,7 +113,8 @@ class ModelRunner:
     def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype,
                  num_kv_blocks: int, block_size: int, seed: int, attention_backend: str,
                  eos_token_ids: set[int], max_num_seqs: int, max_model_len: int,
-                 enforce_eager: bool) -> None:
+                 enforce_eager: bool, kv_dtype: torch.dtype | None = None) -> None:
+        """``kv_dtype``: the KV cache's (default: ``dtype``; E4M3 for an FP8 cache)."""
         self.model = model
         self.device = device
         self.dtype = dtype
@@ -125,7 +126,8 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         spec = model.spec
         self.kv_cache = torch.zeros(spec.num_layers, 2, num_kv_blocks, block_size,
-                                    model.num_kv_heads, spec.head_dim, dtype=dtype, device=device)
+                                    model.num_kv_heads, spec.head_dim, dtype=kv_dtype or dtype,
+                                    device=device)
         self.staging = Staging(device)
         self._prev_tokens: torch.Tensor | None = None   # a worker's copy of the last sampled ids
         self.graphs: DecodeGraphs | None = None

@@ -13,7 +13,9 @@ from orbitllm.executor.model_runner import ModelRunner
 from orbitllm.kv.kv_manager import KVCacheManager
 from orbitllm.layers.tensor_parallel import PeerAllReduce, Shard
 from orbitllm.models.interface import CausalLM
+from orbitllm.layers.quantization import cast_model, check_fp8_device, quantization_config, quantize_model
 from orbitllm.models.loader import Checkpoint, build_model, open_checkpoint, open_shape
+from orbitllm.models.weights import hf_module_names
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +57,28 @@ def resolve_dtype(name: str, config, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def resolve_kv_cache_dtype(name: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """``auto``: the model's dtype; ``fp8`` / ``fp8_e4m3``: E4M3, half the bytes of a
+    16-bit cache (stored with scale 1.0: see README, "FP8")."""
+    if name == "auto":
+        return dtype
+    check_fp8_device(device, "kv_cache_dtype")
+    return torch.float8_e4m3fn
+
+
 def instantiate(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype,
-                shard: Shard = Shard()) -> CausalLM:
+                shard: Shard = Shard(), qconfig=None) -> CausalLM:
     """Allocate the model (this rank's shard) on its device without initializing weights
-    (they are loaded next)."""
+    (they are loaded next); ``qconfig`` (``quantization_config``) swaps its projections'
+    methods first, so quantized layers are allocated in FP8 from the start."""
     with torch.device("meta"):
         model = build_model(ckpt, shard)
+        if qconfig is not None:
+            quantize_model(model, qconfig, hf_module_names)
     # Cast on the meta device first: allocating in float32 and casting after would
-    # take twice the weights' memory at once (a 70B shard would not fit).
-    model = model.to(dtype).to_empty(device=device)
+    # take twice the weights' memory at once (a 70B shard would not fit). FP8 weights
+    # and their float32 scales keep their dtype.
+    model = cast_model(model, dtype).to_empty(device=device)
     model.build_caches(device)
     return model.eval()
 
@@ -133,9 +148,9 @@ def build_engine_parts(cfg: EngineConfig) -> EngineParts:
         runner = start_driver(cfg, device, launched, lambda shard, rank_device, make: build_rank_runner(
             cfg, shard, rank_device, ckpt, eos, make))
     kv = KVCacheManager(runner.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching)
-    log.info("model %s on %s (%s, %d rank(s)); %d KV blocks of %d tokens; max_model_len %d",
+    log.info("model %s on %s (%s, %d rank(s)); %d KV blocks of %d tokens in %s; max_model_len %d",
              ckpt.source, runner.device, runner.dtype, cfg.tensor_parallel_size,
-             runner.num_kv_blocks, cfg.block_size, runner.max_model_len)
+             runner.num_kv_blocks, cfg.block_size, runner.kv_cache.dtype, runner.max_model_len)
     return EngineParts(tokenizer, runner, kv, cfg.max_num_batched_tokens or 8192)
 
 
@@ -150,13 +165,17 @@ def build_rank_runner(cfg: EngineConfig, shard: Shard, device: torch.device,
         # Steps of up to PEER_REDUCE_MAX_ROWS rows (small decode batches); larger ones use NCCL.
         shard = replace(shard, peer_reduce=PeerAllReduce(
             min(cfg.max_num_seqs, PEER_REDUCE_MAX_ROWS), ckpt.config.hidden_size, dtype, device))
-    model = instantiate(ckpt, device, dtype, shard)
+    qconfig = quantization_config(cfg.quantization, ckpt.config)
+    if qconfig is not None:
+        check_fp8_device(device, "quantization")
+    kv_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype, dtype, device)
+    model = instantiate(ckpt, device, dtype, shard, qconfig)
     if cfg.load_format == "dummy":
         init_random_weights(model, cfg.seed)
     else:   # each layer's weight loaders take this rank's slices
         model.load_weights(ckpt.iter_weights(dtype), ckpt.source)
     spec = model.spec
-    bytes_per_block = ModelRunner.kv_bytes_per_block(model, cfg.block_size, dtype)
+    bytes_per_block = ModelRunner.kv_bytes_per_block(model, cfg.block_size, kv_dtype)
     num_blocks = cfg.num_kv_blocks or _auto_num_blocks(cfg, device, bytes_per_block)
     num_blocks = shard.min_over_ranks(num_blocks, device)
     capacity = num_blocks * cfg.block_size
@@ -170,7 +189,7 @@ def build_rank_runner(cfg: EngineConfig, shard: Shard, device: torch.device,
     max_len = min(max_len, capacity)
     return make_runner(model, device, dtype, num_blocks, cfg.block_size, cfg.seed,
                        cfg.attention_backend, set(eos_token_ids), cfg.max_num_seqs, max_len,
-                       cfg.enforce_eager)
+                       cfg.enforce_eager, kv_dtype)
 
 
 def _auto_num_blocks(cfg: EngineConfig, device: torch.device, bytes_per_block: int) -> int:
@@ -194,7 +213,13 @@ def init_random_weights(model: torch.nn.Module, seed: int) -> None:
     """Benchmark weights with the checkpoint's shapes (never presented as a real model)."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, p in model.named_parameters():
+        if p.element_size() == 1:
+            continue   # FP8: drawn by its layer's quant_method.init_random below
         if name.endswith("norm.weight"):
             p.fill_(1.0)
         else:
             p.normal_(0.0, 0.02, generator=gen)
+    for module in model.modules():
+        init_random = getattr(getattr(module, "quant_method", None), "init_random", None)
+        if init_random is not None:
+            init_random(module, gen)

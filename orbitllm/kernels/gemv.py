@@ -72,9 +72,21 @@ def _load_x(x_ptr, cols, k, K, EVEN: tl.constexpr, SILU_MUL: tl.constexpr):
 
 
 @triton.jit
+def _widen_w(w, s_ptr, rows, cols, k, N, K, stride_sn, SCALE_COLS: tl.constexpr):
+    """The weights as float32; with ``SCALE_COLS`` (block-wise FP8) each multiplied by
+    the scale of its row and block of ``SCALE_COLS`` columns."""
+    w = w.to(tl.float32)
+    if SCALE_COLS > 0:
+        blocks = (k + cols) // SCALE_COLS
+        w *= tl.load(s_ptr + rows.to(tl.int64)[:, None] * stride_sn + blocks[None, :],
+                     mask=(rows[:, None] < N) & ((k + cols) < K)[None, :], other=0.0)
+    return w
+
+
+@triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, send_addrs, send_offset, epoch_ptr, rank,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
+    x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, stride_wn, stride_sn, send_addrs, send_offset,
+    epoch_ptr, rank, HAS_SCALE: tl.constexpr, SCALE_COLS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
     PDL: tl.constexpr, PRELOAD: tl.constexpr, SEND: tl.constexpr, WORLD: tl.constexpr,
     SILU_MUL: tl.constexpr,
 ):
@@ -86,7 +98,9 @@ def _gemv_kernel(
     start with their first chunk in registers. With ``SEND`` the output also goes
     to the peers as packets (``PeerSend``). With ``SILU_MUL`` the input is the MLP's
     ``[gate | up]`` row and the product takes ``silu(gate) * up``: the activation's own
-    kernel, and its boundary in the step, go away."""
+    kernel, and its boundary in the step, go away. With ``HAS_SCALE`` the weights are
+    FP8, widened in registers, and each output row's sum is multiplied by its scale (or,
+    with ``SCALE_COLS``, each weight by its block's scale as it is widened)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
     w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :]
@@ -94,14 +108,17 @@ def _gemv_kernel(
     if PRELOAD:
         w = _load_w(w_ptrs, rows, cols, 0, N, K, EVEN)
         pdl_enter(PDL)
-        acc += w.to(tl.float32) * _load_x(x_ptr, cols, 0, K, EVEN, SILU_MUL)[None, :]
+        acc += _widen_w(w, s_ptr, rows, cols, 0, N, K, stride_sn, SCALE_COLS) * \
+            _load_x(x_ptr, cols, 0, K, EVEN, SILU_MUL)[None, :]
     else:
         pdl_enter(PDL)
     for k in range(BLOCK_K if PRELOAD else 0, K, BLOCK_K):
         x = _load_x(x_ptr, cols, k, K, EVEN, SILU_MUL)
         w = _load_w(w_ptrs, rows, cols, k, N, K, EVEN)
-        acc += w.to(tl.float32) * x[None, :]
+        acc += _widen_w(w, s_ptr, rows, cols, k, N, K, stride_sn, SCALE_COLS) * x[None, :]
     y = tl.sum(acc, 1)
+    if HAS_SCALE and SCALE_COLS == 0:
+        y *= tl.load(s_ptr + rows, mask=rows < N, other=0.0)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
     y = y.to(out_ptr.dtype.element_ty)
@@ -123,9 +140,13 @@ def default_gemv_config(n: int, k: int) -> GemvConfig:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          out: torch.Tensor | None = None, config: GemvConfig | None = None,
-         send: PeerSend | None = None, silu_mul: bool = False) -> torch.Tensor:
+         send: PeerSend | None = None, silu_mul: bool = False,
+         weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``x [1, K] @ weight[N, K].T (+ bias)`` -> ``[1, N]`` in ``x``'s dtype, written into
     ``out`` when given, and sent to the peers with ``send`` (16-bit ``x`` only).
+    ``weight_scale``: float32, the scales of FP8 (E4M3) weights, ``[N]`` per output row
+    (the product is ``x @ (weight * weight_scale[:, None]).T``, in half the bytes) or
+    ``[N, ceil(K / c)]`` per row and block of ``c`` columns (``layers/quantization``).
     With ``silu_mul``, ``x`` is ``[1, 2K]`` = ``[gate | up]`` and the product takes
     ``silu_and_mul(x)``. ``weight`` needs contiguous rows; ``x`` is made contiguous."""
     assert x.dim() == 2 and x.shape[0] == 1, "gemv takes one row"
@@ -138,11 +159,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     cfg = config or default_gemv_config(n, k)
     block_k = min(cfg.block_k, triton.next_power_of_2(k))
     assert send is None or x.element_size() == 2, "packets carry 16-bit values"
+    scale_cols, scale_stride = 0, 0
+    if weight_scale is not None and weight_scale.dim() == 2:   # block-wise
+        scale_cols, scale_stride = -(-k // weight_scale.shape[1]), weight_scale.stride(0)
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
-        x, weight, bias if bias is not None else x, out, n, k, weight.stride(0),
+        x, weight, weight_scale if weight_scale is not None else x, bias if bias is not None else x,
+        out, n, k, weight.stride(0), scale_stride,
         send.addrs if send else x, send.offset if send else 0, send.epochs if send else x,
         send.rank if send else 0,
-        HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+        HAS_SCALE=weight_scale is not None, SCALE_COLS=scale_cols, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         EVEN=n % cfg.block_n == 0 and k % block_k == 0,
         PRELOAD=cfg.preload, SEND=send is not None, WORLD=send.world if send else 1,
         SILU_MUL=silu_mul, **pdl_args(x),

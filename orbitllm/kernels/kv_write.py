@@ -6,6 +6,9 @@ reads).
 * ``rotary_store_kv_cache``: the same, applying the rotary embedding to q and k on
   the way (one kernel per layer where there were two).
 
+An FP8 cache (``kv_cache_dtype="fp8"``) gets E4M3 values, saturated at +-448, with
+scale 1.0; the attention kernels widen them to the query's dtype as they load tiles.
+
 Slots < 0 (CUDA-graph padding) are skipped on the device, so no launch needs a host sync.
 """
 from __future__ import annotations
@@ -18,6 +21,15 @@ import triton.language as tl
 
 from orbitllm.kernels.fused_ops import _cos_sin, _rotate_heads, _warps_for, rotate_half
 from orbitllm.kernels.pdl import pdl_args, pdl_enter
+
+
+@triton.jit
+def _to_cache(x, cache_ptr):
+    """``x`` in the cache's dtype; an FP8 (E4M3) cache saturates at +-448 as torch's cast
+    does (scale 1.0: K/V of normal models lie well inside that range)."""
+    if cache_ptr.dtype.element_ty == tl.float8e4nv:
+        x = tl.clamp(x.to(tl.float32), -448.0, 448.0)
+    return x.to(cache_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -39,8 +51,8 @@ def _store_kv_kernel(
         dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + h * stride_ch + d
         k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
         v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
-        tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(k_cache_ptr + dst, _to_cache(k, k_cache_ptr), mask=mask)
+        tl.store(v_cache_ptr + dst, _to_cache(v, v_cache_ptr), mask=mask)
 
 
 def store_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -97,15 +109,15 @@ def _rotary_store_kv_kernel(
         # Round to k's dtype first, as rotating k in place and then storing it would.
         r1 = r1.to(k_ptr.dtype.element_ty)
         r2 = r2.to(k_ptr.dtype.element_ty)
-        tl.store(k_cache_ptr + dst + j, r1.to(k_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(k_cache_ptr + dst + HALF + j, r2.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(k_cache_ptr + dst + j, _to_cache(r1, k_cache_ptr), mask=mask)
+        tl.store(k_cache_ptr + dst + HALF + j, _to_cache(r2, k_cache_ptr), mask=mask)
         d = tl.arange(0, BLOCK_D)[None, :]
         head = (h < num_kv_heads) & (d < HEAD_DIM)
         tail = head & (d >= 2 * HALF)   # dims past the rotary ones (partial rotary)
         k_tail = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=tail)
-        tl.store(k_cache_ptr + dst + d, k_tail.to(k_cache_ptr.dtype.element_ty), mask=tail)
+        tl.store(k_cache_ptr + dst + d, _to_cache(k_tail, k_cache_ptr), mask=tail)
         v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=head)
-        tl.store(v_cache_ptr + dst + d, v.to(v_cache_ptr.dtype.element_ty), mask=head)
+        tl.store(v_cache_ptr + dst + d, _to_cache(v, v_cache_ptr), mask=head)
 
 
 def rotary_store_kv_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

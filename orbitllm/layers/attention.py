@@ -93,13 +93,17 @@ class Attention(nn.Module):
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store the new tokens' K/V at their slots (slots < 0 are padding)."""
+    """Store the new tokens' K/V at their slots (slots < 0 are padding), rounded to the
+    cache's dtype (an FP8 cache: E4M3 with scale 1.0, saturating at +-448)."""
     nb, bs, h, d = k_cache.shape
     valid = slot_mapping >= 0
     if not bool(valid.all()):
         k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
-    k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    for cache, new in ((k_cache, k), (v_cache, v)):
+        cache, new = cache.view(nb * bs, h, d), new.to(cache.dtype)
+        if cache.dtype == torch.float8_e4m3fn:   # (no index_copy_ for FP8 on CPU): its bits
+            cache, new = cache.view(torch.uint8), new.view(torch.uint8)
+        cache.index_copy_(0, slot_mapping, new)
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -52,10 +52,7 @@ class UnquantizedLinearMethod:
                        bias: bool) -> None:
         # Allocated uninitialized: the checkpoint (or a random init) fills them.
         layer.add_parameter("weight", torch.empty(output_size, input_size), output_dim=0, input_dim=1)
-        if bias:
-            layer.add_parameter("bias", torch.empty(output_size), output_dim=0)
-        else:
-            layer.register_parameter("bias", None)
+        layer.add_bias(output_size, bias)
 
     def uses_gemv(self, layer: "LinearBase", x: torch.Tensor) -> bool:
         return takes_gemv(x, layer.weight)
@@ -76,6 +73,7 @@ class LinearBase(nn.Module):
         super().__init__()
         self.input_size, self.output_size, self.shard = input_size, output_size, shard
         self.weight_loaders: dict[str, WeightLoader] = {}
+        self.keep_dtype: set[str] = set()   # tensors not cast to the model's dtype (scales)
         self.quant_method = quant_method or UnquantizedLinearMethod()
         self.quant_method.create_weights(self, input_size, output_size, bias)
 
@@ -84,7 +82,14 @@ class LinearBase(nn.Module):
         """Register a parameter whose ``output_dim`` / ``input_dim`` follow the layer's
         outputs / inputs (sliced like them), or one with its own ``loader``."""
         self.register_parameter(name, nn.Parameter(tensor))
-        self.weight_loaders[name] = loader or self._sliced_loader(output_dim, input_dim)
+        self.weight_loaders[name] = loader or self.sliced_loader(output_dim, input_dim)
+
+    def add_bias(self, output_size: int, bias: bool) -> None:
+        """The bias (in the model's dtype, whatever the weights' method), or None."""
+        if bias:
+            self.add_parameter("bias", torch.empty(output_size), output_dim=0)
+        else:
+            self.register_parameter("bias", None)
 
     def load_weight(self, name: str, loaded: CheckpointTensor, shard_id=None) -> None:
         """Copy this rank's part of the checkpoint tensor ``loaded`` (shard ``shard_id``)
@@ -103,18 +108,37 @@ class LinearBase(nn.Module):
         """Along the inputs: (start in the checkpoint tensor, length, its size)."""
         return 0, self.input_size, self.input_size
 
-    def _sliced_loader(self, output_dim: int | None, input_dim: int | None) -> WeightLoader:
+    def set_quant_method(self, quant_method: LinearMethod) -> None:
+        """Replace the method and its parameters (before the weights are allocated: the
+        model is still on the meta device), keeping the bias where there was one."""
+        bias = self.bias is not None
+        for name in list(self.weight_loaders) + list(self.keep_dtype):
+            delattr(self, name)
+        self.weight_loaders, self.keep_dtype = {}, set()
+        self.quant_method = quant_method
+        quant_method.create_weights(self, self.input_size, self.output_size, bias)
+
+    def checkpoint_part(self, param_shape: tuple[int, ...], loaded: CheckpointTensor, shard_id,
+                        output_dim: int | None, input_dim: int | None
+                        ) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        """This rank's part of ``loaded`` for a parameter of ``param_shape`` whose
+        ``output_dim`` / ``input_dim`` follow the layer's outputs / inputs, and where it
+        goes along ``output_dim`` (offset, length; None: the whole parameter)."""
+        expected, parts, rows = list(param_shape), {}, None
+        if output_dim is not None:
+            offset, start, length, size = self.output_part(shard_id)
+            expected[output_dim], parts[output_dim], rows = size, (start, length), (offset, length)
+        if input_dim is not None:
+            start, length, size = self.input_part()
+            expected[input_dim], parts[input_dim] = size, (start, length)
+        check_shape(loaded, tuple(expected))
+        return take(loaded, parts), rows
+
+    def sliced_loader(self, output_dim: int | None, input_dim: int | None) -> WeightLoader:
         def load(param: nn.Parameter, loaded: CheckpointTensor, shard_id) -> None:
-            expected, parts, target = list(param.shape), {}, param.data
-            if output_dim is not None:
-                offset, start, length, size = self.output_part(shard_id)
-                expected[output_dim], parts[output_dim] = size, (start, length)
-                target = target.narrow(output_dim, offset, length)
-            if input_dim is not None:
-                start, length, size = self.input_part()
-                expected[input_dim], parts[input_dim] = size, (start, length)
-            check_shape(loaded, tuple(expected))
-            target.copy_(take(loaded, parts))
+            part, rows = self.checkpoint_part(param.shape, loaded, shard_id, output_dim, input_dim)
+            target = param.data if rows is None else param.data.narrow(output_dim, *rows)
+            target.copy_(part)
         return load
 
 

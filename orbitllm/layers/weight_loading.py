@@ -13,12 +13,13 @@ import torch
 
 
 class LazyTensor:
-    """A checkpoint tensor not read yet: its shape, and reads of all of it or of a slice
-    (one ``slice`` per leading dim), each returned as a tensor of the checkpoint's load dtype."""
+    """A checkpoint tensor not read yet: its shape, the dtype reads return it in, and
+    reads of all of it or of a slice (one ``slice`` per leading dim)."""
 
     def __init__(self, shape: tuple[int, ...], read: Callable[[], torch.Tensor],
-                 read_slice: Callable[[tuple[slice, ...]], torch.Tensor]) -> None:
-        self.shape = tuple(shape)
+                 read_slice: Callable[[tuple[slice, ...]], torch.Tensor],
+                 dtype: torch.dtype | None = None) -> None:
+        self.shape, self.dtype = tuple(shape), dtype
         self._read, self._read_slice = read, read_slice
 
     def read(self) -> torch.Tensor:

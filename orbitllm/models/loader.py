@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from orbitllm.layers.quantization import keeps_stored_dtype
 from orbitllm.layers.tensor_parallel import Shard
 from orbitllm.layers.weight_loading import CheckpointTensor, LazyTensor
 from orbitllm.models import registry
@@ -160,18 +161,27 @@ def _safetensors_shards(path: Path) -> list[Path]:
     return shards
 
 
+# safetensors' dtype names of the tensors a checkpoint may hold.
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "F8_E4M3": torch.float8_e4m3fn, "F64": torch.float64, "I64": torch.int64,
+              "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
 def _iter_safetensors(shards: list[Path], dtype: torch.dtype) -> Iterator[tuple[str, LazyTensor]]:
     """One tensor at a time (memory-mapped), so the file is never held twice; each is
-    read when its weight loader asks, and only as far as it asks (a rank's slice)."""
+    read when its weight loader asks, and only as far as it asks (a rank's slice).
+    FP8 weights and their scales are read as stored, the rest in ``dtype``."""
     from safetensors import safe_open
     for shard in shards:
         with safe_open(str(shard), framework="pt") as f:
             for name in f.keys():
                 lazy = f.get_slice(name)
+                stored = _ST_DTYPES.get(lazy.get_dtype())
+                load_dtype = stored if stored is not None and keeps_stored_dtype(name, stored) else dtype
                 yield name, LazyTensor(
                     tuple(lazy.get_shape()),
-                    lambda name=name: f.get_tensor(name).to(dtype),
-                    lambda index, lazy=lazy: lazy[index].to(dtype))
+                    lambda name=name, d=load_dtype: f.get_tensor(name).to(d),
+                    lambda index, lazy=lazy, d=load_dtype: lazy[index].to(d), load_dtype)
 
 
 def _open_gguf(path: Path) -> Checkpoint:

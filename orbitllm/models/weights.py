@@ -33,6 +33,14 @@ def map_stacked_name(hf_name: str, tied_head: bool) -> tuple[str, object] | None
     return name, None
 
 
+def hf_module_names(name: str) -> list[str]:
+    """The checkpoint modules our module ``name`` holds: several for a fused projection
+    (``layers.0.self_attn.qkv_proj`` -> ``model.layers.0.self_attn.q_proj``, ...)."""
+    base, _, last = name.rpartition(".")
+    parts = [frag for frag, (fused, _) in STACKED_PROJECTIONS.items() if fused == last]
+    return [f"model.{base}.{frag}" for frag in parts] if parts else [f"model.{name}"]
+
+
 def load_checkpoint_weights(model: nn.Module, weights: Iterable[tuple[str, CheckpointTensor]],
                             source: str, map_name: NameMap) -> None:
     """Hand each checkpoint tensor, one at a time, to the weight loader of the layer that
