@@ -100,9 +100,13 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     if not bool(valid.all()):
         k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
     for cache, new in ((k_cache, k), (v_cache, v)):
-        cache, new = cache.view(nb * bs, h, d), new.to(cache.dtype)
-        if cache.dtype == torch.float8_e4m3fn:   # (no index_copy_ for FP8 on CPU): its bits
-            cache, new = cache.view(torch.uint8), new.view(torch.uint8)
+        cache = cache.view(nb * bs, h, d)
+        if cache.dtype == torch.float8_e4m3fn:   # CUDA's cast overflows to NaN: saturate first;
+            fp8_max = torch.finfo(cache.dtype).max   # (no index_copy_ for FP8 on CPU): its bits
+            new = new.float().clamp(-fp8_max, fp8_max).to(cache.dtype).view(torch.uint8)
+            cache = cache.view(torch.uint8)
+        else:
+            new = new.to(cache.dtype)
         cache.index_copy_(0, slot_mapping, new)
 
 

@@ -34,7 +34,11 @@ def quantize_rows(w: torch.Tensor, scale: torch.Tensor | None = None
 def quantize_per_token(x: torch.Tensor, static_scale: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """E4M3 activations and their float32 scales ``[rows, 1]``: one per row (token)
-    from its amax, or the checkpoint's static per-tensor scale for every row."""
+    from its amax (on CUDA one Triton kernel, ``kernels/fp8_quant.py``, the same numbers),
+    or the checkpoint's static per-tensor scale for every row."""
+    if static_scale is None and x.is_cuda:
+        from orbitllm.kernels.fp8_quant import quantize_rows_fp8
+        return quantize_rows_fp8(x)
     if static_scale is None:
         scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=_MIN_SCALE)
     else:
