@@ -38,6 +38,7 @@ class ScheduledRequest:
     num_prompt_tokens: int = 0
     history: list[int] | None = None  # prompt + output ids, only when penalties read them
     prompt_logprob_targets: list[int] | None = None   # the prompt tokens this step's positions predict
+    token_bitmask: object | None = None   # the grammar's allowed next tokens (packed int32), if constrained
 
     @property
     def num_pending_inputs(self) -> int:
@@ -50,6 +51,7 @@ class SchedulerOutput:
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)   # request ids preempted this step
+    num_constrained: int = 0   # sequences with a token_bitmask (0: no row reads one)
 
     @property
     def num_batched_tokens(self) -> int:
