@@ -259,3 +259,115 @@ def test_compiled_grammars_are_cached_and_bounded(llm):
     compiler.compile(StructuredOutputsParams(regex="y+"))
     assert len(compiler) == 2
     assert compiler.compile(StructuredOutputsParams(json={"type": "integer"})) is not a   # evicted
+
+
+# ---- the server --------------------------------------------------------------------------
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+
+def _kv_free(server) -> None:
+    deadline = __import__("time").monotonic() + 5
+    while server.metric("kv_cache_usage_perc") != 0.0:
+        assert __import__("time").monotonic() < deadline, "KV blocks still held"
+    assert server.metric("num_requests_running") == 0
+
+
+@pytest.fixture(scope="module")
+def client(tools_server):
+    return openai.OpenAI(base_url=tools_server.v1, api_key="test-key", max_retries=0)
+
+
+def test_server_json_schema_chat_and_completions(tools_server, client):
+    """response_format json_schema (chat, streamed and not) and vLLM's guided_json /
+    structured_outputs (completions): every schema's output validates."""
+    for i, schema in enumerate(SCHEMAS):
+        fmt = {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema}}
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Data?"}],
+                                           response_format=fmt, max_tokens=120, seed=i, temperature=1.0)
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+        assert r.choices[0].finish_reason == "stop"
+        chunks = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Go"}],
+                                                response_format=fmt, max_tokens=120, seed=i + 9,
+                                                temperature=1.0, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        jsonschema.validate(json.loads(text), schema)
+        extra = {"guided_json": schema} if i % 2 else {"structured_outputs": {"json": schema}}
+        c = client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=120, seed=i,
+                                      temperature=1.0, extra_body=extra)
+        jsonschema.validate(json.loads(c.choices[0].text), schema)
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "obj"}],
+                                       response_format={"type": "json_object"}, max_tokens=200, seed=1)
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    _kv_free(tools_server)
+
+
+def test_server_regex_choice_grammar(tools_server, client):
+    regex = r"\d{3}-[A-Z]{2}"
+    for body, check in [({"guided_regex": regex}, lambda t: re.fullmatch(regex, t)),
+                        ({"structured_outputs": {"regex": regex}}, lambda t: re.fullmatch(regex, t)),
+                        ({"guided_choice": ["cat", "dog", "sea lion"]}, lambda t: t in ("cat", "dog", "sea lion")),
+                        ({"structured_outputs": {"choice": ["up", "down"]}}, lambda t: t in ("up", "down")),
+                        ({"guided_grammar": 'root ::= "a" ("b" | "c")+ "."'},
+                         lambda t: re.fullmatch(r"a[bc]+\.", t))]:
+        c = client.completions.create(model="tiny", prompt="Answer:", max_tokens=30, temperature=1.0,
+                                      seed=3, extra_body=body)
+        assert check(c.choices[0].text), (body, c.choices[0].text)
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                           max_tokens=30, temperature=1.0, seed=4, extra_body=body)
+        assert check(r.choices[0].message.content), (body, r.choices[0].message.content)
+    _kv_free(tools_server)
+
+
+def test_server_logit_bias_allowed_bad_words(tools_server, client):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tools_server.model_path)
+    c = client.completions.create(model="tiny", prompt="The quick", max_tokens=5, temperature=0,
+                                  logit_bias={"17": 100})
+    assert c.choices[0].text == tok.decode([17] * 5)
+    c = client.completions.create(model="tiny", prompt="The quick", max_tokens=8, temperature=1.0, seed=2,
+                                  extra_body={"allowed_token_ids": [5, 9]})
+    assert set(c.choices[0].text) <= set(tok.decode([5]) + tok.decode([9]))
+    # A one-token word, pushed by a +100 bias: banned, it never appears.
+    t = next(t for t in range(100, 400) if tok.decode([t]).isalpha() and len(tok.decode([t])) > 2
+             and tok.encode(tok.decode([t]), add_special_tokens=False) == [t])
+    word = tok.decode([t])
+    c = client.completions.create(model="tiny", prompt="The quick", max_tokens=4, temperature=0,
+                                  logit_bias={str(t): 100}, extra_body={"bad_words": [word]})
+    assert word not in c.choices[0].text and len(c.choices[0].text) > 0
+    _kv_free(tools_server)
+
+
+BAD_REQUESTS = [
+    ("invalid schema", "/chat/completions",
+     {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}},
+     "response_format"),
+    ("json_schema without schema", "/chat/completions",
+     {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ("bad regex", "/completions", {"guided_regex": "(("}, "guided_regex"),
+    ("bad grammar", "/completions", {"structured_outputs": {"grammar": "root ::= "}}, "structured_outputs"),
+    ("two constraints", "/completions", {"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),
+    ("empty choice", "/completions", {"guided_choice": []}, "guided_choice"),
+    ("bias out of range", "/completions", {"logit_bias": {"5": 150}}, "logit_bias"),
+    ("bias key not an id", "/completions", {"logit_bias": {"x": 1}}, "logit_bias"),
+    ("bias id outside vocab", "/chat/completions", {"logit_bias": {"999999": 1}}, "logit_bias"),
+    ("allowed outside vocab", "/completions", {"allowed_token_ids": [999999]}, "allowed_token_ids"),
+    ("empty bad word", "/completions", {"bad_words": [""]}, "bad_words"),
+]
+
+
+@pytest.mark.parametrize("name,path,extra,param", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_server_bad_constraints_are_400(tools_server, name, path, extra, param):
+    body = {"model": "tiny", "max_tokens": 4, **extra}
+    body.update({"messages": [{"role": "user", "content": "x"}]} if "chat" in path else {"prompt": "x"})
+    with httpx.Client(base_url=tools_server.v1, timeout=30,
+                      headers={"Authorization": "Bearer test-key"}) as http:
+        r = http.post(path, json=body)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == param and error["type"] == "invalid_request_error", error
+        assert param.split(".")[0] in error["message"]
+        ok = http.post("/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+        assert ok.status_code == 200
