@@ -134,7 +134,8 @@ def tools_server(tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(str(path))
     tok.chat_template = HERMES_TOOLS_TEMPLATE
     tok.save_pretrained(str(path))
-    srv = ServerProcess(str(path), tmp_path_factory.mktemp("hermes-server"), "--api-key", "test-key")
+    srv = ServerProcess(str(path), tmp_path_factory.mktemp("hermes-server"), "--api-key", "test-key",
+                        "--max-model-len", "1536")   # tools make long prompts with a 400-token vocabulary
     srv.wait_ready()
     srv.model_path = str(path)
     yield srv

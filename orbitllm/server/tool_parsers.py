@@ -255,6 +255,7 @@ class ToolCalling:
             if not finished:
                 return None, []
             _, calls = _required_calls(s.held)
+            s.sent_calls = len(calls)
             return None, _call_deltas(calls, 0)
         if not s.in_call:
             start = self.parser.call_start(s.held)
