@@ -5,7 +5,7 @@ second half of them are constrained by a JSON schema (xgrammar masks on the devi
 figure is the free requests' TPOT (time per output token after the first) in each run;
 the issue's bar is the mixed run within 5% of the free one. Runs on CPU and GPU:
 
-    python benchmarks/structured_bench.py [--model PATH] [--num-requests 16] [--max-tokens 64]
+    PYTHONPATH=. python benchmarks/structured_bench.py [--model PATH] [--num-requests 16] [--max-tokens 64]
                                           [--device cpu|cuda] [--repeats 3] [--out result.json]
 
 Free requests ignore EOS so every run computes the same tokens; constrained ones generate
