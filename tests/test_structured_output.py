@@ -207,6 +207,34 @@ def test_offline_json_regex_choice_mixed_with_free(llm):
     assert_all_blocks_free(llm)
 
 
+def test_overlapped_scheduling_gives_the_same_constrained_outputs(llm, monkeypatch):
+    """With the pipeline overlapped (forced on here; the GPU default), constrained masks
+    are filled after the next step's forward is queued: same tokens as without overlap,
+    and valid JSON for every schema."""
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=120,
+                             structured_outputs=StructuredOutputsParams(json=SCHEMAS[s % len(SCHEMAS)]))
+              for s in range(4)] + [SamplingParams(temperature=1.0, seed=9, max_tokens=20, ignore_eos=True)] * 2
+    prompts = ["The quick brown fox", "Bonjour", "def add(a, b):", "0123", "Paged attention", "The lazy dog"]
+    plain = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    late = []
+    launch = llm.engine.runner.launch
+    monkeypatch.setattr(llm.engine.runner, "launch",
+                        lambda sched, prev=None: late.append(sched.late_bitmasks is not None) or launch(sched, prev))
+    llm.engine.overlap = True
+    try:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        llm.engine.overlap = False
+        while llm.engine.has_unfinished_requests():   # the last step, still in flight
+            llm.engine.step()
+    assert [o.outputs[0].token_ids for o in outs] == plain
+    assert sum(late) > 20   # most steps filled their masks late, inside launch
+    for s, o in enumerate(outs[:4]):
+        jsonschema.validate(json.loads(o.outputs[0].text), SCHEMAS[s % len(SCHEMAS)])
+    assert llm.engine.structured.num_active == 0
+    assert_all_blocks_free(llm)
+
+
 def test_offline_logit_bias_allowed_bad_words(llm):
     """Greedy: a +100 bias makes its token every token; allowed ids bound the output;
     a banned word never appears while the same request without it shows it."""

@@ -72,6 +72,7 @@ class LLMEngine:
         # on CPU the "device" is this thread, so there is nothing to overlap with).
         self.overlap = config.async_scheduling and self.runner.device.type == "cuda"
         self._inflight: _InFlight | None = None
+        self._late_outputs: list[RequestOutput] = []   # the step in flight, read back inside launch
         self._suspects: collections.deque[str] = collections.deque()   # to run alone, in turn
         self._groups: dict[str, _Group] = {}
         self._child_group: dict[str, _Group] = {}
@@ -210,8 +211,8 @@ class LLMEngine:
             outputs += self._drain()
         # Built after any drain: it copies the tokens the host knows now.
         sched = self.last_scheduled = schedule.step_data()
-        if self.structured.num_active:   # constrained sequences drained above: masks are current
-            sched.num_constrained = self.structured.fill_bitmasks(sched.scheduled, schedule.requests)
+        if self.structured.num_active:
+            self._attach_bitmasks(sched, schedule.requests)
         prev = self._inflight.launched if self._inflight is not None else None
         try:
             launched = self.runner.launch(sched, prev)
@@ -221,7 +222,8 @@ class LLMEngine:
             self.runner.check_device(e)
             if only is not None:
                 self._suspects.popleft()
-            return outputs + self._drain() + self._step_failed(schedule.requests, e, only is not None)
+            return (outputs + self._take_late_outputs() + self._drain()
+                    + self._step_failed(schedule.requests, e, only is not None))
         if only is not None:
             self._suspects.popleft()   # it runs fine alone
         now = time.monotonic()
@@ -230,10 +232,36 @@ class LLMEngine:
                 req.first_scheduled_time = now
             req.num_computed_tokens += s.num_new_tokens
             req.num_pending += s.num_sampled
-        outputs += self._drain()
+        outputs += self._take_late_outputs() + self._drain()
         self._inflight = _InFlight(sched, schedule.requests, launched)
         if not self.overlap:
             outputs += self._drain()
+        return outputs
+
+    def _attach_bitmasks(self, sched: SchedulerOutput, requests: list[Request]) -> None:
+        """Give constrained sequences their grammar masks. With no step in flight the
+        grammars are current; with one, the masks wait for its tokens: the runner asks
+        for them after queuing this step's forward, and the step in flight is read back
+        then, so free requests keep the overlap."""
+        if self._inflight is None:
+            sched.num_constrained = self.structured.fill_bitmasks(sched.scheduled, requests)
+            return
+        pairs = [(s, r) for s, r in zip(sched.scheduled, requests) if r.grammar is not None and s.num_sampled]
+        if not pairs:
+            return
+        if any(s.num_sampled != 1 for s, _ in pairs):
+            raise ValueError("structured_outputs: one sampled token per step is supported")
+        sched.num_constrained = len(pairs)
+
+        def late_bitmasks() -> dict:
+            self._late_outputs += self._drain()
+            # A sequence the drain finished has no grammar left; its row is discarded.
+            return {s.request_id: r.grammar.next_bitmask() for s, r in pairs if r.grammar is not None}
+
+        sched.late_bitmasks = late_bitmasks
+
+    def _take_late_outputs(self) -> list[RequestOutput]:
+        outputs, self._late_outputs = self._late_outputs, []
         return outputs
 
     # ---- a step that fails -------------------------------------------------------

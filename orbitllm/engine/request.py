@@ -97,10 +97,10 @@ class Request:
 
     @property
     def needs_host_tokens(self) -> bool:
-        """Penalties, bad words, grammars and prompt logprobs read tokens on the host, so
-        a step with this request cannot run ahead of the previous step's results."""
-        return (self.params.prompt_logprobs is not None or _needs_history(self.params)
-                or self.grammar is not None)
+        """Penalties, bad words and prompt logprobs read tokens on the host, so a step
+        with this request cannot run ahead of the previous step's results. (A grammar
+        reads them too, but late: ``SchedulerOutput.late_bitmasks``.)"""
+        return self.params.prompt_logprobs is not None or _needs_history(self.params)
 
     def scheduled(self, num_new_tokens: int, block_ids: list[int]) -> ScheduledRequest:
         """This step's part of the request as plain data: its new tokens (only those),

@@ -12,6 +12,7 @@ today; a speculative verify step samples several).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from orbitllm.sampling_params import SamplingParams
 
@@ -52,6 +53,10 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)   # request ids preempted this step
     num_constrained: int = 0   # sequences with a token_bitmask (0: no row reads one)
+    # Overlapped scheduling with constrained sequences: their masks depend on the step
+    # in flight, so the runner calls this once it has queued this step's forward, and
+    # gets request id -> bitmask (the engine reads the step in flight back meanwhile).
+    late_bitmasks: Callable[[], dict] | None = None
 
     @property
     def num_batched_tokens(self) -> int:

@@ -5,9 +5,10 @@ Compiling a grammar takes milliseconds to seconds, so it happens before a reques
 admitted (the server does it on its preprocessing threads, the offline API in
 ``add_request``) and is cached per constraint in a bounded LRU. Per step, only the
 constrained sequences are touched: the engine keeps a count of them and skips this
-module entirely when it is zero. A constrained sequence needs its previous token on the
-host before its next mask can be built, so it drains the overlapped pipeline
-(``Request.needs_host_tokens``).
+module entirely when it is zero. A constrained sequence's next mask needs its previous
+token on the host; under overlapped scheduling the engine hands the runner a callback
+(``SchedulerOutput.late_bitmasks``) that reads the step in flight back once the next
+step's forward is queued, so the pipeline keeps running for every request.
 """
 from __future__ import annotations
 
