@@ -72,7 +72,8 @@ class LLMEngine:
         # on CPU the "device" is this thread, so there is nothing to overlap with).
         self.overlap = config.async_scheduling and self.runner.device.type == "cuda"
         self._inflight: _InFlight | None = None
-        self._late_outputs: list[RequestOutput] = []   # the step in flight, read back inside launch
+        # The step in flight's result, read inside launch for late grammar masks.
+        self._read_ahead: tuple[_InFlight, object] | None = None
         self._suspects: collections.deque[str] = collections.deque()   # to run alone, in turn
         self._groups: dict[str, _Group] = {}
         self._child_group: dict[str, _Group] = {}
@@ -222,8 +223,7 @@ class LLMEngine:
             self.runner.check_device(e)
             if only is not None:
                 self._suspects.popleft()
-            return (outputs + self._take_late_outputs() + self._drain()
-                    + self._step_failed(schedule.requests, e, only is not None))
+            return outputs + self._drain() + self._step_failed(schedule.requests, e, only is not None)
         if only is not None:
             self._suspects.popleft()   # it runs fine alone
         now = time.monotonic()
@@ -232,7 +232,7 @@ class LLMEngine:
                 req.first_scheduled_time = now
             req.num_computed_tokens += s.num_new_tokens
             req.num_pending += s.num_sampled
-        outputs += self._take_late_outputs() + self._drain()
+        outputs += self._drain()
         self._inflight = _InFlight(sched, schedule.requests, launched)
         if not self.overlap:
             outputs += self._drain()
@@ -241,8 +241,10 @@ class LLMEngine:
     def _attach_bitmasks(self, sched: SchedulerOutput, requests: list[Request]) -> None:
         """Give constrained sequences their grammar masks. With no step in flight the
         grammars are current; with one, the masks wait for its tokens: the runner asks
-        for them after queuing this step's forward, and the step in flight is read back
-        then, so free requests keep the overlap."""
+        for them after queuing this step's forward. Then the step in flight is read back
+        and only the constrained sequences' grammars take its tokens (early); the rest
+        of its postprocessing runs after the launch, as always, so every request keeps
+        the overlap."""
         if self._inflight is None:
             sched.num_constrained = self.structured.fill_bitmasks(sched.scheduled, requests)
             return
@@ -253,16 +255,21 @@ class LLMEngine:
             raise ValueError("structured_outputs: one sampled token per step is supported")
         sched.num_constrained = len(pairs)
 
+        inflight = self._inflight
+
         def late_bitmasks() -> dict:
-            self._late_outputs += self._drain()
-            # A sequence the drain finished has no grammar left; its row is discarded.
-            return {s.request_id: r.grammar.next_bitmask() for s, r in pairs if r.grammar is not None}
+            result = self.runner.finish(inflight.launched)
+            self._read_ahead = (inflight, result)
+            masks = {}
+            for s, r in pairs:
+                for token in result.sampled.get(r.request_id, ()):
+                    r.grammar.accept_early(token)
+                # A grammar complete with this token ends its request: the row is discarded.
+                if not r.grammar.is_terminated:
+                    masks[s.request_id] = r.grammar.next_bitmask()
+            return masks
 
         sched.late_bitmasks = late_bitmasks
-
-    def _take_late_outputs(self) -> list[RequestOutput]:
-        outputs, self._late_outputs = self._late_outputs, []
-        return outputs
 
     # ---- a step that fails -------------------------------------------------------
     def _step_failed(self, requests: list[Request], error: Exception,
@@ -320,7 +327,8 @@ class LLMEngine:
         if self._inflight is None:
             return []
         step, self._inflight = self._inflight, None
-        result = self.runner.finish(step.launched)
+        ahead, self._read_ahead = self._read_ahead, None
+        result = ahead[1] if ahead is not None and ahead[0] is step else self.runner.finish(step.launched)
         touched: dict[str, _Group] = {}
         now = time.monotonic()
         for s, req in zip(step.sched.scheduled, step.requests):

@@ -122,6 +122,7 @@ class SequenceGrammar:
         import xgrammar as xgr
         self.matcher = xgr.GrammarMatcher(compiled)
         self._width = (vocab_size + 31) // 32
+        self._early: collections.deque[tuple[int, bool]] = collections.deque()
 
     def next_bitmask(self) -> np.ndarray:
         """A fresh packed mask (the sampler's upload may still read the last one)."""
@@ -131,7 +132,20 @@ class SequenceGrammar:
         return mask.numpy()[0]
 
     def accept(self, token_id: int) -> bool:
+        """Take the request's next token (or report what ``accept_early`` found for it)."""
+        if self._early:
+            early, accepted = self._early.popleft()
+            if early == token_id:
+                return accepted
+            if accepted:   # not the token read ahead (the engine never does this): undo it
+                self.matcher.rollback(1)
+            self._early.clear()
         return self.matcher.accept_token(token_id)
+
+    def accept_early(self, token_id: int) -> None:
+        """Take a token before the engine postprocesses it (overlapped scheduling needs
+        the next mask sooner); ``accept`` then reports the result once."""
+        self._early.append((token_id, self.matcher.accept_token(token_id)))
 
     @property
     def is_terminated(self) -> bool:
