@@ -52,7 +52,7 @@ class LogitsMasks:
 
     bias: tuple | None = None          # (row idx, token idx, bias) added to the logits
     allowed: tuple | None = None       # (row idx [R], keep [R, V] bool): all else is -inf
-    bitmask: tuple | None = None       # (packed int32 [C, ceil(V / 32)], its rows [C])
+    bitmask: tuple | None = None       # (packed int32 [B, ceil(V / 32)], constrained rows [C] int32)
 
     @classmethod
     def build(cls, rows: SamplingRows, masked: list[int], vocab_size: int,
@@ -78,9 +78,13 @@ class LogitsMasks:
         if rows.token_bitmasks is not None:
             constrained = [i for i in masked if rows.token_bitmasks[i] is not None]
             if constrained:
-                packed = np.stack([np.asarray(rows.token_bitmasks[i]) for i in constrained])
-                (packed_d,) = upload([packed.astype(np.int32, copy=False)], "sampling_bitmask")
-                (rows_d,) = upload([np.asarray(constrained, np.int64)], "sampling_bitmask_rows")
+                # One row per batch row (xgrammar's indices address both tensors); the
+                # free rows' are never read, so they stay all-ones.
+                width = np.asarray(rows.token_bitmasks[constrained[0]]).shape[-1]
+                packed = np.full((len(rows), width), -1, np.int32)
+                for i in constrained:
+                    packed[i] = rows.token_bitmasks[i]
+                packed_d, rows_d = upload([packed, np.asarray(constrained, np.int32)], "sampling_bitmask")
                 out.bitmask = (packed_d, rows_d)
         return out
 
@@ -94,11 +98,7 @@ class LogitsMasks:
         if self.bitmask is not None:
             from xgrammar import apply_token_bitmask_inplace   # only constrained batches need it
             packed, rows = self.bitmask
-            # xgrammar's ``indices`` address the bitmask's rows too: gather the
-            # constrained rows (a few), mask them, put them back.
-            sub = logits[rows]
-            apply_token_bitmask_inplace(sub, packed, vocab_size=logits.shape[-1])
-            logits[rows] = sub
+            apply_token_bitmask_inplace(logits, packed, vocab_size=logits.shape[-1], indices=rows)
         return logits
 
 
