@@ -20,7 +20,7 @@ from orbitllm.engine.request import Request, RequestStatus
 from orbitllm.engine.scheduler import Scheduler
 from orbitllm.engine.step_data import FatalStepError, RequestFault, SchedulerOutput
 from orbitllm.engine.structured_output import StructuredOutputs, bad_words_token_ids
-from orbitllm.executor.model_runner import LaunchedStep, ModelRunner
+from orbitllm.executor.model_runner import LaunchedStep, ModelRunner, StepResult
 from orbitllm.executor.setup import EngineParts, build_engine_parts
 from orbitllm.outputs import CompletionOutput, Logprob, RequestOutput
 from orbitllm.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, check_text
@@ -73,7 +73,7 @@ class LLMEngine:
         self.overlap = config.async_scheduling and self.runner.device.type == "cuda"
         self._inflight: _InFlight | None = None
         # The step in flight's result, read inside launch for late grammar masks.
-        self._read_ahead: tuple[_InFlight, object] | None = None
+        self._read_ahead: tuple[_InFlight, StepResult] | None = None
         self._suspects: collections.deque[str] = collections.deque()   # to run alone, in turn
         self._groups: dict[str, _Group] = {}
         self._child_group: dict[str, _Group] = {}
@@ -245,16 +245,12 @@ class LLMEngine:
         and only the constrained sequences' grammars take its tokens (early); the rest
         of its postprocessing runs after the launch, as always, so every request keeps
         the overlap."""
-        if self._inflight is None:
-            sched.num_constrained = self.structured.fill_bitmasks(sched.scheduled, requests)
-            return
-        pairs = [(s, r) for s, r in zip(sched.scheduled, requests) if r.grammar is not None and s.num_sampled]
-        if not pairs:
-            return
-        if any(s.num_sampled != 1 for s, _ in pairs):
-            raise ValueError("structured_outputs: one sampled token per step is supported")
+        pairs = self.structured.sampled_rows(sched.scheduled, requests)
         sched.num_constrained = len(pairs)
-
+        if self._inflight is None or not pairs:
+            for s, r in pairs:
+                s.token_bitmask = r.grammar.next_bitmask()
+            return
         inflight = self._inflight
 
         def late_bitmasks() -> dict:

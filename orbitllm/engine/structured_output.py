@@ -175,19 +175,15 @@ class StructuredOutputs:
         self.num_active -= 1
 
     @staticmethod
-    def fill_bitmasks(scheduled, requests) -> int:
-        """Give each constrained sequence that samples this step its next mask; returns
-        how many did. A sequence sampled at several positions (speculative decoding) is
-        not supported: its later positions would need the grammar's state after the
-        draft tokens."""
-        n = 0
-        for s, req in zip(scheduled, requests):
-            if req.grammar is not None and s.num_sampled:
-                if s.num_sampled != 1:
-                    raise ValueError("structured_outputs: one sampled token per step is supported")
-                s.token_bitmask = req.grammar.next_bitmask()
-                n += 1
-        return n
+    def sampled_rows(scheduled, requests) -> list:
+        """(scheduled part, request) of the constrained sequences sampled this step. A
+        sequence sampled at several positions (speculative decoding) must not be
+        constrained: its later positions would need the grammar's state after the drafts."""
+        pairs = [(s, r) for s, r in zip(scheduled, requests) if r.grammar is not None and s.num_sampled]
+        if any(s.num_sampled != 1 for s, _ in pairs):
+            raise RuntimeError("structured output samples one token per step; a constrained "
+                               "sequence was scheduled to sample several")
+        return pairs
 
 
 def bad_words_token_ids(tokenizer, words: list[str]) -> list[list[int]]:
