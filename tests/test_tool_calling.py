@@ -5,6 +5,7 @@ and 400s for bad tool requests. The parsers alone are checked on fixed texts."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -144,6 +145,10 @@ def test_conversation_with_tool_results_continues(client, tools_server):
     r = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, max_tokens=6, temperature=0)
     assert r.choices[0].finish_reason in ("stop", "length") and isinstance(r.choices[0].message.content, str)
     assert r.usage.prompt_tokens > first.usage.prompt_tokens   # the calls and results were rendered
+    deadline = time.monotonic() + 5
+    while tools_server.metric("kv_cache_usage_perc") != 0.0:   # every KV block back in the pool
+        assert time.monotonic() < deadline, "KV blocks still held"
+        time.sleep(0.05)
 
 
 BAD = [

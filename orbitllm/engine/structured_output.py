@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import json
-import logging
 import re
 import threading
 from typing import TYPE_CHECKING
@@ -25,8 +24,6 @@ from orbitllm.sampling_params import StructuredOutputsParams
 
 if TYPE_CHECKING:   # xgrammar is imported when the first constraint arrives
     import xgrammar
-
-log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_SIZE = 128
 _XGR_PREFIX = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from orbitllm.sampling_params import StructuredOutputsParams
 
@@ -89,8 +89,8 @@ def template_tools(body) -> list[dict] | None:
 # ---- parsers, one per model format -----------------------------------------------------
 
 class ToolParser:
-    """Reads complete tool calls from text; ``split`` finds where a call may begin so a
-    stream can send the text before it as content."""
+    """Reads complete tool calls from text; ``call_start`` finds where a call begins so
+    a stream can send the text before it as content."""
 
     name = ""
     start = ""   # the marker that opens a call
@@ -205,7 +205,6 @@ class ChoiceToolStream:
     sent_calls: int = 0
     in_call: bool = False
     named_id: str | None = None
-    named_done: bool = field(default=False)
 
 
 class ToolCalling:
