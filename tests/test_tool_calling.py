@@ -158,7 +158,7 @@ BAD = [
     ("bad tool_choice string", {"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
     ("duplicate tool names", {"tools": TOOLS + TOOLS[:1]}, "tools"),
     ("invalid parameters schema", {"tools": [{"type": "function", "function": {
-        "name": "f", "parameters": {"type": "foo"}}}], "tool_choice": "required"}, "tool_choice"),
+        "name": "f", "parameters": {"type": "foo"}}}], "tool_choice": "required"}, "tools"),
     ("forced call and response_format", {"tools": TOOLS, "tool_choice": "required",
                                          "response_format": {"type": "json_object"}}, "tool_choice"),
     ("arguments not JSON", {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [

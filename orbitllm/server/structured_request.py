@@ -40,7 +40,8 @@ def source_field(body) -> str:
                 else "response_format")
     if body.structured_outputs is not None:
         return "structured_outputs"
-    return next((name for name in _GUIDED if getattr(body, name) is not None), "tool_choice")
+    # Else tool_choice forced a call: the schema is the tools' parameters.
+    return next((name for name in _GUIDED if getattr(body, name) is not None), "tools")
 
 
 def _from_response_format(fmt) -> StructuredOutputsParams:
