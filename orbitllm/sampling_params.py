@@ -15,6 +15,50 @@ INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 MAX_STOP_STRINGS = 64          # more would make every step's stop check costly
 MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024          # OpenAI's tokens per logit_bias (its own limit is 300)
+MAX_BAD_WORDS = 256
+MAX_GRAMMAR_CHARS = 1 << 20    # a schema, regex or grammar; the server caps bodies anyway
+
+
+@dataclass
+class StructuredOutputsParams:
+    """One constraint on the output (vLLM's names), enforced by a grammar engine: a
+    JSON schema, any JSON object, a regex, one of several strings, or an EBNF grammar."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar", "json_object")
+                 if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("structured_outputs: exactly one of json, regex, choice, grammar, "
+                             f"json_object must be set, got {given or 'none'}")
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise _bad("structured_outputs.json", "must be a JSON schema (a dict or its text)", self.json)
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise _bad(f"structured_outputs.{name}", "must be a non-empty string", value)
+        if self.choice is not None:
+            if (not isinstance(self.choice, (list, tuple)) or not self.choice
+                    or not all(isinstance(c, str) and c for c in self.choice)):
+                raise _bad("structured_outputs.choice", "must be a non-empty list of non-empty strings",
+                           self.choice)
+            self.choice = list(self.choice)
+        if self.json_object is not None and not isinstance(self.json_object, bool):
+            raise _bad("structured_outputs.json_object", "must be a boolean", self.json_object)
+        size = len(str(self.json or self.regex or self.grammar or self.choice or ""))
+        if size > MAX_GRAMMAR_CHARS:
+            raise ValueError(f"structured_outputs: {size} characters, at most {MAX_GRAMMAR_CHARS}")
+
+    @property
+    def kind(self) -> str:
+        return next(n for n in ("json", "regex", "choice", "grammar", "json_object")
+                    if getattr(self, n) not in (None, False))
 
 
 @dataclass
@@ -41,6 +85,16 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     truncate_prompt_tokens: int | None = None   # keep only the prompt's last N tokens
+    # ---- logits masks and structured output (issue 22) ----
+    logit_bias: dict[int, float] | None = None     # token id -> added to its logit, in [-100, 100]
+    allowed_token_ids: list[int] | None = None     # only these may be sampled
+    bad_words: list[str] | None = None             # never generated (their last token is banned)
+    structured_outputs: StructuredOutputsParams | None = None
+    # The engine's: bad_words as token ids (``LLMEngine`` tokenizes them).
+    bad_words_token_ids: list[list[int]] = field(init=False, default_factory=list)
+    # Whether the sampler edits this request's logits (a plain flag: read per row per step).
+    masks_logits: bool = field(init=False, default=False)
+    # ---- end of the logits-mask block ----
     stop_strings: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -53,6 +107,7 @@ class SamplingParams:
         self.stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self._validate()
+        self._validate_masks()
 
     def _validate(self) -> None:
         _int("n", self.n, 1)
@@ -98,10 +153,48 @@ class SamplingParams:
         """The prompt as the engine computes it: its last ``truncate_prompt_tokens``."""
         k = self.truncate_prompt_tokens
         return prompt_token_ids if k is None or len(prompt_token_ids) <= k else prompt_token_ids[-k:]
+    def _validate_masks(self) -> None:
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise _bad("logit_bias", "must map token ids to biases", self.logit_bias)
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias: at most {MAX_LOGIT_BIAS} tokens, got {len(self.logit_bias)}")
+            bias = {}
+            for k, v in self.logit_bias.items():
+                key = int(k) if isinstance(k, str) and k.isdigit() else k
+                _int("logit_bias", key, 0, why="keys must be token ids (integers >= 0)")
+                _float("logit_bias", v, -100.0, 100.0)
+                bias[key] = float(v)
+            self.logit_bias = bias or None
+        if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, (list, tuple)) or not self.allowed_token_ids:
+                raise _bad("allowed_token_ids", "must be a non-empty list of token ids",
+                           self.allowed_token_ids)
+            for t in self.allowed_token_ids:
+                _int("allowed_token_ids", t, 0, why="must be token ids (integers >= 0)")
+            self.allowed_token_ids = sorted(set(self.allowed_token_ids))
+        if self.bad_words is not None:
+            if not isinstance(self.bad_words, (list, tuple)) or len(self.bad_words) > MAX_BAD_WORDS:
+                raise _bad("bad_words", f"must be a list of at most {MAX_BAD_WORDS} strings", self.bad_words)
+            for w in self.bad_words:
+                if not isinstance(w, str) or not w:
+                    raise _bad("bad_words", "must be non-empty strings", w)
+                check_text("bad_words", w)
+            self.bad_words = list(self.bad_words) or None
+        if self.structured_outputs is not None and not isinstance(
+                self.structured_outputs, StructuredOutputsParams):
+            raise _bad("structured_outputs", "must be a StructuredOutputsParams", self.structured_outputs)
+        self.masks_logits = bool(self.logit_bias or self.allowed_token_ids or self.bad_words
+                                 or self.structured_outputs is not None)
 
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+
 
 
 def _bad(name: str, why: str, value) -> ValueError:

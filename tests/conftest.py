@@ -105,3 +105,38 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+HERMES_TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n# Tools\n<tools>\n{%- for tool in tools %}\n{{ tool | tojson }}"
+    "{%- endfor %}\n</tools>\nCall a tool as <tool_call>\n{\"name\": ..., \"arguments\": ...}\n</tool_call>"
+    "<|im_end|>\n{% endif %}"
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'assistant' and m.get('tool_calls') %}<|im_start|>assistant\n"
+    "{%- for tc in m['tool_calls'] %}\n<tool_call>\n{\"name\": \"{{ tc['function']['name'] }}\", "
+    "\"arguments\": {{ tc['function']['arguments'] | tojson }}}\n</tool_call>{%- endfor %}<|im_end|>\n"
+    "{%- elif m['role'] == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m['content'] }}\n</tool_response>"
+    "<|im_end|>\n"
+    "{%- else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tools_server(tmp_path_factory):
+    """One ``orbitllm serve`` of a tiny Qwen 2 whose chat template renders tools the
+    Hermes way (so the hermes parser is detected), for the structured-output and
+    tool-calling tests."""
+    from transformers import AutoTokenizer
+
+    from test_server import ServerProcess
+    path = tmp_path_factory.mktemp("hermes")
+    build_tiny_model("qwen2", path)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    tok.chat_template = HERMES_TOOLS_TEMPLATE
+    tok.save_pretrained(str(path))
+    srv = ServerProcess(str(path), tmp_path_factory.mktemp("hermes-server"), "--api-key", "test-key",
+                        "--max-model-len", "1536")   # tools make long prompts with a 400-token vocabulary
+    srv.wait_ready()
+    srv.model_path = str(path)
+    yield srv
+    srv.stop()

@@ -277,7 +277,9 @@ _FIELDS = ["model", "prompt", "messages", "n", "best_of", "max_tokens", "max_com
            "frequency_penalty", "repetition_penalty", "logprobs", "top_logprobs", "echo", "logit_bias",
            "min_tokens", "ignore_eos", "priority", "cache_salt", "stream", "stream_options", "suffix",
            "user", "include_stop_str_in_output", "skip_special_tokens", "chat_template",
-           "add_generation_prompt", "continue_final_message", "unknown_field"]
+           "add_generation_prompt", "continue_final_message", "unknown_field",
+           "allowed_token_ids", "bad_words", "response_format", "structured_outputs", "guided_json",
+           "guided_regex", "guided_choice", "guided_grammar", "tools", "tool_choice", "parallel_tool_calls"]
 
 
 def test_fuzz_never_500_never_hangs(server):

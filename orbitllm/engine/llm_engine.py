@@ -19,7 +19,8 @@ from orbitllm.engine.detokenizer import IncrementalDetokenizer
 from orbitllm.engine.request import PoolingRequest, Request, RequestStatus
 from orbitllm.engine.scheduler import Scheduler
 from orbitllm.engine.step_data import FatalStepError, RequestFault, SchedulerOutput
-from orbitllm.executor.model_runner import LaunchedStep, ModelRunner
+from orbitllm.engine.structured_output import StructuredOutputs, bad_words_token_ids
+from orbitllm.executor.model_runner import LaunchedStep, ModelRunner, StepResult
 from orbitllm.executor.setup import EngineParts, build_engine_parts
 from orbitllm.outputs import CompletionOutput, Logprob, PoolingRequestOutput, RequestOutput
 from orbitllm.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, check_text
@@ -66,12 +67,15 @@ class LLMEngine:
         self.max_model_len = self.runner.max_model_len
         self.eos_token_ids = self.runner.eos_token_ids
         self.vocab_size = self.runner.model.spec.vocab_size
+        self.structured = StructuredOutputs(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, parts.max_num_batched_tokens,
                                    self.max_model_len)
         # Overlap: schedule and launch step n+1 before reading step n's tokens (GPU only;
         # on CPU the "device" is this thread, so there is nothing to overlap with).
         self.overlap = config.async_scheduling and self.runner.device.type == "cuda"
         self._inflight: _InFlight | None = None
+        # The step in flight's result, read inside launch for late grammar masks.
+        self._read_ahead: tuple[_InFlight, StepResult] | None = None
         self._suspects: collections.deque[str] = collections.deque()   # to run alone, in turn
         self._groups: dict[str, _Group] = {}
         self._child_group: dict[str, _Group] = {}
@@ -110,12 +114,21 @@ class LLMEngine:
         self._validate(ids, params)
         if params.max_tokens is None:
             params = _with_max_tokens(params, self.max_model_len - len(ids))
+        if params.bad_words:
+            params = replace(params)
+            params.bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
+            self._check_ids("bad_words", [t for w in params.bad_words_token_ids for t in w])
+        # Compiled before admission (a cache hit when the server compiled it already).
+        grammar = (self.structured.compile(params.structured_outputs)
+                   if params.structured_outputs is not None else None)
         children, detoks = [], []
         for i in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             seed = None if params.seed is None else (params.seed if i == 0 else params.seed * 7919 + i)
             child = Request(child_id, ids, params, priority=priority, cache_salt=cache_salt,
                             seed=seed)
+            if grammar is not None:
+                child.grammar = self.structured.start(grammar)
             children.append(child)
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
                                                  params.stop_strings,
@@ -230,15 +243,25 @@ class LLMEngine:
         if priority and self.config.scheduling_policy != "priority":
             raise ValueError(f"priority: {priority} asked for, but the engine schedules first come, "
                              "first served (start it with scheduling_policy='priority')")
-        bad = next((t for t in params.stop_token_ids if t >= self.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"stop_token_ids: {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
+        self._check_ids("stop_token_ids", params.stop_token_ids)
+        if params.masks_logits:
+            self._check_ids("logit_bias", params.logit_bias or ())
+            self._check_ids("allowed_token_ids", params.allowed_token_ids or ())
+            if (params.bad_words or params.structured_outputs is not None) and self.tokenizer is None:
+                raise ValueError("bad_words: needs a tokenizer, and this engine has none"
+                                 if params.bad_words else
+                                 "structured_outputs: needs a tokenizer, and this engine has none")
         for name in ("logprobs", "prompt_logprobs"):
             n = getattr(params, name)
             if n is not None and n > self.vocab_size:
                 raise ValueError(f"{name}: {n} exceeds the vocabulary size {self.vocab_size}")
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("stop: stop strings need a tokenizer")
+
+    def _check_ids(self, name: str, ids) -> None:
+        bad = next((t for t in ids if t >= self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"{name}: {bad} is outside the vocabulary (0..{self.vocab_size - 1})")
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
@@ -289,6 +312,8 @@ class LLMEngine:
         sched = self.last_scheduled = schedule.step_data()
         if self._pooling:
             sched.pooling = [i for i, r in enumerate(schedule.requests) if r.request_id in self._pooling]
+        if self.structured.num_active:
+            self._attach_bitmasks(sched, schedule.requests)
         prev = self._inflight.launched if self._inflight is not None else None
         try:
             launched = self.runner.launch(sched, prev)
@@ -314,6 +339,35 @@ class LLMEngine:
         if not self.overlap:
             outputs += self._drain()
         return outputs
+
+    def _attach_bitmasks(self, sched: SchedulerOutput, requests: list[Request]) -> None:
+        """Give constrained sequences their grammar masks. With no step in flight the
+        grammars are current; with one, the masks wait for its tokens: the runner asks
+        for them after queuing this step's forward. Then the step in flight is read back
+        and only the constrained sequences' grammars take its tokens (early); the rest
+        of its postprocessing runs after the launch, as always, so every request keeps
+        the overlap."""
+        pairs = self.structured.sampled_rows(sched.scheduled, requests)
+        sched.num_constrained = len(pairs)
+        if self._inflight is None or not pairs:
+            for s, r in pairs:
+                s.token_bitmask = r.grammar.next_bitmask()
+            return
+        inflight = self._inflight
+
+        def late_bitmasks() -> dict:
+            result = self.runner.finish(inflight.launched)
+            self._read_ahead = (inflight, result)
+            masks = {}
+            for s, r in pairs:
+                for token in result.sampled.get(r.request_id, ()):
+                    r.grammar.accept_early(token)
+                # A grammar complete with this token ends its request: the row is discarded.
+                if not r.grammar.is_terminated:
+                    masks[s.request_id] = r.grammar.next_bitmask()
+            return masks
+
+        sched.late_bitmasks = late_bitmasks
 
     # ---- a step that fails -------------------------------------------------------
     def _step_failed(self, requests: list[Request], error: Exception,
@@ -377,7 +431,8 @@ class LLMEngine:
         if self._inflight is None:
             return []
         step, self._inflight = self._inflight, None
-        result = self.runner.finish(step.launched)
+        ahead, self._read_ahead = self._read_ahead, None
+        result = ahead[1] if ahead is not None and ahead[0] is step else self.runner.finish(step.launched)
         touched: dict[str, _Group] = {}
         now = time.monotonic()
         for s, req in zip(step.sched.scheduled, step.requests):
@@ -437,6 +492,9 @@ class LLMEngine:
         detok = group.detoks[group.children.index(req)]
         p = req.params
         stop_str = detok.add_token(token)
+        if req.grammar is not None and stop_str is None and self._grammar_ended(req, token):
+            detok.flush()
+            return
         if stop_str is not None:
             req.stop_reason = stop_str
             self._finish(req, "stop")
@@ -451,6 +509,18 @@ class LLMEngine:
         if req.is_finished and stop_str is None:
             detok.flush()
 
+    def _grammar_ended(self, req: Request, token: int) -> bool:
+        """Advance the grammar; True when it ended the request: it refused the token
+        (an error: the mask should have made that impossible) or it is complete."""
+        if not req.grammar.accept(token):
+            log.error("request %s: the grammar refused token %d", req.request_id, token)
+            self._finish(req, "error")
+            return True
+        if req.grammar.is_terminated and not (token in self.eos_token_ids and not req.params.ignore_eos):
+            self._finish(req, "stop")   # complete without EOS (ignore_eos, or no EOS in the mask)
+            return True
+        return False
+
     def _add_prompt_logprobs(self, req: Request, rows) -> None:
         if not req.prompt_logprobs:
             req.prompt_logprobs.append(None)   # the first prompt token has no logprob
@@ -463,6 +533,9 @@ class LLMEngine:
         return None if self.tokenizer is None else self.tokenizer.decode([token_id])
 
     def _finish(self, req: Request, reason: str) -> None:
+        if req.grammar is not None:
+            req.grammar = None
+            self.structured.stop()
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         keep = bool(self._keep) and req.request_id in self._keep

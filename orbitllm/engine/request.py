@@ -50,6 +50,7 @@ class Request:
     cumulative_logprob: float = 0.0
     first_token_time: float | None = None
     first_scheduled_time: float | None = None
+    grammar: object | None = None      # structured output: its SequenceGrammar, while it runs
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -96,9 +97,10 @@ class Request:
 
     @property
     def needs_host_tokens(self) -> bool:
-        """Penalties and prompt logprobs read tokens on the host, so a step with this
-        request cannot run ahead of the previous step's results."""
-        return self.params.prompt_logprobs is not None or _has_penalties(self.params)
+        """Penalties, bad words and prompt logprobs read tokens on the host, so a step
+        with this request cannot run ahead of the previous step's results. (A grammar
+        reads them too, but late: ``SchedulerOutput.late_bitmasks``.)"""
+        return self.params.prompt_logprobs is not None or _needs_history(self.params)
 
     def scheduled(self, num_new_tokens: int, block_ids: list[int]) -> ScheduledRequest:
         """This step's part of the request as plain data: its new tokens (only those),
@@ -119,16 +121,12 @@ class Request:
             s.seed = self.seed
             s.num_output_tokens = len(output) + self.num_pending
             s.num_prompt_tokens = num_prompt
-            if _has_penalties(p):
+            if _needs_history(p):
                 s.history = self.all_token_ids
         if p.prompt_logprobs is not None and start < len(self.prompt_token_ids) - 1:
             last = min(end, len(self.prompt_token_ids) - 1)   # position j predicts token j + 1
             s.prompt_logprob_targets = self.prompt_token_ids[start + 1:last + 1]
         return s
-
-
-def _has_penalties(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1 or bool(p.presence_penalty) or bool(p.frequency_penalty)
 
 
 @dataclass
@@ -149,3 +147,8 @@ class PoolingRequest(Request):
         s = super().scheduled(num_new_tokens, block_ids)
         s.num_sampled = 0
         return s
+
+
+def _needs_history(p: SamplingParams) -> bool:
+    """Penalties read every token; bad words of several tokens the output's last ones."""
+    return p.has_penalties or (p.masks_logits and bool(p.bad_words_token_ids))

@@ -12,6 +12,7 @@ today; a speculative verify step samples several).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from orbitllm.sampling_params import SamplingParams
 
@@ -38,6 +39,7 @@ class ScheduledRequest:
     num_prompt_tokens: int = 0
     history: list[int] | None = None  # prompt + output ids, only when penalties read them
     prompt_logprob_targets: list[int] | None = None   # the prompt tokens this step's positions predict
+    token_bitmask: object | None = None   # the grammar's allowed next tokens (packed int32), if constrained
 
     @property
     def num_pending_inputs(self) -> int:
@@ -53,6 +55,11 @@ class SchedulerOutput:
     # Indexes into ``scheduled`` of pooling (embedding) sequences: the runner returns the
     # sum and the last of their final hidden states instead of sampling them.
     pooling: list[int] = field(default_factory=list)
+    num_constrained: int = 0   # sequences with a token_bitmask (0: no row reads one)
+    # Overlapped scheduling with constrained sequences: their masks depend on the step
+    # in flight, so the runner calls this once it has queued this step's forward, and
+    # gets request id -> bitmask (the engine reads the step in flight back meanwhile).
+    late_bitmasks: Callable[[], dict] | None = None
 
     @property
     def num_batched_tokens(self) -> int:

@@ -185,6 +185,9 @@ class ModelRunner:
         prev_tokens = prev.out.token_ids if inputs.pending_rows.size else None
         fwd, sample_rows = self._forward(inputs, prev_tokens)
         rows = inputs.sampling.rows
+        if sched.late_bitmasks is not None:   # grammars that had to see the step in flight first
+            masks = sched.late_bitmasks()
+            rows.token_bitmasks = [masks.get(rid) for rid in rows.request_ids]
         step = LaunchedStep(rows if len(rows) else None)
         if len(rows):
             logits, greedy_ids = self._sample_logits(fwd, sample_rows, len(rows))

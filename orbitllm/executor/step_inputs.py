@@ -138,11 +138,12 @@ class StepInputs:
             prompt_rows=np.asarray(prompt_rows, np.int64),
             prompt_counts=np.asarray([len(g.targets) for g in groups], np.int64),
             max_query_len=int(qlens.max()), max_seq_len=int(seq_lens.max()),
-            sampling=StepSampling(_sampling_rows([s for s in scheduled if s.num_sampled], S),
-                                  groups))
+            sampling=StepSampling(_sampling_rows([s for s in scheduled if s.num_sampled], S,
+                                                 sched.num_constrained > 0), groups))
 
 
-def _sampling_rows(sampled: list[ScheduledRequest], num_rows: int) -> SamplingRows:
+def _sampling_rows(sampled: list[ScheduledRequest], num_rows: int,
+                   constrained: bool = False) -> SamplingRows:
     """One row per sampled position, in batch order: a sequence's k-th sampled row
     draws its output token ``num_output_tokens + k``. Rows with penalties carry the
     sequence's history as it stood when the step was scheduled."""
@@ -153,4 +154,5 @@ def _sampling_rows(sampled: list[ScheduledRequest], num_rows: int) -> SamplingRo
     return SamplingRows(
         request_ids=[s.request_id for s in seqs], params=[s.params for s in seqs],
         seeds=[s.seed for s in seqs], output_index=index,
-        histories=[s.history for s in seqs], num_prompt_tokens=[s.num_prompt_tokens for s in seqs])
+        histories=[s.history for s in seqs], num_prompt_tokens=[s.num_prompt_tokens for s in seqs],
+        token_bitmasks=[s.token_bitmask for s in seqs] if constrained else None)

@@ -32,13 +32,74 @@ class SamplingRows:
     output_index: list[int]             # the drawn token's place in its request's output
     histories: list[list[int] | None]   # prompt + output ids on rows with penalties, else None
     num_prompt_tokens: list[int]        # where each history's output part starts
+    # Per row: the grammar's allowed tokens as a packed int32 bitmask ([ceil(V / 32)],
+    # bit set: allowed), or None; the whole list is None when no row is constrained.
+    token_bitmasks: list | None = None
 
     def __len__(self) -> int:
         return len(self.params)
 
     def subset(self, rows: list[int]) -> "SamplingRows":
         """These rows alone (to find which row of a failed batch fails by itself)."""
-        return SamplingRows(*([getattr(self, f.name)[i] for i in rows] for f in fields(self)))
+        return SamplingRows(*(None if (v := getattr(self, f.name)) is None else [v[i] for i in rows]
+                              for f in fields(self)))
+
+
+@dataclass
+class LogitsMasks:
+    """The per-row edits a few requests ask for, as device tensors (each None if no row
+    asks): OpenAI's logit_bias, vLLM's allowed_token_ids, and grammar bitmasks."""
+
+    bias: tuple | None = None          # (row idx, token idx, bias) added to the logits
+    allowed: tuple | None = None       # (row idx [R], keep [R, V] bool): all else is -inf
+    bitmask: tuple | None = None       # (packed int32 [B, ceil(V / 32)], constrained rows [C] int32)
+
+    @classmethod
+    def build(cls, rows: SamplingRows, masked: list[int], vocab_size: int,
+              upload: Callable) -> "LogitsMasks":
+        """``masked``: the rows whose params set ``masks_logits``."""
+        ps = rows.params
+        out = cls()
+        bias = [(i, t, b) for i in masked if ps[i].logit_bias for t, b in ps[i].logit_bias.items()]
+        if bias:
+            r, t, b = zip(*bias)
+            idx = upload([np.asarray(r, np.int64), np.asarray(t, np.int64)], "sampling_bias_idx")
+            (vals,) = upload([np.asarray(b, np.float32)], "sampling_bias_f32")
+            out.bias = (idx[0], idx[1], vals)
+        allowed = [i for i in masked if ps[i].allowed_token_ids]
+        if allowed:
+            pairs = [(k, t) for k, i in enumerate(allowed) for t in ps[i].allowed_token_ids]
+            local, cols, which = upload([np.asarray([k for k, _ in pairs], np.int64),
+                                         np.asarray([t for _, t in pairs], np.int64),
+                                         np.asarray(allowed, np.int64)], "sampling_allowed")
+            keep = torch.zeros((len(allowed), vocab_size), dtype=torch.bool, device=local.device)
+            keep[local, cols] = True
+            out.allowed = (which, keep)
+        if rows.token_bitmasks is not None:
+            constrained = [i for i in masked if rows.token_bitmasks[i] is not None]
+            if constrained:
+                # One row per batch row (xgrammar's indices address both tensors); the
+                # free rows' are never read, so they stay all-ones.
+                width = np.asarray(rows.token_bitmasks[constrained[0]]).shape[-1]
+                packed = np.full((len(rows), width), -1, np.int32)
+                for i in constrained:
+                    packed[i] = rows.token_bitmasks[i]
+                packed_d, rows_d = upload([packed, np.asarray(constrained, np.int32)], "sampling_bitmask")
+                out.bitmask = (packed_d, rows_d)
+        return out
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits``: float32 [B, V], a tensor the sampler owns (edited in place)."""
+        if self.bias is not None:
+            logits.index_put_(self.bias[:2], self.bias[2], accumulate=True)
+        if self.allowed is not None:
+            which, keep = self.allowed
+            logits[which] = logits[which].masked_fill(~keep, float("-inf"))
+        if self.bitmask is not None:
+            from xgrammar import apply_token_bitmask_inplace   # only constrained batches need it
+            packed, rows = self.bitmask
+            apply_token_bitmask_inplace(logits, packed, vocab_size=logits.shape[-1], indices=rows)
+        return logits
 
 
 @dataclass
@@ -52,7 +113,8 @@ class SamplingBatch:
     top_p: torch.Tensor | None        # [B] float32
     min_p: torch.Tensor | None        # [B] float32
     penalties: tuple | None           # (token ids [B, L] padded with -1, output mask [B, L], rep, pres, freq)
-    banned: tuple | None              # (row idx, token idx) tensors: EOS/stop ids before min_tokens
+    banned: tuple | None              # (row idx, token idx) tensors: EOS/stop ids before min_tokens, bad words
+    masks: LogitsMasks | None         # logit bias, allowed ids, grammar bitmasks (None: no row has any)
     num_logprobs: int                 # max top-N asked (-1: none)
     all_greedy: bool
     any_greedy: bool
@@ -72,17 +134,19 @@ class SamplingBatch:
         upload = upload or (lambda arrays, name: [torch.from_numpy(a).to(device) for a in arrays])
         ps = rows.params
         greedy = np.fromiter((p.greedy for p in ps), bool, len(ps))
-        ban_rows, ban_cols = _banned(rows, eos_token_ids)
+        masked = [i for i, p in enumerate(ps) if p.masks_logits]
+        ban_rows, ban_cols = _banned(rows, eos_token_ids, masked)
         banned = None
         if ban_rows.size:
             banned = tuple(upload([ban_rows, ban_cols], "sampling_ban"))
+        masks = LogitsMasks.build(rows, masked, vocab_size, upload) if masked else None
         penalties = None
-        if any(h is not None for h in rows.histories):
+        if any(h is not None and p.has_penalties for h, p in zip(rows.histories, ps)):
             penalties = _penalty_tensors(rows, device)
         nlp = max((p.logprobs for p in ps if p.logprobs is not None), default=-1)
         if greedy.all():   # nothing else to move to the device
             return cls(temperature=None, seeds=None, row_seeds=[None] * len(ps), top_k=None,
-                       top_p=None, min_p=None, penalties=penalties, banned=banned,
+                       top_p=None, min_p=None, penalties=penalties, banned=banned, masks=masks,
                        num_logprobs=nlp, all_greedy=True, any_greedy=True)
         floats = np.empty((3, len(ps)), np.float32)   # temperature (0: greedy), top_p, min_p
         floats[0] = [0.0 if g else p.temperature for p, g in zip(ps, greedy)]
@@ -102,7 +166,7 @@ class SamplingBatch:
             top_k=top_k_d if any(p.top_k > 0 for p in ps) else None,
             top_p=floats_d[1] if any(p.top_p < 1 for p in ps) else None,
             min_p=floats_d[2] if any(p.min_p > 0 for p in ps) else None,
-            penalties=penalties, banned=banned, num_logprobs=nlp, all_greedy=False,
+            penalties=penalties, banned=banned, masks=masks, num_logprobs=nlp, all_greedy=False,
             any_greedy=bool(greedy.any()))
 
 
@@ -122,15 +186,36 @@ def _penalty_tensors(rows: SamplingRows, device: torch.device) -> tuple:
     return tuple(t.to(device) for t in (ids, is_out, rep, pres, freq))
 
 
-def _banned(rows: SamplingRows, eos_ids: set[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(row, token) pairs masked out: EOS and stop ids of rows still under min_tokens."""
+def _banned(rows: SamplingRows, eos_ids: set[int],
+            masked: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(row, token) pairs masked out: EOS and stop ids of rows still under min_tokens,
+    and bad words' last tokens where the output ends with the rest of the word."""
     ban_rows, cols = [], []
     for i, (p, k) in enumerate(zip(rows.params, rows.output_index)):
         if k < p.min_tokens:
             toks = set(p.stop_token_ids) | (set() if p.ignore_eos else eos_ids)
             ban_rows += [i] * len(toks)
             cols += sorted(toks)
+    for i in masked:
+        toks = _bad_word_tokens(rows.params[i].bad_words_token_ids, rows.histories[i],
+                                rows.num_prompt_tokens[i])
+        ban_rows += [i] * len(toks)
+        cols += toks
     return np.asarray(ban_rows, np.int64), np.asarray(cols, np.int64)
+
+
+def _bad_word_tokens(words: list[list[int]], history: list[int] | None, num_prompt: int) -> list[int]:
+    """vLLM's rule: a word's last token is banned when the output so far ends with the
+    word's other tokens (always, for a one-token word)."""
+    banned = set()
+    for word in words:
+        prefix = word[:-1]
+        if not prefix:
+            banned.add(word[-1])
+        elif history is not None and len(history) - num_prompt >= len(prefix) \
+                and history[len(history) - len(prefix):] == prefix:
+            banned.add(word[-1])
+    return sorted(banned)
 
 
 def apply_penalties(logits: torch.Tensor, penalties: tuple) -> torch.Tensor:
@@ -191,9 +276,10 @@ class Sampler:
                  greedy_ids: torch.Tensor | None = None) -> SamplerOutput:
         """``greedy_ids``: ``logits.argmax(-1)`` when the caller has it already (the
         decode graph's); used unless banned tokens or penalties change the logits."""
-        if batch.banned is not None or batch.penalties is not None:
+        edits = batch.banned is not None or batch.penalties is not None or batch.masks is not None
+        if edits:
             greedy_ids = None
-        if batch.num_logprobs >= 0 or batch.banned is not None or batch.penalties is not None:
+        if batch.num_logprobs >= 0 or edits:
             logits = logits.float()   # (the kernels below read 16-bit logits as they are)
         raw_logprobs = logits.log_softmax(-1) if batch.num_logprobs >= 0 else None
         if batch.banned is not None:
@@ -201,6 +287,10 @@ class Sampler:
             logits = logits.index_put(batch.banned, logits.new_full((), float("-inf")))
         if batch.penalties is not None:
             logits = apply_penalties(logits, batch.penalties)
+        if batch.masks is not None:
+            if batch.banned is None and batch.penalties is None:
+                logits = logits.clone()   # the caller's logits (or the graph's) stay as they were
+            logits = batch.masks.apply(logits)
         out = SamplerOutput(self._draw(logits, batch, greedy_ids))
         if raw_logprobs is not None:
             out.logprobs = raw_logprobs.gather(1, out.token_ids[:, None]).squeeze(1)

@@ -47,6 +47,9 @@ def register(subparsers, add_engine_args, engine_config_from_args) -> None:
     group.add_argument("--pooling", choices=["last", "mean"], default="last",
                        help="/v1/embeddings: the final hidden state of the last token, or the "
                             "mean over the input's tokens (default: last)")
+    group.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+                       help="how tool calls are read from the model's text when tool_choice is "
+                            "'auto' (default: detected from the chat template)")
     group.add_argument("--log-prompts", action="store_true",
                        help="include prompt text in the access log (off: privacy)")
     group.add_argument("--log-level", default="info",
@@ -85,7 +88,8 @@ def _serve(args: argparse.Namespace, engine_config_from_args) -> int:
         max_request_bytes=args.max_request_bytes, preprocess_timeout=args.preprocess_timeout,
         trust_request_chat_template=args.trust_request_chat_template,
         max_stream_buffer=args.max_stream_buffer, stream_stall_timeout=args.stream_stall_timeout,
-        idle_connection_timeout=args.idle_connection_timeout, pooling=args.pooling)
+        idle_connection_timeout=args.idle_connection_timeout, pooling=args.pooling,
+        tool_call_parser=args.tool_call_parser)
     run_server(engine, settings, args.host, args.port, args.shutdown_timeout, args.log_level)
     return 0
 

@@ -6,12 +6,15 @@ Range checks live in ``SamplingParams``: the server and the offline API share th
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
 
 from orbitllm.sampling_params import BeamSearchParams, SamplingParams, check_text
+from orbitllm.server.structured_request import structured_outputs_of
+from orbitllm.server.tool_parsers import tool_choice_constraint
 
 MAX_LOGPROBS = 20
 
@@ -41,6 +44,76 @@ def _check_strings(name: str, value) -> None:
 
 class StreamOptions(_Request):
     include_usage: bool = False
+
+
+# ---- structured output and tool calling request parts (issue 22) -----------------------
+
+class JsonSchemaFormat(_Request):
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(_Request):
+    """vLLM's ``structured_outputs`` field (one of these set)."""
+
+    json_: str | dict | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
+class MessageFunctionCall(_Request):
+    name: str
+    arguments: str
+
+
+class MessageToolCall(_Request):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: MessageFunctionCall
+
+    def as_template_input(self) -> dict:
+        try:
+            arguments = json.loads(self.function.arguments)
+        except ValueError:
+            raise ValueError(f"messages: a tool call's arguments are not JSON: "
+                             f"{self.function.arguments[:80]!r}") from None
+        call = {"type": "function", "function": {"name": self.function.name, "arguments": arguments}}
+        if self.id is not None:
+            call["id"] = self.id
+        return call
 
 
 class _SamplingRequest(_Request):
@@ -122,6 +195,16 @@ class _SamplingRequest(_Request):
         """Sequences the engine generates per prompt: ``best_of`` of them, of which the
         ``n`` with the highest cumulative logprob are returned (vLLM's best_of)."""
         return self.n if self.best_of is None or self.use_beam_search else max(self.best_of, self.n)
+    # ---- structured output and logits masks (issue 22: orbitllm/server/structured_request.py) ----
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: str | dict | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    # ---- end of the structured-output block ----
 
     @property
     def include_usage(self) -> bool:
@@ -130,8 +213,6 @@ class _SamplingRequest(_Request):
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
                          prompt_logprobs: int | None = None) -> SamplingParams:
         """Raises ValueError naming the field when a value is out of range."""
-        if self.logit_bias:
-            raise ValueError("logit_bias: not supported by this server")
         self.refuse_unsupported()
         if logprobs is not None and logprobs > MAX_LOGPROBS:
             raise ValueError(f"logprobs: at most {MAX_LOGPROBS} are supported, got {logprobs}")
@@ -157,7 +238,13 @@ class _SamplingRequest(_Request):
             logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
-            truncate_prompt_tokens=self.truncate_prompt_tokens)
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
+            logit_bias=self.logit_bias, allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words, structured_outputs=self.structured_constraint())
+
+    def structured_constraint(self):
+        """The output constraint the request's fields ask for (None: free text)."""
+        return structured_outputs_of(self)
 
 
 def _or(value, default):
@@ -194,14 +281,24 @@ class TextPart(_Request):
 
 
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    # ---- tool calling (issue 22: orbitllm/server/tool_parsers.py) ----
+    tool_calls: list[MessageToolCall] | None = None   # an assistant's earlier calls
+    tool_call_id: str | None = None                   # a tool result's call
 
     def as_template_input(self) -> dict:
         content = self.content if not isinstance(self.content, list) else "".join(
             part.text for part in self.content)
-        return {"role": self.role, "content": content or ""}
+        message = {"role": self.role, "content": content or ""}
+        if self.tool_calls:   # templates read the arguments as a mapping, OpenAI sends JSON text
+            message["tool_calls"] = [c.as_template_input() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.role == "tool" and self.name is not None:
+            message["name"] = self.name
+        return message
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -214,6 +311,18 @@ class ChatCompletionRequest(_SamplingRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template: str | None = None
+    # ---- tool calling (issue 22: orbitllm/server/tool_parsers.py) ----
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    def structured_constraint(self):
+        """Free text, the client's constraint, or the tool call that tool_choice forces."""
+        forced = tool_choice_constraint(self)
+        if forced is not None and structured_outputs_of(self) is not None:
+            raise ValueError("tool_choice: cannot force a tool call together with response_format "
+                             "or structured_outputs")
+        return forced or structured_outputs_of(self)
 
     def sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
@@ -328,9 +437,21 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob] = Field(default_factory=list)
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: str = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)   # (issue 22: tool calling)
 
 
 class ChatChoice(BaseModel):
@@ -354,6 +475,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[dict] | None = None   # (issue 22) OpenAI's deltas: id, type, name first, then arguments
 
     @model_serializer(mode="wrap")
     def _only_present(self, handler) -> dict:

@@ -33,13 +33,15 @@ from orbitllm.server.async_engine import (AsyncEngine, ChoiceDelta, ClientTooSlo
 from orbitllm.server.limits import (LimitedTemplateRenderer, Preprocessor, PreprocessTimeoutError,
                                     max_token_bytes, min_tokens_of)
 from orbitllm.server.metrics import ServerMetrics
+from orbitllm.server.structured_request import source_field
+from orbitllm.server.tool_parsers import ToolCalling, parser_for, template_tools
 from orbitllm.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
                                       ChatCompletionChunk, ChatCompletionRequest,
                                       ChatCompletionResponse, ChatLogprobs, CompletionChoice,
                                       CompletionLogprobs, CompletionRequest, CompletionResponse,
-                                      DeltaMessage, ErrorInfo, ErrorResponse, PromptLogprob,
-                                      PromptLogprobs, PromptTokensDetails, TokenLogprob,
-                                      TopLogprob, Usage)
+                                      DeltaMessage, ErrorInfo, ErrorResponse, FunctionCall,
+                                      PromptLogprob, PromptLogprobs, PromptTokensDetails,
+                                      TokenLogprob, ToolCall, TopLogprob, Usage)
 
 _log = logging.getLogger(__name__)
 
@@ -111,6 +113,7 @@ class ServerSettings:
     idle_connection_timeout: float = 5.0   # a connection with no request is closed after it
     max_sequences_per_request: int = 256   # prompts x n of one completions call
     pooling: str = "last"                  # /v1/embeddings: "last" token or "mean"
+    tool_call_parser: str | None = None    # hermes, llama3_json; None: from the chat template
 
 
 @dataclass
@@ -444,11 +447,13 @@ class CompletionFormatter(_Formatter):
 class ChatFormatter(_Formatter):
     """``chat.completion`` bodies; a stream opens each choice with the assistant role."""
 
-    def __init__(self, request_id: str, model: str, body: ChatCompletionRequest, tokenizer) -> None:
+    def __init__(self, request_id: str, model: str, body: ChatCompletionRequest, tokenizer,
+                 tools: ToolCalling | None = None) -> None:
         super().__init__(request_id, model, body.n, tokenizer, body.logprobs)
         self.top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
         self.prompt_logprobs = body.prompt_logprobs is not None
         self.wanted_logprobs = self.top_logprobs
+        self.tools = tools
 
     def _logprobs(self, ids: list[int], entries) -> ChatLogprobs | None:
         if self.top_logprobs is None:
@@ -473,16 +478,36 @@ class ChatFormatter(_Formatter):
     def chunks(self, prompt_index: int, item: StreamedOutput) -> list[ChatCompletionChunk]:
         return [ChatCompletionChunk(
             id=self.request_id, created=self.created, model=self.model, choices=[ChatChunkChoice(
-                index=d.index, delta=DeltaMessage(content=d.choice.text),
+                index=d.index, delta=self._delta(d),
                 logprobs=self._logprobs(d.choice.token_ids, d.choice.logprobs),
-                finish_reason=d.choice.finish_reason, stop_reason=d.choice.stop_reason)])
+                finish_reason=self._finish_reason(d), stop_reason=d.choice.stop_reason)])
             for d in self.deltas(prompt_index, item)]
 
+    def _delta(self, d: _Delta) -> DeltaMessage:
+        if self.tools is None:
+            return DeltaMessage(content=d.choice.text)
+        content, calls = self.tools.stream(d.index, d.choice.text, d.choice.finish_reason is not None)
+        return DeltaMessage(content=content, tool_calls=calls or None)
+
+    def _finish_reason(self, d: _Delta) -> str | None:
+        reason = d.choice.finish_reason
+        return reason if self.tools is None else self.tools.finish_reason(
+            reason, self.tools.streamed_calls(d.index))
+
+    def _message(self, c: ChoiceResult) -> tuple[AssistantMessage, str | None]:
+        if self.tools is None:
+            return AssistantMessage(content=c.text), c.finish_reason
+        content, calls = self.tools.message(c.text)
+        message = AssistantMessage(content=content, tool_calls=[
+            ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=k.name, arguments=k.arguments))
+            for k in calls])
+        return message, self.tools.finish_reason(c.finish_reason, bool(calls))
+
     def response(self, results: list[PromptResult], usage: Usage) -> ChatCompletionResponse:
-        choices = [ChatChoice(index=i, message=AssistantMessage(content=c.text),
+        choices = [ChatChoice(index=i, message=message,
                               logprobs=self._logprobs(c.token_ids, c.logprobs),
-                              finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-                   for i, c in enumerate(results[0].choices)]
+                              finish_reason=reason, stop_reason=c.stop_reason)
+                   for i, c in enumerate(results[0].choices) for message, reason in [self._message(c)]]
         return ChatCompletionResponse(
             id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage,
             prompt_logprobs=prompt_logprobs_json(results[0].prompt_logprobs, self.prompt_logprobs))
@@ -519,6 +544,8 @@ class OpenAIServing:
         self.renderer = LimitedTemplateRenderer(
             max_chars=settings.max_request_bytes, timeout_s=settings.preprocess_timeout)
         self._active: set[Generation] = set()
+        self.tool_parser = parser_for(settings.tool_call_parser,
+                                      getattr(self.tokenizer, "chat_template", None))
 
     # -- completions
     async def completion(self, body: CompletionRequest, request: Request) -> Response:
@@ -557,8 +584,12 @@ class OpenAIServing:
         arrival = time.monotonic()
         model = self._check_model(body.model)
         params = self._params(body)
+        try:
+            tools = ToolCalling.of(body, self.tool_parser)
+        except ValueError as e:
+            raise APIError.from_exception(e) from None
         prompt = _truncated([await self._chat_prompt(body)], params)[0]
-        fmt = ChatFormatter(f"chatcmpl-{uuid.uuid4().hex}", model, body, self.tokenizer)
+        fmt = ChatFormatter(f"chatcmpl-{uuid.uuid4().hex}", model, body, self.tokenizer, tools)
         if body.use_beam_search:
             return await self._run_beam_search(body, request, [prompt], params, fmt, arrival)
         return await self._run(body, request, [prompt], params, fmt, arrival)
@@ -571,24 +602,28 @@ class OpenAIServing:
         if body.chat_template is None and not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "messages: this model's tokenizer has no chat template; "
                                 "pass chat_template", param="chat_template")
-        conversation = [m.as_template_input() for m in body.messages]
+        try:
+            conversation = [m.as_template_input() for m in body.messages]
+        except ValueError as e:
+            raise APIError.from_exception(e) from None
         add_generation_prompt = body.add_generation_prompt and not body.continue_final_message
         if body.chat_template is not None:
             render = functools.partial(self._render_request_template, body.chat_template,
                                        conversation, add_generation_prompt, body.continue_final_message)
         else:
             render = functools.partial(self._render_model_template, conversation,
-                                       add_generation_prompt, body.continue_final_message)
+                                       add_generation_prompt, body.continue_final_message,
+                                       template_tools(body))
         ids = await self._preprocess(render)
         text = self.tokenizer.decode(ids) if self.settings.log_prompts else None
         return PromptInput(ids, text)
 
     def _render_model_template(self, conversation: list[dict], add_generation_prompt: bool,
-                               continue_final_message: bool) -> list[int]:
+                               continue_final_message: bool, tools: list[dict] | None = None) -> list[int]:
         """The model's own template (trusted), rendered and tokenized; a worker thread."""
         try:
             ids = self.tokenizer.apply_chat_template(
-                conversation, tokenize=True, add_generation_prompt=add_generation_prompt,
+                conversation, tools=tools, tokenize=True, add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message)
         except Exception as e:
             raise APIError(400, f"messages: the chat template failed: {e}", param="messages") from None
@@ -606,6 +641,17 @@ class OpenAIServing:
             if end >= 0:
                 text = text[:end + len(conversation[-1]["content"].strip())]
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    async def _compile(self, body, params: SamplingParams) -> None:
+        """Compile the output constraint on a preprocessing thread (the engine finds it
+        in its cache); a bad one is a 400 naming the request's field."""
+        try:
+            await self._preprocess(functools.partial(self.engine.engine.structured.compile,
+                                                     params.structured_outputs))
+        except APIError as e:
+            field = source_field(body)
+            message = re.sub(r"^structured_outputs\.\w+", field, e.info.message)
+            raise APIError(400, message, param=field.split(".")[0]) from None
 
     async def _preprocess(self, fn):
         try:
@@ -839,6 +885,8 @@ class OpenAIServing:
         if self.settings.log_prompts:
             log["prompt"] = [p.text if p.text is not None else p.token_ids for p in prompts]
         self._check_lengths(prompts, params)
+        if params.structured_outputs is not None:   # compiled here, off the engine's loop
+            await self._compile(body, params)
         self._admit(len(prompts))
         timeout = self.settings.request_timeout
         tracker = RequestTracker(self.metrics, arrival)
