@@ -23,6 +23,9 @@ from orbitllm.executor.model_runner import LaunchedStep, ModelRunner
 from orbitllm.executor.setup import EngineParts, build_engine_parts
 from orbitllm.outputs import CompletionOutput, Logprob, RequestOutput
 from orbitllm.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, check_text
+from orbitllm.spec.adaptive import AdaptiveDraftLength
+from orbitllm.spec.ngram import NgramProposer
+from orbitllm.spec.stats import SpecDecodeStats
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,10 @@ class LLMEngine:
         self._groups: dict[str, _Group] = {}
         self._child_group: dict[str, _Group] = {}
         self.last_scheduled: SchedulerOutput | None = None   # the last step's, for stats
+        spec = config.speculative_config
+        self.proposer = None if spec is None else NgramProposer(spec.prompt_lookup_min,
+                                                                spec.prompt_lookup_max)
+        self.spec_stats = SpecDecodeStats()
         # Everything built so far (model, tokenizer, imported modules) lives as long as
         # the engine: out of the collector's sight, a step's short-lived objects no
         # longer make it rescan them (full collections cost whole milliseconds a step).
@@ -99,6 +106,9 @@ class LLMEngine:
             seed = None if params.seed is None else (params.seed if i == 0 else params.seed * 7919 + i)
             child = Request(child_id, ids, params, priority=priority, cache_salt=cache_salt,
                             seed=seed)
+            if self.proposer is not None:
+                child.draft_length = AdaptiveDraftLength(
+                    self.config.speculative_config.num_speculative_tokens)
             children.append(child)
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
                                                  params.stop_strings,
@@ -180,8 +190,10 @@ class LLMEngine:
         if self._suspects and self._inflight is not None:
             return self._drain()   # a solo step must not overlap the step before
         only = self._next_suspect()
-        schedule = self.scheduler.schedule(only)
         outputs: list[RequestOutput] = []
+        if self.proposer is not None:
+            outputs += self._propose()
+        schedule = self.scheduler.schedule(only)
         if schedule.is_empty:
             self.last_scheduled = SchedulerOutput()
             return self._drain()
@@ -212,6 +224,36 @@ class LLMEngine:
         if not self.overlap:
             outputs += self._drain()
         return outputs
+
+    # ---- speculative decoding ----------------------------------------------------
+    def _propose(self) -> list[RequestOutput]:
+        """Drafts for this step's decoding requests. Proposals read the latest tokens
+        and a verify step's outcome moves the request back, so verify steps do not
+        overlap: the step in flight is drained first whenever one is involved (a
+        request whose draft length adapted down to 0 keeps overlapping)."""
+        running = self.scheduler.running
+        outputs = []
+        if self._inflight is not None and (self._inflight.sched.drafts or any(
+                r.draft_length.wants_drafts for r in running)):
+            outputs = self._drain()
+        for req in running:
+            req.spec_token_ids = []
+            if req.num_pending or req.num_computed_tokens != req.num_tokens - 1:
+                continue   # a prompt chunk still to go, or its last token not on the host
+            room = min(req.params.max_tokens - req.num_output_tokens - 1,
+                       self.max_model_len - req.num_tokens)
+            k = min(req.draft_length.next_k(), room)
+            if k > 0:
+                req.spec_token_ids = self.proposer.propose(req.all_token_ids, k)
+        return outputs
+
+    def _verified(self, req: Request, num_proposed: int, num_emitted: int) -> None:
+        """A verify step landed: the KV of its rejected drafts is stale, so the request's
+        computed length moves back to just before the last emitted token."""
+        num_accepted = num_emitted - 1
+        req.num_computed_tokens -= num_proposed - num_accepted
+        req.draft_length.update(num_proposed, num_accepted)
+        self.spec_stats.record(num_proposed, num_accepted)
 
     # ---- a step that fails -------------------------------------------------------
     def _step_failed(self, requests: list[Request], error: Exception,
@@ -278,12 +320,17 @@ class LLMEngine:
             if group is None or req.is_finished:
                 continue
             touched[group.request_id] = group
+            drafts = s.draft_token_ids
+            if drafts:
+                self._verified(req, len(drafts), len(result.sampled[req.request_id]))
             try:
                 self._postprocess(req, group, result, now)
             except Exception:   # one request's detokenizing or stop check: fail it alone
                 log.exception("postprocessing request %s failed", req.request_id)
                 if not req.is_finished:
                     self._finish(req, "error")
+            if drafts and not req.is_finished:
+                self.kv.trim(req)
         return self._outputs(touched.values())
 
     def _postprocess(self, req: Request, group: _Group, result, now: float) -> None:

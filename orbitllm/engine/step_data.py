@@ -38,6 +38,9 @@ class ScheduledRequest:
     num_prompt_tokens: int = 0
     history: list[int] | None = None  # prompt + output ids, only when penalties read them
     prompt_logprob_targets: list[int] | None = None   # the prompt tokens this step's positions predict
+    # Speculative verify: the proposed tokens, the last len(draft_token_ids) inputs
+    # (the step samples num_sampled = 1 + that many rows).
+    draft_token_ids: list[int] | None = None
 
     @property
     def num_pending_inputs(self) -> int:
@@ -50,6 +53,7 @@ class SchedulerOutput:
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)   # request ids preempted this step
+    drafts: dict[str, list[int]] = field(default_factory=dict)   # request id -> its verified drafts
 
     @property
     def num_batched_tokens(self) -> int:

@@ -170,7 +170,14 @@ def build_rank_runner(cfg: EngineConfig, shard: Shard, device: torch.device,
     max_len = min(max_len, capacity)
     return make_runner(model, device, dtype, num_blocks, cfg.block_size, cfg.seed,
                        cfg.attention_backend, set(eos_token_ids), cfg.max_num_seqs, max_len,
-                       cfg.enforce_eager)
+                       cfg.enforce_eager, graph_query_lens=_graph_query_lens(cfg))
+
+
+def _graph_query_lens(cfg: EngineConfig) -> tuple[int, ...]:
+    """Decode graphs for one query row, and for a verify step of every speculating
+    sequence proposing the full k (the shape of a batch whose drafts all land)."""
+    spec = cfg.speculative_config
+    return (1,) if spec is None else (1, spec.num_speculative_tokens + 1)
 
 
 def _auto_num_blocks(cfg: EngineConfig, device: torch.device, bytes_per_block: int) -> int:
