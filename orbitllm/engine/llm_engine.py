@@ -196,7 +196,7 @@ class LLMEngine:
         schedule = self.scheduler.schedule(only)
         if schedule.is_empty:
             self.last_scheduled = SchedulerOutput()
-            return self._drain()
+            return outputs + self._drain()
         if self._inflight is not None and schedule.needs_host_tokens:
             outputs += self._drain()
         # Built after any drain: it copies the tokens the host knows now.

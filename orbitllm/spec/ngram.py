@@ -1,5 +1,5 @@
-"""Prompt-lookup (n-gram) proposals: what followed the last tokens the last time
-they appeared. Free to compute and often right where the output quotes its input
+"""Prompt-lookup (n-gram) proposals: what followed the last tokens where they
+appeared before. Free to compute and often right where the output quotes its input
 (summaries, code edits, extraction)."""
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ class NgramProposer:
         self.min_n, self.max_n = min_n, max_n
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
-        """Up to ``k`` tokens that followed the most recent earlier occurrence of the
-        longest suffix of ``tokens`` (``max_n`` down to ``min_n`` long); [] if none."""
+        """Up to ``k`` tokens that followed the first occurrence of the longest suffix
+        of ``tokens`` (``max_n`` down to ``min_n`` long); [] if none. The first, as
+        vLLM's: it has the longest continuation (in a run of one repeated token the
+        latest match is one position back and would propose a single token)."""
         L = len(tokens)
         if k <= 0 or L <= self.min_n:
             return []
@@ -23,6 +25,6 @@ class NgramProposer:
             windows = sliding_window_view(arr[:L - 1], n)
             hits = np.flatnonzero((windows == arr[L - n:]).all(axis=1))
             if hits.size:
-                start = int(hits[-1]) + n
+                start = int(hits[0]) + n
                 return tokens[start:start + k]
         return []
