@@ -252,3 +252,25 @@ def test_config_from_json_and_cli():
         ["generate", "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}'])
     cfg = engine_config_from_args(args)
     assert cfg.speculative_config == SpeculativeConfig("ngram", 3, 1, 4)
+
+
+def test_metrics_and_bench_report_acceptance(workload):
+    from orbitllm.bench.throughput import BenchRequest, run
+    from orbitllm.server.async_engine import EngineStats
+    from orbitllm.server.metrics import ServerMetrics
+    path, prompts, expected = workload["qwen3"]
+    llm = _spec_llm(path, prompts, expected, "replay")
+    result = run(llm, [BenchRequest(p, len(e)) for p, e in zip(prompts, expected)], 0.0)
+    st = llm.engine.spec_stats
+    assert result["spec_num_drafts"] == st.num_drafts > 0
+    assert result["spec_acceptance_rate"] == pytest.approx(st.num_accepted_tokens / st.num_draft_tokens)
+    assert result["spec_mean_accepted_length"] == pytest.approx(1 + st.num_accepted_tokens / st.num_drafts)
+    assert_all_blocks_free(llm)
+    metrics = ServerMetrics("m")
+    text = metrics.render(EngineStats(spec_num_drafts=st.num_drafts, spec_num_draft_tokens=st.num_draft_tokens,
+                                      spec_num_accepted_tokens=st.num_accepted_tokens,
+                                      spec_accepted_per_pos=tuple(st.accepted_per_pos))).decode()
+    assert f'orbitllm:spec_decode_num_drafts_total{{model_name="m"}} {float(st.num_drafts)}' in text
+    assert f'orbitllm:spec_decode_num_accepted_tokens_total{{model_name="m"}} {float(st.num_accepted_tokens)}' in text
+    assert (f'orbitllm:spec_decode_num_accepted_tokens_per_pos_total{{model_name="m",position="3"}} '
+            f'{float(st.accepted_per_pos[3])}') in text
