@@ -220,16 +220,41 @@ def test_ngram_proposer():
 
 
 def test_adaptive_draft_length_goes_to_zero_and_probes():
-    a = AdaptiveDraftLength(4, probe_every=3)
+    a = AdaptiveDraftLength(4)
     seen = []
     for _ in range(3):
-        k = a.next_k()
+        k = a.next_k(probe=False)
         seen.append(k)
         a.update(k, 0)
     assert seen == [4, 2, 1] and a.k == 0
-    assert [a.next_k(), a.next_k(), a.next_k()] == [0, 0, 1]   # a one-token probe
+    assert [a.next_k(False), a.next_k(True)] == [0, 1]   # a one-token probe
     a.update(1, 1)
-    assert a.next_k() == 2
+    assert a.next_k(False) == 2
+    a.update(2, 2)
+    assert a.next_k(False) == 3
+
+
+def test_never_accepted_requests_stop_proposing(workload):
+    """A proposer that is always wrong: after three misses a request proposes only
+    on probe steps (one token in PROBE_EVERY steps), and its tokens are unchanged."""
+    from orbitllm.spec.adaptive import PROBE_EVERY
+
+    class Wrong:
+        def propose(self, tokens, k):
+            return [(tokens[-1] + 1) % 300] * k
+
+    path, prompts, expected = workload["qwen3"]
+    llm = LLM(path, num_kv_blocks=64, speculative_config=NGRAM)
+    llm.engine.proposer = Wrong()
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)
+    want = LLM(path, num_kv_blocks=64).generate([{"prompt_token_ids": prompts[0]}], params,
+                                                use_tqdm=False)
+    assert outs[0].outputs[0].token_ids == want[0].outputs[0].token_ids
+    st = llm.engine.spec_stats
+    assert st.num_accepted_tokens == 0
+    assert st.num_draft_tokens <= 4 + 2 + 1 + 64 // PROBE_EVERY + 1
+    assert_all_blocks_free(llm)
 
 
 @pytest.mark.parametrize("bad,field", [

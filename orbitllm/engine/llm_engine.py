@@ -23,7 +23,7 @@ from orbitllm.executor.model_runner import LaunchedStep, ModelRunner
 from orbitllm.executor.setup import EngineParts, build_engine_parts
 from orbitllm.outputs import CompletionOutput, Logprob, RequestOutput
 from orbitllm.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, check_text
-from orbitllm.spec.adaptive import AdaptiveDraftLength
+from orbitllm.spec.adaptive import PROBE_EVERY, AdaptiveDraftLength
 from orbitllm.spec.ngram import NgramProposer
 from orbitllm.spec.stats import SpecDecodeStats
 
@@ -81,6 +81,7 @@ class LLMEngine:
         self.proposer = None if spec is None else NgramProposer(spec.prompt_lookup_min,
                                                                 spec.prompt_lookup_max)
         self.spec_stats = SpecDecodeStats()
+        self._spec_steps = 0   # the clock of the adaptive draft lengths' probes
         # Everything built so far (model, tokenizer, imported modules) lives as long as
         # the engine: out of the collector's sight, a step's short-lived objects no
         # longer make it rescan them (full collections cost whole milliseconds a step).
@@ -232,19 +233,25 @@ class LLMEngine:
         overlap: the step in flight is drained first whenever one is involved (a
         request whose draft length adapted down to 0 keeps overlapping)."""
         running = self.scheduler.running
+        self._spec_steps += 1
+        probe = self._spec_steps % PROBE_EVERY == 0
         outputs = []
-        if self._inflight is not None and (self._inflight.sched.drafts or any(
-                r.draft_length.wants_drafts for r in running)):
+        if self._inflight is not None and (self._inflight.sched.drafts or probe or any(
+                r.draft_length.k for r in running)):
             outputs = self._drain()
         for req in running:
             req.spec_token_ids = []
             if req.num_pending or req.num_computed_tokens != req.num_tokens - 1:
                 continue   # a prompt chunk still to go, or its last token not on the host
+            k = req.draft_length.next_k(probe)
+            if not k:
+                continue
             room = min(req.params.max_tokens - req.num_output_tokens - 1,
                        self.max_model_len - req.num_tokens)
-            k = min(req.draft_length.next_k(), room)
-            if k > 0:
-                req.spec_token_ids = self.proposer.propose(req.all_token_ids, k)
+            if room > 0:
+                req.spec_token_ids = drafts = self.proposer.propose(req.all_token_ids, min(k, room))
+                if not drafts:   # nothing to propose counts as a miss: stop asking so often
+                    req.draft_length.update(k, 0)
         return outputs
 
     def _verified(self, req: Request, num_proposed: int, num_emitted: int) -> None:

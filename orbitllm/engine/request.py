@@ -124,8 +124,10 @@ class Request:
             end -= len(drafts)
         s = ScheduledRequest(self.request_id, start, num_new_tokens, tokens, block_ids, p)
         if end == known + self.num_pending:
-            s.num_sampled = 1 + len(drafts)
-            s.draft_token_ids = drafts or None
+            s.num_sampled = 1
+            if drafts:
+                s.num_sampled += len(drafts)
+                s.draft_token_ids = drafts
             s.seed = self.seed
             s.num_output_tokens = len(output) + self.num_pending
             s.num_prompt_tokens = num_prompt
