@@ -79,8 +79,8 @@ MODES = {
 }
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("family", ["qwen3", "llama", "gemma3"])
+@pytest.mark.parametrize("family,mode", [("qwen3", m) for m in MODES] + [
+    (f, m) for f in ("llama", "gemma3") for m in ("default", "preemption")])
 def test_greedy_identical_with_ngram(workload, family, mode):
     path, prompts, expected = workload[family]
     llm = _spec_llm(path, prompts, expected, "ngram", **MODES[mode])
@@ -277,6 +277,15 @@ def test_config_from_json_and_cli():
         ["generate", "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}'])
     cfg = engine_config_from_args(args)
     assert cfg.speculative_config == SpeculativeConfig("ngram", 3, 1, 4)
+
+
+def test_tensor_parallel_gloo(workload):
+    """Two ranks over gloo: verify steps' rows travel to the worker like any step's."""
+    path, prompts, expected = workload["llama"]
+    with _spec_llm(path, prompts, expected, "replay", tensor_parallel_size=2) as llm:
+        assert _tokens(llm, prompts) == expected
+        assert llm.engine.spec_stats.accepted_per_pos[3] > 0
+        assert_all_blocks_free(llm)
 
 
 def test_metrics_and_bench_report_acceptance(workload):
