@@ -327,3 +327,18 @@ def test_default_model_ngram_greedy_identical_on_a_quoting_prompt():
     assert spec.chat(conv, params, use_tqdm=False)[0].outputs[0].token_ids == want
     assert spec.engine.spec_stats.num_accepted_tokens > 0
     assert_all_blocks_free(spec)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_triton_verify_step_attention(window):
+    """A verify step (k + 1 = 5 query rows per sequence over its context, causal among
+    them) goes to the Triton prefill kernel (``max_query_len > 1``); against the torch
+    backend, in the interpreter on CPU. Idle padded rows (seq_len 0) write nothing."""
+    tk = pytest.importorskip("test_kernels")
+    from orbitllm.layers.triton_attention import TritonAttentionBackend
+    torch.manual_seed(0)
+    step = tk.make_step([40, 23, 5, 0], [5, 5, 5, 0], 8, 2, 64, 16)
+    ref = tk.reference(step, 0.125, window)
+    out = TritonAttentionBackend().forward(step.q, step.k, step.v, step.k_cache, step.v_cache,
+                                           step.meta, 0.125, window)
+    tk.assert_attention_close(out, ref, step, tk.FP32_REL)
