@@ -4,11 +4,15 @@ test that a broken acceptance rule fails), seeds reproduce, logprobs, penalties,
 stops and lengths behave, and every KV block comes back."""
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():   # the Triton test below runs in the interpreter on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from conftest import assert_all_blocks_free
 from orbitllm import LLM, SamplingParams
@@ -342,3 +346,21 @@ def test_triton_verify_step_attention(window):
     out = TritonAttentionBackend().forward(step.q, step.k, step.v, step.k_cache, step.v_cache,
                                            step.meta, 0.125, window)
     tk.assert_attention_close(out, ref, step, tk.FP32_REL)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize("query_lens", [[5, 5, 5], [5, 3, 1], [1, 1, 1]])
+def test_torch_backend_batched_few_queries(query_lens, window):
+    """The torch backend's one-SDPA path for steps of few query rows per sequence
+    (decode, verify, mixed) equals its per-sequence path."""
+    from orbitllm.layers.attention import TorchAttentionBackend
+    tk = pytest.importorskip("test_kernels")
+    torch.manual_seed(0)
+    step = tk.make_step([40, 23, 9], query_lens, 8, 2, 64, 16)
+    per_seq = TorchAttentionBackend()
+    per_seq.MAX_BATCHED_QUERY_LEN = 0
+    want = per_seq.forward(
+        step.q, step.k, step.v, step.k_cache.clone(), step.v_cache.clone(), step.meta, 0.125, window)
+    got = TorchAttentionBackend().forward(step.q, step.k, step.v, step.k_cache.clone(),
+                                          step.v_cache.clone(), step.meta, 0.125, window)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
