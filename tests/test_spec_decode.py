@@ -326,8 +326,10 @@ def test_default_model_ngram_greedy_identical_on_a_quoting_prompt():
     prompt = json.loads((pathlib.Path(__file__).parent / "data" / "spec_prompts.json").read_text())["prompts"][0]
     conv = [{"role": "user", "content": prompt}]
     params = SamplingParams(max_tokens=16, temperature=0.0)
-    want = LLM(num_kv_blocks=32).chat(conv, params, use_tqdm=False)[0].outputs[0].token_ids
     spec = LLM(num_kv_blocks=32, speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    proposer, spec.engine.proposer = spec.engine.proposer, None   # first without speculation
+    want = spec.chat(conv, params, use_tqdm=False)[0].outputs[0].token_ids
+    spec.engine.proposer = proposer
     assert spec.chat(conv, params, use_tqdm=False)[0].outputs[0].token_ids == want
     assert spec.engine.spec_stats.num_accepted_tokens > 0
     assert_all_blocks_free(spec)
