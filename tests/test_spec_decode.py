@@ -312,6 +312,12 @@ def test_metrics_and_bench_report_acceptance(workload):
     assert f'orbitllm:spec_decode_num_accepted_tokens_total{{model_name="m"}} {float(st.num_accepted_tokens)}' in text
     assert (f'orbitllm:spec_decode_num_accepted_tokens_per_pos_total{{model_name="m",position="3"}} '
             f'{float(st.accepted_per_pos[3])}') in text
+    from orbitllm.bench.serve import parse_spec_counters
+    assert parse_spec_counters(text) == (st.num_drafts, st.num_draft_tokens, st.num_accepted_tokens)
+    from orbitllm.bench.serve import BenchReport, with_spec
+    report = with_spec(BenchReport.from_results([], 1.0), (0, 0, 0), parse_spec_counters(text))
+    assert report.spec_mean_accepted_length == pytest.approx(st.mean_accepted_length)
+    assert "Mean accepted length:" in report.format()
 
 
 def test_default_model_ngram_greedy_identical_on_a_quoting_prompt():
