@@ -372,3 +372,17 @@ def test_torch_backend_batched_few_queries(query_lens, window):
     got = TorchAttentionBackend().forward(step.q, step.k, step.v, step.k_cache.clone(),
                                           step.v_cache.clone(), step.meta, 0.125, window)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_verify_graphs_and_overlap(workload):
+    """On the GPU: Triton attention, decode and verify CUDA graphs (batch, k + 1) and
+    overlapped scheduling; greedy tokens as without speculation."""
+    path, prompts, expected = workload["qwen3"]
+    plain = LLM(path, num_kv_blocks=64, device="cuda", dtype="float32")
+    want = _tokens(plain, prompts)
+    llm = _spec_llm(path, prompts, want, "replay", device="cuda", dtype="float32")
+    assert (4, NGRAM["num_speculative_tokens"] + 1) in llm.engine.runner.graphs.graphs
+    assert _tokens(llm, prompts) == want
+    assert llm.engine.spec_stats.accepted_per_pos[3] > 0
+    assert_all_blocks_free(llm)
