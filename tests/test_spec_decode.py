@@ -124,7 +124,7 @@ def test_overlap_drains_around_verify_steps(workload):
 
 
 def test_stops_lengths_logprobs_penalties(workload):
-    """A stop id inside an accepted run, max_tokens, max_model_len, penalties (whose
+    """A stop id and a stop string inside an accepted run, max_tokens, max_model_len, penalties (whose
     history grows by the drafts row by row), min_tokens and logprobs: all as without
     speculation."""
     path, prompts, expected = workload["qwen3"]
@@ -138,11 +138,14 @@ def test_stops_lengths_logprobs_penalties(workload):
     ]
     base = LLM(path, num_kv_blocks=64, max_model_len=len(quoted) + 10)
     spec = _spec_llm(path, prompts, expected, "replay", max_model_len=len(quoted) + 10)
+    piece = base.get_tokenizer().decode(expected[2][5:7]).strip()
+    if piece:   # a stop string ending inside an accepted run
+        cases.append(SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop=[piece]))
     for params in cases:
         want = base.generate([{"prompt_token_ids": quoted}], params, use_tqdm=False)[0].outputs[0]
         got = spec.generate([{"prompt_token_ids": quoted}], params, use_tqdm=False)[0].outputs[0]
         assert got.token_ids == want.token_ids
-        assert (got.finish_reason, got.stop_reason) == (want.finish_reason, want.stop_reason)
+        assert (got.finish_reason, got.stop_reason, got.text) == (want.finish_reason, want.stop_reason, want.text)
         if params.logprobs:
             for g, w in zip(got.logprobs, want.logprobs):
                 assert g.keys() == w.keys()
