@@ -5,8 +5,8 @@ removes their launch cost. Each graph reads fixed input buffers, so a batch is
 padded up to the next captured size: padded rows have ``seq_len`` 0 and slot
 -1, which the Triton kernels skip. A graph serves steps whose sequences all
 compute the same number of query rows: one (plain decode), and with speculative
-decoding also k + 1 (every sequence verifying k drafts; its attention is the
-prefill kernel's, which needs no host data either). A step of another shape
+decoding also 2..k + 1 (every sequence verifying as many drafts; its attention is
+the prefill kernel's, which needs no host data either). A step of another shape
 (mixed draft lengths, prompt chunks) runs eagerly.
 
 On one GPU the graph also holds the LM head and the greedy argmax of every row,

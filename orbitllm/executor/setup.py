@@ -174,10 +174,11 @@ def build_rank_runner(cfg: EngineConfig, shard: Shard, device: torch.device,
 
 
 def _graph_query_lens(cfg: EngineConfig) -> tuple[int, ...]:
-    """Decode graphs for one query row, and for a verify step of every speculating
-    sequence proposing the full k (the shape of a batch whose drafts all land)."""
+    """Decode graphs for one query row, and with speculation for verify steps of every
+    draft length 1..k (the adaptive length varies; a single request's step is always
+    uniform, so it never runs eagerly)."""
     spec = cfg.speculative_config
-    return (1,) if spec is None else (1, spec.num_speculative_tokens + 1)
+    return (1,) if spec is None else tuple(range(1, spec.num_speculative_tokens + 2))
 
 
 def _auto_num_blocks(cfg: EngineConfig, device: torch.device, bytes_per_block: int) -> int:
