@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from orbitllm.spec.config import SpeculativeConfig
+
 
 @dataclass
 class EngineConfig:
@@ -30,9 +32,13 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"     # fcfs | priority (requests' priority is honoured)
     quantization: str | None = None     # None | fp8 (weights quantized at load); FP8 checkpoints are detected
     kv_cache_dtype: str = "auto"        # auto (the model's dtype) | fp8 | fp8_e4m3: E4M3 KV cache, twice the tokens
+    # {"method": "ngram", "num_speculative_tokens": k, ...} as a dict or its JSON; parsed
+    # into a SpeculativeConfig here (orbitllm/spec/config.py)
+    speculative_config: str | dict | SpeculativeConfig | None = None
     tp_all_reduce: str = "auto"         # auto | nccl | peer (decode all-reduces fused with add + RMSNorm, read from peer GPUs); auto: peer on one host of peer-connected GPUs
 
     def __post_init__(self) -> None:
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if not 0 < self.gpu_memory_utilization <= 1:

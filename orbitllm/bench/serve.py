@@ -12,7 +12,7 @@ import asyncio
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 # Common short English words: almost every tokenizer maps each to one token, so
@@ -169,6 +169,9 @@ class BenchReport:
     itl_ms: dict[str, float]
     e2e_latency_ms: dict[str, float]
     errors: list[str]
+    # Speculative decoding, from the server's /metrics over the run (None: not speculating)
+    spec_acceptance_rate: float | None = None
+    spec_mean_accepted_length: float | None = None
 
     @classmethod
     def from_results(cls, results: list[RequestResult], duration: float) -> BenchReport:
@@ -205,6 +208,10 @@ class BenchReport:
             lines += [row(f"Mean {name} (ms):", stats["mean"]),
                       row(f"Median (p50) {name} (ms):", stats["p50"]),
                       row(f"P90 {name} (ms):", stats["p90"]), row(f"P99 {name} (ms):", stats["p99"])]
+        if self.spec_acceptance_rate is not None:
+            lines.append(" Speculative Decoding ".center(52, "-"))
+            lines += [row("Draft acceptance rate:", self.spec_acceptance_rate),
+                      row("Mean accepted length:", self.spec_mean_accepted_length)]
         lines.append("=" * 52)
         lines += [f"error: {e}" for e in self.errors]
         return "\n".join(lines)
@@ -241,6 +248,39 @@ async def run_benchmark(requests: list[BenchRequest], client: OpenAIStreamClient
     return BenchReport.from_results(list(results), time.perf_counter() - start)
 
 
+_SPEC_COUNTERS = ("spec_decode_num_drafts_total", "spec_decode_num_draft_tokens_total",
+                  "spec_decode_num_accepted_tokens_total")
+
+
+def parse_spec_counters(text: str) -> tuple[float, float, float]:
+    """(drafts, draft tokens, accepted tokens) from a Prometheus exposition, summed over
+    labels; zeros when the server does not speculate."""
+    totals = dict.fromkeys(_SPEC_COUNTERS, 0.0)
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0].removeprefix("orbitllm:")
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return tuple(totals[n] for n in _SPEC_COUNTERS)
+
+
+async def _spec_counters(http, base_url: str, api_key: str | None) -> tuple[float, float, float]:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        resp = await http.get(base_url.removesuffix("/v1") + "/metrics", headers=headers)
+        resp.raise_for_status()
+    except Exception:   # a server without metrics (not ours): no acceptance figures
+        return (0.0, 0.0, 0.0)
+    return parse_spec_counters(resp.text)
+
+
+def with_spec(report: BenchReport, before: tuple, after: tuple) -> BenchReport:
+    drafts, proposed, accepted = (a - b for a, b in zip(after, before))
+    if drafts <= 0:
+        return report
+    return replace(report, spec_acceptance_rate=accepted / proposed,
+                   spec_mean_accepted_length=1 + accepted / drafts)
+
+
 async def _detect_model(http, base_url: str, api_key: str | None) -> str:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     resp = await http.get(base_url.rstrip("/") + "/models", headers=headers)
@@ -265,7 +305,9 @@ async def _main_async(args: argparse.Namespace) -> BenchReport:
         model = args.model or await _detect_model(http, base_url, args.api_key)
         client = OpenAIStreamClient(http, base_url, args.endpoint, model, args.api_key,
                                     args.ignore_eos, args.temperature)
-        return await run_benchmark(requests, client, args.request_rate, args.max_concurrency, rng)
+        before = await _spec_counters(http, base_url, args.api_key)
+        report = await run_benchmark(requests, client, args.request_rate, args.max_concurrency, rng)
+        return with_spec(report, before, await _spec_counters(http, base_url, args.api_key))
 
 
 def main(args: argparse.Namespace) -> int:

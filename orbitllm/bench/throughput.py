@@ -15,7 +15,7 @@ import argparse
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -138,6 +138,7 @@ def run(llm, requests: list[BenchRequest], temperature: float) -> dict:
                            SamplingParams(max_tokens=r.output_len, temperature=temperature,
                                           ignore_eos=True), final_only=True)
     _sync(runner.device)
+    spec_before = replace(engine.spec_stats, accepted_per_pos=[])
     start = time.monotonic()
     peak_kv, floor_bytes, steps, out_tokens, roofline_s = 0.0, 0, 0, 0, 0.0
     ttfts: list[float] = []
@@ -163,7 +164,16 @@ def run(llm, requests: list[BenchRequest], temperature: float) -> dict:
     wall = time.monotonic() - start
     prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
     floor_s = floor_bytes / bw
-    return {
+    spec = {}
+    if engine.proposer is not None:   # this run's proposals (the warm-up's left out)
+        st = engine.spec_stats
+        drafts = st.num_drafts - spec_before.num_drafts
+        proposed = st.num_draft_tokens - spec_before.num_draft_tokens
+        accepted = st.num_accepted_tokens - spec_before.num_accepted_tokens
+        spec = {"spec_num_drafts": drafts, "spec_draft_tokens": proposed,
+                "spec_acceptance_rate": accepted / proposed if proposed else 0.0,
+                "spec_mean_accepted_length": 1 + accepted / drafts if drafts else 0.0}
+    return {**spec,
         "requests": len(requests), "wall_s": wall, "steps": steps,
         "output_tokens": out_tokens, "prompt_tokens": prompt_tokens,
         "output_tok_s": out_tokens / wall, "total_tok_s": (out_tokens + prompt_tokens) / wall,

@@ -24,6 +24,9 @@ from orbitllm.executor.model_runner import LaunchedStep, ModelRunner, StepResult
 from orbitllm.executor.setup import EngineParts, build_engine_parts
 from orbitllm.outputs import CompletionOutput, Logprob, PoolingRequestOutput, RequestOutput
 from orbitllm.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, check_text
+from orbitllm.spec.adaptive import PROBE_EVERY, AdaptiveDraftLength
+from orbitllm.spec.ngram import NgramProposer
+from orbitllm.spec.stats import SpecDecodeStats
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,11 @@ class LLMEngine:
         self._kept: dict[str, Request] = {}                 # ... finished, blocks still held
         self._pooling: dict[str, PoolingRequest] = {}       # embedding requests in flight
         self.last_scheduled: SchedulerOutput | None = None   # the last step's, for stats
+        spec = config.speculative_config
+        self.proposer = None if spec is None else NgramProposer(spec.prompt_lookup_min,
+                                                                spec.prompt_lookup_max)
+        self.spec_stats = SpecDecodeStats()
+        self._spec_steps = 0   # the clock of the adaptive draft lengths' probes
         # Everything built so far (model, tokenizer, imported modules) lives as long as
         # the engine: out of the collector's sight, a step's short-lived objects no
         # longer make it rescan them (full collections cost whole milliseconds a step).
@@ -129,6 +137,9 @@ class LLMEngine:
                             seed=seed)
             if grammar is not None:
                 child.grammar = self.structured.start(grammar)
+            if self.proposer is not None:
+                child.draft_length = AdaptiveDraftLength(
+                    self.config.speculative_config.num_speculative_tokens)
             children.append(child)
             detoks.append(IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
                                                  params.stop_strings,
@@ -301,11 +312,13 @@ class LLMEngine:
         if self._suspects and self._inflight is not None:
             return self._drain()   # a solo step must not overlap the step before
         only = self._next_suspect()
-        schedule = self.scheduler.schedule(only)
         outputs: list[RequestOutput] = []
+        if self.proposer is not None:
+            outputs += self._propose()
+        schedule = self.scheduler.schedule(only)
         if schedule.is_empty:
             self.last_scheduled = SchedulerOutput()
-            return self._drain()
+            return outputs + self._drain()
         if self._inflight is not None and schedule.needs_host_tokens:
             outputs += self._drain()
         # Built after any drain: it copies the tokens the host knows now.
@@ -368,6 +381,43 @@ class LLMEngine:
             return masks
 
         sched.late_bitmasks = late_bitmasks
+    # ---- speculative decoding ----------------------------------------------------
+    def _propose(self) -> list[RequestOutput]:
+        """Drafts for this step's decoding requests. Proposals read the latest tokens
+        and a verify step's outcome moves the request back, so verify steps do not
+        overlap: the step in flight is drained first whenever one is involved (a
+        request whose draft length adapted down to 0 keeps overlapping)."""
+        running = self.scheduler.running
+        self._spec_steps += 1
+        probe = self._spec_steps % PROBE_EVERY == 0
+        outputs = []
+        if self._inflight is not None and (self._inflight.sched.drafts or probe or any(
+                r.draft_length.k for r in running)):
+            outputs = self._drain()
+        for req in running:
+            req.spec_token_ids = []
+            if req.num_pending or req.num_computed_tokens != req.num_tokens - 1:
+                continue   # a prompt chunk still to go, or its last token not on the host
+            if req.draft_length is None or req.grammar is not None:
+                continue   # an embedding, or a grammar's masks: one token per step
+            k = req.draft_length.next_k(probe)
+            if not k:
+                continue
+            room = min(req.params.max_tokens - req.num_output_tokens - 1,
+                       self.max_model_len - req.num_tokens)
+            if room > 0:
+                req.spec_token_ids = drafts = self.proposer.propose(req.all_token_ids, min(k, room))
+                if not drafts:   # nothing to propose counts as a miss: stop asking so often
+                    req.draft_length.update(k, 0)
+        return outputs
+
+    def _verified(self, req: Request, num_proposed: int, num_emitted: int) -> None:
+        """A verify step landed: the KV of its rejected drafts is stale, so the request's
+        computed length moves back to just before the last emitted token."""
+        num_accepted = num_emitted - 1
+        req.num_computed_tokens -= num_proposed - num_accepted
+        req.draft_length.update(num_proposed, num_accepted)
+        self.spec_stats.record(num_proposed, num_accepted)
 
     # ---- a step that fails -------------------------------------------------------
     def _step_failed(self, requests: list[Request], error: Exception,
@@ -441,12 +491,17 @@ class LLMEngine:
             if group is None or req.is_finished:
                 continue
             touched[group.request_id] = group
+            drafts = s.draft_token_ids
+            if drafts:
+                self._verified(req, len(drafts), len(result.sampled[req.request_id]))
             try:
                 self._postprocess(req, group, result, now)
             except Exception:   # one request's detokenizing or stop check: fail it alone
                 log.exception("postprocessing request %s failed", req.request_id)
                 if not req.is_finished:
                     self._finish(req, "error")
+            if drafts and not req.is_finished:
+                self.kv.trim(req)
         outputs = self._outputs(touched.values())
         if result.pooled:
             outputs += self._pooled(result.pooled)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from orbitllm.engine.step_data import ScheduledRequest
 from orbitllm.sampling_params import SamplingParams
+from orbitllm.spec.adaptive import AdaptiveDraftLength
 
 
 class RequestStatus(enum.Enum):
@@ -51,6 +52,10 @@ class Request:
     first_token_time: float | None = None
     first_scheduled_time: float | None = None
     grammar: object | None = None      # structured output: its SequenceGrammar, while it runs
+    # Speculative decoding (None / empty when the engine does not speculate): how many
+    # tokens to propose, and this step's proposal (positions num_tokens onward).
+    draft_length: AdaptiveDraftLength | None = None
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -115,9 +120,16 @@ class Request:
         upto = end if end < known else known
         tokens = (output[start - num_prompt:upto - num_prompt] if start >= num_prompt
                   else self.token_range(start, upto))
+        drafts = self.spec_token_ids
+        if drafts:   # the scheduler granted the last token plus every draft
+            tokens = tokens + drafts
+            end -= len(drafts)
         s = ScheduledRequest(self.request_id, start, num_new_tokens, tokens, block_ids, p)
         if end == known + self.num_pending:
             s.num_sampled = 1
+            if drafts:
+                s.num_sampled += len(drafts)
+                s.draft_token_ids = drafts
             s.seed = self.seed
             s.num_output_tokens = len(output) + self.num_pending
             s.num_prompt_tokens = num_prompt

@@ -29,6 +29,7 @@ class Schedule:
     num_new_tokens: list[int] = field(default_factory=list)
     block_ids: list[list[int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    drafts: dict[str, list[int]] = field(default_factory=dict)   # speculating requests' proposals
 
     @property
     def is_empty(self) -> bool:
@@ -41,7 +42,7 @@ class Schedule:
     def step_data(self) -> SchedulerOutput:
         return SchedulerOutput(
             [r.scheduled(n, b) for r, n, b in zip(self.requests, self.num_new_tokens, self.block_ids)],
-            [r.request_id for r in self.preempted])
+            [r.request_id for r in self.preempted], self.drafts)
 
 
 class Scheduler:
@@ -104,7 +105,13 @@ class Scheduler:
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             if num_new <= 0:
                 continue
+            if req.spec_token_ids:   # lookahead slots for the drafts, as far as the budget goes
+                num_new = self._with_drafts(req, num_new, budget)
             while not self.kv.allocate_slots(req, num_new):
+                if req.spec_token_ids:   # give up the lookahead before preempting anyone
+                    num_new -= len(req.spec_token_ids)
+                    req.spec_token_ids = []
+                    continue
                 victim = self._pick_victim()
                 budget += granted.pop(victim.request_id, 0)
                 self._preempt(victim)
@@ -137,10 +144,25 @@ class Scheduler:
 
         for req in self.running:
             if req.request_id in granted:
+                if req.spec_token_ids:
+                    out.drafts[req.request_id] = req.spec_token_ids
                 out.requests.append(req)
                 out.num_new_tokens.append(granted[req.request_id])
                 out.block_ids.append(self.kv.block_ids(req.request_id))
         return out
+
+    @staticmethod
+    def _with_drafts(req: Request, num_new: int, budget: int) -> int:
+        """The step's tokens with the drafts that fit the budget (the engine already
+        kept them within max_tokens and max_model_len); drafts only ride along with
+        the request's last token."""
+        if num_new != req.num_tokens - req.num_computed_tokens:
+            req.spec_token_ids = []
+            return num_new
+        fit = budget - num_new
+        if fit < len(req.spec_token_ids):
+            req.spec_token_ids = req.spec_token_ids[:fit]
+        return num_new + len(req.spec_token_ids)
 
     def _pick_victim(self) -> Request:
         # Lowest priority (largest value) first; among equals the most recently started.
@@ -155,6 +177,7 @@ class Scheduler:
         self.running.remove(req)
         self.kv.free(req)
         req.num_computed_tokens = 0
+        req.spec_token_ids = []
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1

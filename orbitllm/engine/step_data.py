@@ -40,6 +40,9 @@ class ScheduledRequest:
     history: list[int] | None = None  # prompt + output ids, only when penalties read them
     prompt_logprob_targets: list[int] | None = None   # the prompt tokens this step's positions predict
     token_bitmask: object | None = None   # the grammar's allowed next tokens (packed int32), if constrained
+    # Speculative verify: the proposed tokens, the last len(draft_token_ids) inputs
+    # (the step samples num_sampled = 1 + that many rows).
+    draft_token_ids: list[int] | None = None
 
     @property
     def num_pending_inputs(self) -> int:
@@ -60,6 +63,7 @@ class SchedulerOutput:
     # in flight, so the runner calls this once it has queued this step's forward, and
     # gets request id -> bitmask (the engine reads the step in flight back meanwhile).
     late_bitmasks: Callable[[], dict] | None = None
+    drafts: dict[str, list[int]] = field(default_factory=dict)   # request id -> its verified drafts
 
     @property
     def num_batched_tokens(self) -> int:

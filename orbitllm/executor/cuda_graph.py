@@ -4,8 +4,10 @@ A decode step launches hundreds of small kernels; replaying a captured graph
 removes their launch cost. Each graph reads fixed input buffers, so a batch is
 padded up to the next captured size: padded rows have ``seq_len`` 0 and slot
 -1, which the Triton kernels skip. A graph serves steps whose sequences all
-compute the same number of query rows; only one row per sequence (plain decode)
-is captured today, and a step of another shape runs eagerly.
+compute the same number of query rows: one (plain decode), and with speculative
+decoding also 2..k + 1 (every sequence verifying as many drafts; its attention is
+the prefill kernel's, which needs no host data either). A step of another shape
+(mixed draft lengths, prompt chunks) runs eagerly.
 
 On one GPU the graph also holds the LM head and the greedy argmax of every row,
 so a greedy step whose rows all sample launches no kernel of its own after the

@@ -19,6 +19,7 @@ from orbitllm.executor.step_inputs import PromptLogprobGroup, StepInputs
 from orbitllm.layers.attention import AttentionMetadata, get_attention_backend
 from orbitllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRows
 from orbitllm.models.interface import CausalLM
+from orbitllm.spec.rejection import num_accepted
 
 
 @dataclass
@@ -57,6 +58,7 @@ class LaunchedStep:
     ready: torch.cuda.Event | None = None
     prompt_logprobs: dict = field(default_factory=dict)
     pooled: dict = field(default_factory=dict)
+    drafts: dict[str, list[int]] = field(default_factory=dict)   # verify rows' proposals
 
     @functools.cached_property
     def rows_of(self) -> dict[str, range]:
@@ -113,8 +115,10 @@ class ModelRunner:
     def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype,
                  num_kv_blocks: int, block_size: int, seed: int, attention_backend: str,
                  eos_token_ids: set[int], max_num_seqs: int, max_model_len: int,
-                 enforce_eager: bool, kv_dtype: torch.dtype | None = None) -> None:
-        """``kv_dtype``: the KV cache's (default: ``dtype``; E4M3 for an FP8 cache)."""
+                 enforce_eager: bool, kv_dtype: torch.dtype | None = None,
+                 graph_query_lens: tuple[int, ...] = (1,)) -> None:
+        """``kv_dtype``: the KV cache's (default: ``dtype``; E4M3 for an FP8 cache).
+        ``graph_query_lens``: the query rows per sequence decode graphs are captured for."""
         self.model = model
         self.device = device
         self.dtype = dtype
@@ -134,7 +138,7 @@ class ModelRunner:
         if device.type == "cuda" and not enforce_eager and getattr(self.backend, "supports_cuda_graphs", False):
             max_blocks = -(-max_model_len // block_size)
             self.graphs = DecodeGraphs(model, self.backend, self.kv_cache, max_num_seqs,
-                                       max_blocks, max_model_len)
+                                       max_blocks, max_model_len, graph_query_lens)
             self.graphs.capture()
         if device.type == "cuda":
             self._compile_prefill_path()
@@ -188,7 +192,7 @@ class ModelRunner:
         if sched.late_bitmasks is not None:   # grammars that had to see the step in flight first
             masks = sched.late_bitmasks()
             rows.token_bitmasks = [masks.get(rid) for rid in rows.request_ids]
-        step = LaunchedStep(rows if len(rows) else None)
+        step = LaunchedStep(rows if len(rows) else None, drafts=sched.drafts)
         if len(rows):
             logits, greedy_ids = self._sample_logits(fwd, sample_rows, len(rows))
             try:
@@ -276,7 +280,19 @@ class ModelRunner:
             if step.ready is not None:
                 step.ready.synchronize()
             self._collect(result, step.rows, step.out, step.host_ids.tolist())
+            if step.drafts:
+                self._accept(result, step.drafts)
         return result
+
+    @staticmethod
+    def _accept(result: StepResult, drafts: dict[str, list[int]]) -> None:
+        """Keep each verified sequence's tokens up to its first rejected draft, plus
+        the target's own token there (the correction, or the bonus after all k)."""
+        for rid, proposed in drafts.items():
+            keep = num_accepted(result.sampled[rid], proposed) + 1
+            del result.sampled[rid][keep:]
+            if rid in result.logprobs:
+                del result.logprobs[rid][keep:]
 
     def prepare(self, sched: SchedulerOutput, prev: "LaunchedStep | None" = None) -> StepInputs:
         """The step's inputs; ``prev``: the step in flight, whose sampled ids feed

@@ -189,7 +189,15 @@ def build_rank_runner(cfg: EngineConfig, shard: Shard, device: torch.device,
     max_len = min(max_len, capacity)
     return make_runner(model, device, dtype, num_blocks, cfg.block_size, cfg.seed,
                        cfg.attention_backend, set(eos_token_ids), cfg.max_num_seqs, max_len,
-                       cfg.enforce_eager, kv_dtype)
+                       cfg.enforce_eager, kv_dtype, graph_query_lens=_graph_query_lens(cfg))
+
+
+def _graph_query_lens(cfg: EngineConfig) -> tuple[int, ...]:
+    """Decode graphs for one query row, and with speculation for verify steps of every
+    draft length 1..k (the adaptive length varies; a single request's step is always
+    uniform, so it never runs eagerly)."""
+    spec = cfg.speculative_config
+    return (1,) if spec is None else tuple(range(1, spec.num_speculative_tokens + 2))
 
 
 def _auto_num_blocks(cfg: EngineConfig, device: torch.device, bytes_per_block: int) -> int:

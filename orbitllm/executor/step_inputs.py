@@ -151,8 +151,12 @@ def _sampling_rows(sampled: list[ScheduledRequest], num_rows: int,
         s for s in sampled for _ in range(s.num_sampled)]
     index = [s.num_output_tokens for s in seqs] if seqs is sampled else [
         s.num_output_tokens + k for s in sampled for k in range(s.num_sampled)]
+    # A verify row k follows drafts 0..k-1: its penalties count them as output.
+    histories = [s.history for s in seqs] if seqs is sampled else [
+        s.history if s.history is None or not k else s.history + s.draft_token_ids[:k]
+        for s in sampled for k in range(s.num_sampled)]
     return SamplingRows(
         request_ids=[s.request_id for s in seqs], params=[s.params for s in seqs],
         seeds=[s.seed for s in seqs], output_index=index,
-        histories=[s.history for s in seqs], num_prompt_tokens=[s.num_prompt_tokens for s in seqs],
+        histories=histories, num_prompt_tokens=[s.num_prompt_tokens for s in seqs],
         token_bitmasks=[s.token_bitmask for s in seqs] if constrained else None)

@@ -85,7 +85,8 @@ class KVCacheManager:
             blocks = self._blocks.get(req.request_id)
             total = req.num_computed_tokens + num_new_tokens
             if blocks and total <= len(blocks) * self.block_size:   # decode within the last block
-                if self.enable_prefix_caching and total % self.block_size == 0:
+                # (a verify step's known tokens may fill a block short of ``total``)
+                if self.enable_prefix_caching and (total % self.block_size == 0 or num_new_tokens > 1):
                     self._cache_full_blocks(req, blocks, total)
                 return True
         computed_blocks = computed_blocks or []
@@ -154,6 +155,17 @@ class KVCacheManager:
             self._num_cached[child.request_id] = min(k, self._num_cached.get(parent.request_id, 0))
         child.block_hashes[:] = parent.block_hashes[:k]
         return len(shared) * self.block_size
+    def trim(self, req: CacheRequest) -> None:
+        """Give back the blocks past the request's known tokens: the lookahead of a
+        verify step whose drafts were rejected. They were never registered in the
+        prefix cache (only blocks of known tokens are), so they go straight back."""
+        blocks = self._blocks.get(req.request_id)
+        keep = -(-req.num_known_tokens // self.block_size)
+        if blocks is None or len(blocks) <= keep:
+            return
+        self.pool.free(reversed(blocks[keep:]))
+        del blocks[keep:]
+        del self._ids[req.request_id][keep:]
 
     def free(self, req: CacheRequest) -> None:
         """Return a finished, aborted or preempted request's blocks (tail first)."""

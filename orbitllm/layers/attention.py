@@ -132,14 +132,17 @@ class TorchAttentionBackend:
     """Plain PyTorch reference backend: correct on any device, one SDPA per sequence."""
 
     supports_cuda_graphs = False
+    # Steps whose sequences all have at most this many query rows (decode, speculative
+    # verify) run as one padded SDPA; longer ones (prefill chunks) one SDPA per sequence.
+    MAX_BATCHED_QUERY_LEN = 8
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata,
                 scale: float, sliding_window: int | None) -> torch.Tensor:
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         qsl = meta.query_start_loc_cpu or meta.query_start_loc.tolist()
         seq_lens = meta.seq_lens_cpu or meta.seq_lens.tolist()
-        if meta.is_decode_only and q.shape[0] == len(seq_lens) > 1 and min(seq_lens) > 0:
-            return self._decode(q, k_cache, v_cache, meta, scale, sliding_window)
+        if meta.max_query_len <= self.MAX_BATCHED_QUERY_LEN and len(seq_lens) > 1 and min(seq_lens) > 0:
+            return self._decode(q, k_cache, v_cache, meta, scale, sliding_window, qsl)
         num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
         group = num_heads // num_kv_heads
         out = torch.empty_like(q)
@@ -162,26 +165,39 @@ class TorchAttentionBackend:
 
     @staticmethod
     def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-                sliding_window: int | None) -> torch.Tensor:
-        """Exactly one query per sequence (none idle): gather every context padded to the
-        longest and run a single masked SDPA, instead of one call per sequence."""
+                sliding_window: int | None, qsl: list[int]) -> torch.Tensor:
+        """Few query rows per sequence (none with an empty context): gather every context
+        padded to the longest and run a single masked SDPA, instead of one call per
+        sequence. Queries sit right-aligned in a [B, Q] grid (a sequence's last query
+        row at Q - 1), each masked causally at its own position."""
         num_seqs, length, page = meta.num_seqs, meta.max_seq_len, k_cache.shape[1]
+        Q = meta.max_query_len
         tables = meta.block_tables[:, :-(-length // page)].long()
         keys = k_cache[tables].flatten(1, 2)[:, :length].to(q.dtype)      # [B, L, h, d]
         values = v_cache[tables].flatten(1, 2)[:, :length].to(q.dtype)
-        lens = meta.seq_lens.to(q.device).long()[:, None]
-        pos = torch.arange(length, device=q.device)[None, :]
-        mask = pos < lens
+        lens = meta.seq_lens.to(q.device).long()[:, None, None]
+        pos = torch.arange(length, device=q.device)[None, None, :]
+        q_pos = lens - Q + torch.arange(Q, device=q.device)[None, :, None]   # [B, Q, 1]
+        mask = pos <= q_pos
         if sliding_window is not None:
-            mask &= pos > lens - 1 - sliding_window
+            mask &= pos > q_pos - sliding_window
+        mask[..., 0] |= ~mask.any(-1)   # grid padding: no all-masked row (its output is dropped)
         # Padding reads other blocks' (or never written) slots: zero them so 0 * garbage
         # cannot leak into the weighted sum.
-        keep = mask[:, :, None, None]
+        keep = (pos < lens).squeeze(1)[:, :, None, None]
         keys, values = keys.where(keep, 0.0), values.where(keep, 0.0)
+        dest = None
+        if q.shape[0] != num_seqs * Q:   # not a full grid: place each sequence's rows
+            dest = torch.tensor([b * Q + Q - (e - s) + j for b, (s, e) in enumerate(zip(qsl, qsl[1:]))
+                                 for j in range(e - s)], device=q.device)
+            grid = q.new_zeros(num_seqs * Q, *q.shape[1:])
+            grid[dest] = q
+            q = grid
         out = F.scaled_dot_product_attention(
-            q.reshape(num_seqs, -1, 1, q.shape[-1]), keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
-        return out.view_as(q)
+            q.view(num_seqs, Q, -1, q.shape[-1]).transpose(1, 2), keys.transpose(1, 2),
+            values.transpose(1, 2), attn_mask=mask[:, None], scale=scale, enable_gqa=True)
+        out = out.transpose(1, 2).reshape(num_seqs * Q, -1, q.shape[-1])
+        return out if dest is None else out[dest]
 
 
 def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:

@@ -46,6 +46,10 @@ class EngineStats:
     prefix_queries: int = 0
     prefix_hits: int = 0
     num_preemptions: int = 0
+    spec_num_drafts: int = 0            # speculative decoding: verify steps of a sequence
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -415,7 +419,11 @@ class AsyncEngine:
         e = self.engine
         return EngineStats(num_running=e.scheduler.num_running, num_waiting=e.scheduler.num_waiting,
                            kv_usage=e.kv_usage(), prefix_queries=e.kv.prefix_queries,
-                           prefix_hits=e.kv.prefix_hits, num_preemptions=e.scheduler.num_preemptions)
+                           prefix_hits=e.kv.prefix_hits, num_preemptions=e.scheduler.num_preemptions,
+                           spec_num_drafts=e.spec_stats.num_drafts,
+                           spec_num_draft_tokens=e.spec_stats.num_draft_tokens,
+                           spec_num_accepted_tokens=e.spec_stats.num_accepted_tokens,
+                           spec_accepted_per_pos=tuple(e.spec_stats.accepted_per_pos))
 
     def _call_soon(self, fn, *args) -> None:
         try:

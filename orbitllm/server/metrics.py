@@ -53,6 +53,15 @@ class ServerMetrics:
                                        "Prompt tokens looked up in the prefix cache.")
         self._prefix_hits = counter("prefix_cache_hits_total", "Prompt tokens found in the prefix cache.")
         self._preemptions = counter("num_preemptions_total", "Requests preempted by the scheduler.")
+        self._spec_drafts = counter("spec_decode_num_drafts_total",
+                                    "Speculative verify steps (one per sequence and step).")
+        self._spec_draft_tokens = counter("spec_decode_num_draft_tokens_total",
+                                          "Draft tokens proposed.")
+        self._spec_accepted = counter("spec_decode_num_accepted_tokens_total",
+                                      "Draft tokens accepted.")
+        self._spec_per_pos = Counter("orbitllm:spec_decode_num_accepted_tokens_per_pos",
+                                     "Draft tokens accepted, by position in the draft.",
+                                     ["model_name", "position"], registry=self.registry)
         self._success = Counter("orbitllm:request_success_total", "Requests that ended, by reason.",
                                 ["model_name", "finished_reason"], registry=self.registry)
         self._last = EngineStats()
@@ -69,6 +78,12 @@ class ServerMetrics:
         self._prefix_queries.inc(max(0, stats.prefix_queries - last.prefix_queries))
         self._prefix_hits.inc(max(0, stats.prefix_hits - last.prefix_hits))
         self._preemptions.inc(max(0, stats.num_preemptions - last.num_preemptions))
+        self._spec_drafts.inc(max(0, stats.spec_num_drafts - last.spec_num_drafts))
+        self._spec_draft_tokens.inc(max(0, stats.spec_num_draft_tokens - last.spec_num_draft_tokens))
+        self._spec_accepted.inc(max(0, stats.spec_num_accepted_tokens - last.spec_num_accepted_tokens))
+        for pos, n in enumerate(stats.spec_accepted_per_pos):
+            before = last.spec_accepted_per_pos[pos] if pos < len(last.spec_accepted_per_pos) else 0
+            self._spec_per_pos.labels(self._model, str(pos)).inc(max(0, n - before))
 
     def render(self, stats: EngineStats) -> bytes:
         self.refresh(stats)
