@@ -89,8 +89,11 @@ def main() -> None:
     common = dict(load_format=args.load_format, device=args.device,
                   max_num_seqs=max(max(args.batches), args.nano_requests))
     spec_cfg = {"method": "ngram", "num_speculative_tokens": args.k}
-    plain = LLM(args.model, **common)
+    # Two engines share the device: the first takes under half of it (the second's
+    # budget is what is free then, less the same headroom).
+    plain = LLM(args.model, **common, gpu_memory_utilization=0.45)
     spec = LLM(args.model, **common, speculative_config=spec_cfg)
+    ngram = spec.engine.proposer
     vocab = plain.engine.vocab_size
     rng = random.Random(0)
     result: dict = {}
@@ -111,7 +114,7 @@ def main() -> None:
                                 "replay_ms_per_token": verify_ms / per_step}
 
     # (c): n-gram on random prompts (acceptance near 0): throughput vs none.
-    spec = LLM(args.model, **common, speculative_config=spec_cfg)   # its own n-gram proposer
+    spec.engine.proposer = ngram   # its own n-gram proposer again
     lo = min(100, args.nano_max_len)
     reqs = [BenchRequest([rng.randrange(vocab) for _ in range(rng.randint(lo, args.nano_max_len))],
                          rng.randint(lo, args.nano_max_len)) for _ in range(args.nano_requests)]

@@ -42,7 +42,7 @@ class Schedule:
     def step_data(self) -> SchedulerOutput:
         return SchedulerOutput(
             [r.scheduled(n, b) for r, n, b in zip(self.requests, self.num_new_tokens, self.block_ids)],
-            [r.request_id for r in self.preempted], self.drafts)
+            [r.request_id for r in self.preempted], drafts=self.drafts)
 
 
 class Scheduler:
