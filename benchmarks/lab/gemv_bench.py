@@ -65,7 +65,7 @@ def main() -> None:
             assert err < 1e-2, (cfg, err)   # bf16 outputs: a few elements differ by an ulp or two
             t = us_per_call(lambda i, c=cfg: gemv(x, ws[i], out=out, config=c, weight_scale=scale),
                             copies, reps=5)
-            results.append((t, cfg or default_gemv_config(n, k, fp8=args.fp8), cfg is None))
+            results.append((t, cfg or default_gemv_config(n, k), cfg is None))
         default = next(t for t, _, d in results if d)
         best_t, best_cfg, _ = min(results, key=lambda r: r[0])
         gbs = lambda t: mb * 1e3 / t   # noqa: E731  (MB / us = TB/s; x1e3 -> GB/s)

@@ -127,20 +127,12 @@ def _gemv_kernel(
         send_packets(y, rows, rows < N, send_addrs, send_offset + rank * N, epoch_ptr, rank, WORLD)
 
 
-def default_gemv_config(n: int, k: int, fp8: bool = False) -> GemvConfig:
+def default_gemv_config(n: int, k: int) -> GemvConfig:
     """4-row programs streaming 1024-column chunks three deep, and 8 rows for long rows
     (down_proj), whose chunks of input cost more (two loads and the SiLU): the best for
     Llama-8B's shapes at N=1 and N=2 when each projection's configs are tried inside a
     decode step (PDL, the SiLU·mul fused into down_proj). Timed alone, wider tiles win,
-    so configs are chosen in the step (measurements: ``docs/perf-log.md``).
-
-    FP8 weights (one byte each) have not been tried in the step yet; timed alone, long
-    rows stream better in 2-row programs of 2048-column chunks, and the 6144-row QKV
-    shape in 16-row programs of 512 (``benchmarks/lab/gemv_bench.py --fp8``)."""
-    if fp8 and k >= 7168:
-        return GemvConfig(block_n=2, block_k=2048, num_warps=4, num_stages=1)
-    if fp8 and 4096 < n <= 8192:
-        return GemvConfig(block_n=16, block_k=512, num_warps=8, num_stages=3)
+    so configs are chosen in the step (measurements: ``docs/perf-log.md``)."""
     if k >= 7168:
         return GemvConfig(block_n=8, block_k=1024, num_warps=4, num_stages=3)
     return GemvConfig(block_n=4, block_k=1024, num_warps=4, num_stages=3)
@@ -164,7 +156,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if out is None:
         out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     assert out.shape == (1, n) and out.is_contiguous()
-    cfg = config or default_gemv_config(n, k, fp8=weight_scale is not None)
+    cfg = config or default_gemv_config(n, k)
     block_k = min(cfg.block_k, triton.next_power_of_2(k))
     assert send is None or x.element_size() == 2, "packets carry 16-bit values"
     scale_cols, scale_stride = 0, 0
