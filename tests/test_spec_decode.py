@@ -394,3 +394,27 @@ def test_gpu_verify_graphs_and_overlap(workload):
     assert _tokens(llm, prompts) == want
     assert llm.engine.spec_stats.accepted_per_pos[3] > 0
     assert_all_blocks_free(llm)
+
+
+def _ngram_reference(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
+    """The proposal rule spelled out: for n from max_n down, the first earlier window
+    equal to the last n tokens and followed by a token; what follows it."""
+    L = len(tokens)
+    if k <= 0 or L <= min_n:
+        return []
+    for n in range(min(max_n, L - 1), min_n - 1, -1):
+        for i in range(L - n):   # window [i, i + n) ends before the last position
+            if tokens[i:i + n] == tokens[L - n:]:
+                return tokens[i + n:i + n + k]
+    return []
+
+
+def test_ngram_proposer_matches_the_rule_on_random_texts():
+    rng = random.Random(5)
+    for _ in range(3000):
+        vocab = rng.choice([2, 3, 5, 50])   # small vocabularies repeat, and overlap runs
+        tokens = [rng.randrange(vocab) for _ in range(rng.randint(0, 40))]
+        lo = rng.randint(1, 3)
+        hi, k = rng.randint(lo, 5), rng.randint(0, 5)
+        assert NgramProposer(lo, hi).propose(tokens, k) == _ngram_reference(tokens, k, lo, hi), \
+            (tokens, lo, hi, k)
