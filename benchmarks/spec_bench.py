@@ -103,6 +103,13 @@ def main() -> None:
         greedy = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
         conts = [o.outputs[0].token_ids for o in plain.generate(
             [{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)]
+        # Random weights give near-tied logits, so a verify step's batched products can
+        # pick another greedy token than the one-row decode did. Replaying the speculating
+        # engine's own output (twice: its steps then look like the measured ones) fixes that.
+        for _ in range(2):
+            spec.engine.proposer = ReplayProposer({tuple(p): c for p, c in zip(prompts, conts)})
+            conts = [o.outputs[0].token_ids for o in spec.generate(
+                [{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)]
         spec.engine.proposer = ReplayProposer({tuple(p): c for p, c in zip(prompts, conts)})
         plain_ms, _ = _decode_step_ms(plain, prompts, args.new_tokens)
         verify_ms, per_step = _decode_step_ms(spec, prompts, args.new_tokens)
