@@ -18,7 +18,6 @@ the residual add, which the fused peer-memory all-reduce + add + RMSNorm does no
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -30,9 +29,8 @@ from orbitllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
 from orbitllm.layers.norm import GemmaRMSNorm
 from orbitllm.layers.rotary import RotaryEmbedding
 from orbitllm.layers.tensor_parallel import Shard, check_shardable, kv_heads_per_rank
-from orbitllm.layers.weight_loading import CheckpointTensor
 from orbitllm.models.errors import ModelLoadError
-from orbitllm.models.weights import load_checkpoint_weights, map_stacked_name
+from orbitllm.models.weights import StackedDecoderHead
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -186,7 +184,7 @@ class Gemma3DecoderLayer(nn.Module):
         return self.post_feedforward_layernorm(self.mlp(h)), residual
 
 
-class Gemma3ForCausalLM(nn.Module):
+class Gemma3ForCausalLM(StackedDecoderHead, nn.Module):
     """Decoder + LM head (a ``models.interface.CausalLM``): ``forward`` returns hidden
     states, ``compute_logits`` the logits of the rows the sampler needs. Built for one
     ``shard`` of a tensor-parallel group."""
@@ -225,15 +223,3 @@ class Gemma3ForCausalLM(nn.Module):
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(positions, x, residual, kv_cache, meta, backend)
         return self.norm(x, residual)[0]
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Logits of ``hidden``'s rows. Under tensor parallelism every rank must call
-        this for the same rows; the full logits land on the driver (None elsewhere)."""
-        head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return head.compute_logits(hidden)
-
-    def load_weights(self, weights: Iterable[tuple[str, CheckpointTensor]], source: str) -> None:
-        load_checkpoint_weights(self, weights, source, self._map_name)
-
-    def _map_name(self, hf_name: str) -> tuple[str, object] | None:
-        return map_stacked_name(hf_name, tied_head=self.lm_head is None)

@@ -8,7 +8,6 @@ layers are shared. Q/K/V and gate/up are fused into one projection each.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -20,8 +19,7 @@ from orbitllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
 from orbitllm.layers.norm import RMSNorm
 from orbitllm.layers.rotary import RotaryEmbedding, rope_parameters
 from orbitllm.layers.tensor_parallel import ReduceSlot, Shard, check_shardable, kv_heads_per_rank
-from orbitllm.layers.weight_loading import CheckpointTensor
-from orbitllm.models.weights import load_checkpoint_weights, map_stacked_name
+from orbitllm.models.weights import StackedDecoderHead
 
 
 @dataclass
@@ -141,7 +139,7 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(StackedDecoderHead, nn.Module):
     """Decoder + LM head. ``forward`` returns hidden states; ``compute_logits`` the logits
     of the rows the sampler needs, so the vocab projection runs only where used.
     Built for one ``shard`` of a tensor-parallel group (default: the whole model)."""
@@ -181,18 +179,6 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(positions, x, residual, kv_cache, meta, backend)
         x, _ = self.norm(x, residual)
         return x
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Logits of ``hidden``'s rows. Under tensor parallelism every rank must call
-        this for the same rows; the full logits land on the driver (None elsewhere)."""
-        head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return head.compute_logits(hidden)
-
-    def load_weights(self, weights: Iterable[tuple[str, CheckpointTensor]], source: str) -> None:
-        load_checkpoint_weights(self, weights, source, self._map_name)
-
-    def _map_name(self, hf_name: str) -> tuple[str, object] | None:
-        return map_stacked_name(hf_name, tied_head=self.lm_head is None)
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -78,3 +78,21 @@ def load_checkpoint_weights(model: nn.Module, weights: Iterable[tuple[str, Check
                              f"{' ...' if len(missing) > 5 else ''}")
     if partial:
         raise ModelLoadError(f"{source}: checkpoint lacks part of {sorted(partial)[:3]}")
+
+
+class StackedDecoderHead:
+    """The LM head and the checkpoint loading that decoder families with fused Q/K/V and
+    gate/up share (Llama, Mistral, Qwen, Gemma 3): a mixin of their ``nn.Module``, which
+    defines ``embed_tokens`` and ``lm_head`` (None where the head is the embedding)."""
+
+    def compute_logits(self, hidden):
+        """Logits of ``hidden``'s rows. Under tensor parallelism every rank must call
+        this for the same rows; the full logits land on the driver (None elsewhere)."""
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return head.compute_logits(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, CheckpointTensor]], source: str) -> None:
+        load_checkpoint_weights(self, weights, source, self._map_name)
+
+    def _map_name(self, hf_name: str) -> tuple[str, object] | None:
+        return map_stacked_name(hf_name, tied_head=self.lm_head is None)
