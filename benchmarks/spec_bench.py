@@ -22,6 +22,13 @@ import torch
 
 from orbitllm import LLM, SamplingParams
 from orbitllm.bench.throughput import BenchRequest, run
+from orbitllm.spec.adaptive import AdaptiveDraftLength
+
+_adaptive = AdaptiveDraftLength.update
+
+
+def _pinned(self: AdaptiveDraftLength, num_proposed: int, num_accepted: int) -> None:
+    """The replay measurement's draft length: always k (it measures the mechanism)."""
 
 
 class ReplayProposer:
@@ -105,7 +112,9 @@ def main() -> None:
             [{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)]
         # Random weights give near-tied logits, so a verify step's batched products can
         # pick another greedy token than the one-row decode did. Replaying the speculating
-        # engine's own output (twice: its steps then look like the measured ones) fixes that.
+        # engine's own output, with every step a full verify step (the draft length pinned
+        # at k, so a miss does not turn the rest into one-row steps), fixes that.
+        AdaptiveDraftLength.update = _pinned
         for _ in range(2):
             spec.engine.proposer = ReplayProposer({tuple(p): c for p, c in zip(prompts, conts)})
             conts = [o.outputs[0].token_ids for o in spec.generate(
@@ -113,6 +122,7 @@ def main() -> None:
         spec.engine.proposer = ReplayProposer({tuple(p): c for p, c in zip(prompts, conts)})
         plain_ms, _ = _decode_step_ms(plain, prompts, args.new_tokens)
         verify_ms, per_step = _decode_step_ms(spec, prompts, args.new_tokens)
+        AdaptiveDraftLength.update = _adaptive
         result[f"batch{bs}"] = {"plain_step_ms": plain_ms, "verify_step_ms": verify_ms,
                                 "verify_over_plain": verify_ms / plain_ms,
                                 "tokens_per_seq_step": per_step}
