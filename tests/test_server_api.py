@@ -165,6 +165,11 @@ def test_unknown_fields_ignored_and_logged(server, client):
                                   extra_body={"frobnicate": 1, "user": "u-1"})
     assert r.choices[0].text is not None
     assert "ignoring unknown request field(s): 'frobnicate'\n" in server.output()
+    for path, body in (("/tokenize", {"prompt": "hi", "gizmo": 1}),
+                       ("/detokenize", {"tokens": [1], "gizmo": 1})):
+        r = httpx.post(server.url + path, json=body)
+        assert r.status_code == 200, r.text
+    assert server.output().count("ignoring unknown request field(s): 'gizmo'\n") == 2
 
 
 @pytest.mark.parametrize("field,value", [

@@ -116,11 +116,19 @@ class MessageToolCall(_Request):
         return call
 
 
-class _SamplingRequest(_Request):
-    """Fields shared by /v1/completions and /v1/chat/completions. Unknown top-level
-    fields are kept (``extra="allow"``) only so the server can log their names."""
+class _TopLevelRequest(_Request):
+    """An endpoint's body. Unknown top-level fields are kept (``extra="allow"``) only
+    so the server can log their names (vLLM ignores them too)."""
 
     model_config = ConfigDict(strict=True, extra="allow")
+
+    def unknown_fields(self) -> list[str]:
+        """Fields this server does not know (ignored, as vLLM does; the server logs them)."""
+        return sorted(self.model_extra or ())
+
+
+class _SamplingRequest(_TopLevelRequest):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = None
     n: int = 1
@@ -160,10 +168,6 @@ class _SamplingRequest(_Request):
     service_tier: str | None = None
     store: bool | None = None
     # -----------------------------------------------------------------------------------
-
-    def unknown_fields(self) -> list[str]:
-        """Fields this server does not know (ignored, as vLLM does; the server logs them)."""
-        return sorted(self.model_extra or ())
 
     def refuse_unsupported(self) -> None:
         """A known OpenAI feature that orbitllm lacks is refused by name, never ignored:
@@ -336,7 +340,7 @@ class ChatCompletionRequest(_SamplingRequest):
 
 # ---- issue 22: /tokenize and /detokenize (vLLM's shapes) ---------------------------
 
-class TokenizeRequest(_Request):
+class TokenizeRequest(_TopLevelRequest):
     """Either ``prompt`` or ``messages`` (rendered with the model's chat template)."""
 
     model: str | None = None
@@ -347,14 +351,14 @@ class TokenizeRequest(_Request):
     continue_final_message: bool = False
 
 
-class DetokenizeRequest(_Request):
+class DetokenizeRequest(_TopLevelRequest):
     model: str | None = None
     tokens: list[int]
 
 
 # ---- issue 22: /v1/embeddings --------------------------------------------------------
 
-class EmbeddingRequest(_Request):
+class EmbeddingRequest(_TopLevelRequest):
     model: str | None = None
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"

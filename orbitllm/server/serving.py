@@ -45,6 +45,16 @@ from orbitllm.server.protocol import (AssistantMessage, ChatChoice, ChatChunkCho
 
 _log = logging.getLogger(__name__)
 
+
+def _log_unknown_fields(body) -> None:
+    """One log line naming a body's unknown fields (as repr, so no newline or surrogate
+    reaches the log; at most 20 names of at most 64 characters)."""
+    unknown = body.unknown_fields()
+    if unknown:
+        more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
+        _log.info("ignoring unknown request field(s): %s%s",
+                  ", ".join(repr(name[:64]) for name in unknown[:20]), more)
+
 LOG_SCOPE_KEY = "orbitllm.access"     # where handlers leave fields for the access log
 _MIN_LOGPROB = -9999.0                 # JSON has no -inf
 
@@ -671,6 +681,7 @@ class OpenAIServing:
     async def embeddings(self, body, request: Request) -> Response:
         """OpenAI's embeddings response: the pooled final hidden state of each input."""
         model = self._check_model(body.model)
+        _log_unknown_fields(body)
         if body.dimensions is not None:
             raise APIError(400, "dimensions: not supported (the embedding is the model's hidden "
                                 "size)", param="dimensions")
@@ -716,6 +727,7 @@ class OpenAIServing:
     # -- issue 22: /tokenize and /detokenize
     async def tokenize(self, body) -> dict:
         self._check_model(body.model)
+        _log_unknown_fields(body)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "prompt: give exactly one of prompt and messages", param="prompt")
         if self.tokenizer is None:
@@ -736,6 +748,7 @@ class OpenAIServing:
 
     async def detokenize(self, body) -> dict:
         self._check_model(body.model)
+        _log_unknown_fields(body)
         if self.tokenizer is None:
             raise APIError(400, "tokens: this server has no tokenizer", param="tokens")
         vocab = self.engine.engine.vocab_size
@@ -765,11 +778,7 @@ class OpenAIServing:
         if isinstance(body.best_of, int) and body.best_of > max_n:
             raise APIError(400, f"best_of: at most {max_n} sequences per prompt (--max-n), "
                                 f"got {body.best_of}", param="best_of")
-        unknown = body.unknown_fields()
-        if unknown:   # names as repr (no newline or surrogate reaches the log), capped
-            more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
-            _log.info("ignoring unknown request field(s): %s%s",
-                      ", ".join(repr(name[:64]) for name in unknown[:20]), more)
+        _log_unknown_fields(body)
         try:
             params = body.sampling_params()
             self.engine.engine.check_params(params, body.priority)
