@@ -123,6 +123,28 @@ def test_overlap_drains_around_verify_steps(workload):
     assert_all_blocks_free(llm)
 
 
+
+def test_embeddings_beside_speculating_requests_under_overlap(workload):
+    """An embedding request never speculates, and with overlap forced on it runs beside
+    speculating ones: the same vectors and tokens as each alone."""
+    path, prompts, expected = workload["qwen3"]
+    llm = _spec_llm(path, prompts, expected, "replay", max_num_batched_tokens=9)
+    alone = llm.embed([{"prompt_token_ids": prompts[0]}])[0].embedding
+    llm.engine.overlap = True
+    eng = llm.engine
+    eng.add_pooling_request("emb", {"prompt_token_ids": prompts[0]})
+    for i, p in enumerate(prompts):
+        eng.add_request(f"gen{i}", {"prompt_token_ids": p}, GREEDY)
+    done = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert done["emb"].embedding == pytest.approx(alone, abs=1e-5)
+    assert [done[f"gen{i}"].outputs[0].token_ids for i in range(len(prompts))] == expected
+    assert eng.spec_stats.num_accepted_tokens > 0
+    assert_all_blocks_free(llm)
+
 def test_stops_lengths_logprobs_penalties(workload):
     """A stop id and a stop string inside an accepted run, max_tokens, max_model_len, penalties (whose
     history grows by the drafts row by row), min_tokens and logprobs: all as without

@@ -137,7 +137,7 @@ class LLMEngine:
                             seed=seed)
             if grammar is not None:
                 child.grammar = self.structured.start(grammar)
-            if self.proposer is not None:
+            if self.proposer is not None and grammar is None:   # a grammar: one token a step
                 child.draft_length = AdaptiveDraftLength(
                     self.config.speculative_config.num_speculative_tokens)
             children.append(child)
@@ -381,6 +381,7 @@ class LLMEngine:
             return masks
 
         sched.late_bitmasks = late_bitmasks
+
     # ---- speculative decoding ----------------------------------------------------
     def _propose(self) -> list[RequestOutput]:
         """Drafts for this step's decoding requests. Proposals read the latest tokens
@@ -392,14 +393,14 @@ class LLMEngine:
         probe = self._spec_steps % PROBE_EVERY == 0
         outputs = []
         if self._inflight is not None and (self._inflight.sched.drafts or probe or any(
-                r.draft_length.k for r in running)):
+                r.draft_length is not None and r.draft_length.k for r in running)):
             outputs = self._drain()
         for req in running:
             req.spec_token_ids = []
             if req.num_pending or req.num_computed_tokens != req.num_tokens - 1:
                 continue   # a prompt chunk still to go, or its last token not on the host
-            if req.draft_length is None or req.grammar is not None:
-                continue   # an embedding, or a grammar's masks: one token per step
+            if req.draft_length is None:
+                continue   # an embedding, or a grammar-constrained request: never speculates
             k = req.draft_length.next_k(probe)
             if not k:
                 continue

@@ -155,6 +155,7 @@ class KVCacheManager:
             self._num_cached[child.request_id] = min(k, self._num_cached.get(parent.request_id, 0))
         child.block_hashes[:] = parent.block_hashes[:k]
         return len(shared) * self.block_size
+
     def trim(self, req: CacheRequest) -> None:
         """Give back the blocks past the request's known tokens: the lookahead of a
         verify step whose drafts were rejected. They were never registered in the
