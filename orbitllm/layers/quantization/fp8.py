@@ -36,7 +36,7 @@ class Fp8WeightMethod:
         target.data.copy_(scale if target.dim() == 1 else scale[:, None].expand_as(target))
 
     def uses_gemv(self, layer, x: torch.Tensor) -> bool:
-        return takes_fp8_gemv(x, getattr(layer, self.scale_name))
+        return takes_fp8_gemv(x)
 
     def apply(self, layer, x: torch.Tensor, out: torch.Tensor | None = None,
               send=None, silu_mul: bool = False) -> torch.Tensor:
@@ -44,7 +44,6 @@ class Fp8WeightMethod:
             return matmul(x, self._dequantized(layer, x.dtype), layer.bias, out=out)
         return fp8_linear(x, layer.weight, getattr(layer, self.scale_name), layer.bias,
                           self.input_scale(layer), out=out, send=send, silu_mul=silu_mul)
-
 
     def _dequantized(self, layer, dtype: torch.dtype) -> torch.Tensor:
         """The CPU path's weight: dequantized once, at the first product (the CPU has no

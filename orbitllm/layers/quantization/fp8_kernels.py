@@ -72,7 +72,7 @@ def check_fp8_device(device: torch.device, what: str) -> None:
                          f"has {major}.{minor}")
 
 
-def takes_fp8_gemv(x: torch.Tensor, scale: torch.Tensor) -> bool:
+def takes_fp8_gemv(x: torch.Tensor) -> bool:
     """Whether ``fp8_linear`` runs this product on the Triton FP8 GEMV."""
     return (x.is_cuda and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
             and gemv_enabled())
@@ -94,7 +94,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     """``x @ dequantize(weight, scale).T (+ bias)`` in ``x``'s dtype (into ``out`` when
     given). ``input_scale``: a checkpoint's static activation scale (else per token).
     ``send`` / ``silu_mul``: only where ``takes_fp8_gemv`` (see ``matmul.matmul``)."""
-    if takes_fp8_gemv(x, scale):
+    if takes_fp8_gemv(x):
         from orbitllm.kernels.gemv import gemv
         return gemv(x, weight, bias, out, send=send, silu_mul=silu_mul, weight_scale=scale)
     assert send is None and not silu_mul, "only the Triton GEMV sends to peers or fuses SiLU"
