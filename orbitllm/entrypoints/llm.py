@@ -42,9 +42,7 @@ class LLM:
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
         """Generate for one prompt or a list; outputs come back in input order."""
-        if isinstance(prompts, (str, dict)) or (
-                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        prompts = _prompt_list(prompts)
         params = _per_prompt(sampling_params, len(prompts), "sampling_params")
         prios = _per_prompt(priority, len(prompts), "priority") if priority is not None else [0] * len(prompts)
         ids = []
@@ -63,9 +61,7 @@ class LLM:
         """One embedding per prompt (vLLM's ``LLM.embed`` for a decoder model): the final
         hidden state after the final norm at the ``last`` token, or the ``mean`` over the
         prompt, L2-normalized."""
-        if isinstance(prompts, (str, dict)) or (
-                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        prompts = _prompt_list(prompts)
         ids = []
         try:
             for prompt in prompts:
@@ -86,9 +82,7 @@ class LLM:
         Every beam of a step is one engine request; all prompts' beams run batched. A
         request keeps its KV blocks after it finishes, so that the next step's beams fork
         from it instead of computing their prefix again; they are released a step later."""
-        if isinstance(prompts, (str, dict)) or (
-                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        prompts = _prompt_list(prompts)
         engine = self.engine
         states = [BeamSearchState(engine.tokenize(p)[1], params, engine.eos_token_ids)
                   for p in prompts]
@@ -157,6 +151,14 @@ class LLM:
                         final[out.request_id] = out
                         bar.update(1)
         return [final[i] for i in ids]
+
+
+def _prompt_list(prompts) -> list:
+    """One prompt (text, token ids or a dict) as a list of one; a list as it is."""
+    if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    return prompts
 
 
 def _per_prompt(value, n: int, name: str) -> list:
