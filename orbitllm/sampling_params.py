@@ -153,6 +153,7 @@ class SamplingParams:
         """The prompt as the engine computes it: its last ``truncate_prompt_tokens``."""
         k = self.truncate_prompt_tokens
         return prompt_token_ids if k is None or len(prompt_token_ids) <= k else prompt_token_ids[-k:]
+
     def _validate_masks(self) -> None:
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
@@ -194,7 +195,6 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1 or bool(self.presence_penalty) or bool(self.frequency_penalty)
-
 
 
 def _bad(name: str, why: str, value) -> ValueError:

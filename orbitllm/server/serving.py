@@ -16,10 +16,9 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-
-import numpy as np
 from typing import AsyncIterator
 
+import numpy as np
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -45,6 +44,9 @@ from orbitllm.server.protocol import (AssistantMessage, ChatChoice, ChatChunkCho
 
 _log = logging.getLogger(__name__)
 
+LOG_SCOPE_KEY = "orbitllm.access"     # where handlers leave fields for the access log
+_MIN_LOGPROB = -9999.0                 # JSON has no -inf
+
 
 def _log_unknown_fields(body) -> None:
     """One log line naming a body's unknown fields (as repr, so no newline or surrogate
@@ -54,9 +56,6 @@ def _log_unknown_fields(body) -> None:
         more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
         _log.info("ignoring unknown request field(s): %s%s",
                   ", ".join(repr(name[:64]) for name in unknown[:20]), more)
-
-LOG_SCOPE_KEY = "orbitllm.access"     # where handlers leave fields for the access log
-_MIN_LOGPROB = -9999.0                 # JSON has no -inf
 
 
 class APIError(Exception):
