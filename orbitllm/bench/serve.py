@@ -274,11 +274,12 @@ async def _spec_counters(http, base_url: str, api_key: str | None) -> tuple[floa
 
 
 def with_spec(report: BenchReport, before: tuple, after: tuple) -> BenchReport:
-    drafts, proposed, accepted = (a - b for a, b in zip(after, before))
-    if drafts <= 0:
+    from orbitllm.spec.stats import SpecDecodeStats
+    st = SpecDecodeStats(*(int(a - b) for a, b in zip(after, before)))
+    if st.num_drafts <= 0:
         return report
-    return replace(report, spec_acceptance_rate=accepted / proposed,
-                   spec_mean_accepted_length=1 + accepted / drafts)
+    return replace(report, spec_acceptance_rate=st.acceptance_rate,
+                   spec_mean_accepted_length=st.mean_accepted_length)
 
 
 async def _detect_model(http, base_url: str, api_key: str | None) -> str:

@@ -166,13 +166,10 @@ def run(llm, requests: list[BenchRequest], temperature: float) -> dict:
     floor_s = floor_bytes / bw
     spec = {}
     if engine.proposer is not None:   # this run's proposals (the warm-up's left out)
-        st = engine.spec_stats
-        drafts = st.num_drafts - spec_before.num_drafts
-        proposed = st.num_draft_tokens - spec_before.num_draft_tokens
-        accepted = st.num_accepted_tokens - spec_before.num_accepted_tokens
-        spec = {"spec_num_drafts": drafts, "spec_draft_tokens": proposed,
-                "spec_acceptance_rate": accepted / proposed if proposed else 0.0,
-                "spec_mean_accepted_length": 1 + accepted / drafts if drafts else 0.0}
+        st = engine.spec_stats.since(spec_before)
+        spec = {"spec_num_drafts": st.num_drafts, "spec_draft_tokens": st.num_draft_tokens,
+                "spec_acceptance_rate": st.acceptance_rate,
+                "spec_mean_accepted_length": st.mean_accepted_length}
     return {**spec,
         "requests": len(requests), "wall_s": wall, "steps": steps,
         "output_tokens": out_tokens, "prompt_tokens": prompt_tokens,

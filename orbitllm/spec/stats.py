@@ -20,6 +20,13 @@ class SpecDecodeStats:
         for i in range(num_accepted):
             self.accepted_per_pos[i] += 1
 
+    def since(self, earlier: "SpecDecodeStats") -> "SpecDecodeStats":
+        """The counts added after ``earlier`` (a copy taken before a run), per-position
+        counts left out."""
+        return SpecDecodeStats(self.num_drafts - earlier.num_drafts,
+                               self.num_draft_tokens - earlier.num_draft_tokens,
+                               self.num_accepted_tokens - earlier.num_accepted_tokens)
+
     @property
     def acceptance_rate(self) -> float:
         return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
