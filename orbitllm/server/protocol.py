@@ -168,6 +168,16 @@ class _SamplingRequest(_TopLevelRequest):
     service_tier: str | None = None
     store: bool | None = None
     # -----------------------------------------------------------------------------------
+    # ---- structured output and logits masks (issue 22: orbitllm/server/structured_request.py) ----
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: str | dict | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    # ---- end of the structured-output block ----
 
     def refuse_unsupported(self) -> None:
         """A known OpenAI feature that orbitllm lacks is refused by name, never ignored:
@@ -199,16 +209,6 @@ class _SamplingRequest(_TopLevelRequest):
         """Sequences the engine generates per prompt: ``best_of`` of them, of which the
         ``n`` with the highest cumulative logprob are returned (vLLM's best_of)."""
         return self.n if self.best_of is None or self.use_beam_search else max(self.best_of, self.n)
-    # ---- structured output and logits masks (issue 22: orbitllm/server/structured_request.py) ----
-    allowed_token_ids: list[int] | None = None
-    bad_words: list[str] | None = None
-    response_format: ResponseFormat | None = None
-    structured_outputs: StructuredOutputsRequest | None = None
-    guided_json: str | dict | None = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
-    # ---- end of the structured-output block ----
 
     @property
     def include_usage(self) -> bool:
@@ -322,11 +322,11 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def structured_constraint(self):
         """Free text, the client's constraint, or the tool call that tool_choice forces."""
-        forced = tool_choice_constraint(self)
-        if forced is not None and structured_outputs_of(self) is not None:
+        forced, asked = tool_choice_constraint(self), structured_outputs_of(self)
+        if forced is not None and asked is not None:
             raise ValueError("tool_choice: cannot force a tool call together with response_format "
                              "or structured_outputs")
-        return forced or structured_outputs_of(self)
+        return forced or asked
 
     def sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
