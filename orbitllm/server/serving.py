@@ -33,7 +33,7 @@ from orbitllm.server.limits import (LimitedTemplateRenderer, Preprocessor, Prepr
                                     max_token_bytes, min_tokens_of)
 from orbitllm.server.metrics import ServerMetrics
 from orbitllm.server.structured_request import source_field
-from orbitllm.server.tool_parsers import ToolCalling, parser_for, template_tools
+from orbitllm.server.tool_parsers import ToolCalling, call_id, parser_for, template_tools
 from orbitllm.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
                                       ChatCompletionChunk, ChatCompletionRequest,
                                       ChatCompletionResponse, ChatLogprobs, CompletionChoice,
@@ -508,7 +508,7 @@ class ChatFormatter(_Formatter):
             return AssistantMessage(content=c.text), c.finish_reason
         content, calls = self.tools.message(c.text)
         message = AssistantMessage(content=content, tool_calls=[
-            ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=k.name, arguments=k.arguments))
+            ToolCall(id=call_id(), function=FunctionCall(name=k.name, arguments=k.arguments))
             for k in calls])
         return message, self.tools.finish_reason(c.finish_reason, bool(calls))
 
