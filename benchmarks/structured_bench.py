@@ -7,6 +7,11 @@ the issue's bar is the mixed run within 5% of the free one. Runs on CPU and GPU:
 
     PYTHONPATH=. python benchmarks/structured_bench.py [--model PATH] [--num-requests 16] [--max-tokens 64]
                                           [--device cpu|cuda] [--repeats 3] [--out result.json]
+                                          [--load-format dummy --tokenizer DIR]
+
+On the device, where the default model's package is absent, the default model's shape with
+random weights: ``--model DIR/config.json --load-format dummy --tokenizer DIR`` (a folder
+holding its config.json and tokenizer files).
 
 Free requests ignore EOS so every run computes the same tokens; constrained ones generate
 a long JSON array (so they stay in the batch) and may end early when their grammar does.
@@ -64,10 +69,13 @@ def main() -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None, help="write the result as JSON here")
+    parser.add_argument("--load-format", default=None, help="dummy: random weights")
+    parser.add_argument("--tokenizer", default=None)
     args = parser.parse_args()
     from orbitllm import LLM
     from orbitllm.sampling_params import StructuredOutputsParams
-    kwargs = {"device": args.device} if args.device else {}
+    kwargs = {k: v for k, v in (("device", args.device), ("load_format", args.load_format),
+                                ("tokenizer", args.tokenizer)) if v}
     llm = LLM(args.model, **kwargs)
     prompts = [f"Request {i}: list the items of the inventory as JSON." for i in range(args.num_requests)]
     half = [i % 2 == 1 for i in range(args.num_requests)]
