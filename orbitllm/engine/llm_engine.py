@@ -363,22 +363,28 @@ class LLMEngine:
         pairs = self.structured.sampled_rows(sched.scheduled, requests)
         sched.num_constrained = len(pairs)
         if self._inflight is None or not pairs:
-            for s, r in pairs:
-                s.token_bitmask = r.grammar.next_bitmask()
+            if pairs:
+                masks = self.structured.next_bitmasks([r.grammar for _, r in pairs])
+                for (s, _), mask in zip(pairs, masks):
+                    s.token_bitmask = mask
             return
         inflight = self._inflight
 
         def late_bitmasks() -> dict:
             result = self.runner.finish(inflight.launched)
             self._read_ahead = (inflight, result)
-            masks = {}
-            for s, r in pairs:
+            grammars, tokens = [], []
+            for _, r in pairs:
                 for token in result.sampled.get(r.request_id, ()):
-                    r.grammar.accept_early(token)
-                # A grammar complete with this token ends its request: the row is discarded.
-                if not r.grammar.is_terminated:
-                    masks[s.request_id] = r.grammar.next_bitmask()
-            return masks
+                    grammars.append(r.grammar)
+                    tokens.append(token)
+            self.structured.accept_early(grammars, tokens)
+            # A grammar complete with this token ends its request: the row is discarded.
+            live = [(s, r) for s, r in pairs if not r.grammar.is_terminated]
+            if not live:
+                return {}
+            masks = self.structured.next_bitmasks([r.grammar for _, r in live])
+            return {s.request_id: mask for (s, _), mask in zip(live, masks)}
 
         sched.late_bitmasks = late_bitmasks
 

@@ -113,23 +113,16 @@ class GrammarCompiler:
 
 
 class SequenceGrammar:
-    """One sequence's matcher: the tokens it may draw next, and its state after each."""
+    """One sequence's matcher: its state after each token it took."""
 
-    def __init__(self, compiled: "xgrammar.CompiledGrammar", vocab_size: int) -> None:
+    def __init__(self, compiled: "xgrammar.CompiledGrammar") -> None:
         import xgrammar as xgr
         self.matcher = xgr.GrammarMatcher(compiled)
-        self._width = (vocab_size + 31) // 32
         self._early: collections.deque[tuple[int, bool]] = collections.deque()
 
-    def next_bitmask(self) -> np.ndarray:
-        """A fresh packed mask (the sampler's upload may still read the last one)."""
-        import torch
-        mask = torch.empty((1, self._width), dtype=torch.int32)
-        self.matcher.fill_next_token_bitmask(mask)
-        return mask.numpy()[0]
-
     def accept(self, token_id: int) -> bool:
-        """Take the request's next token (or report what ``accept_early`` found for it)."""
+        """Take the request's next token (or report what ``StructuredOutputs.accept_early``
+        found for it)."""
         if self._early:
             early, accepted = self._early.popleft()
             if early == token_id:
@@ -139,10 +132,9 @@ class SequenceGrammar:
             self._early.clear()
         return self.matcher.accept_token(token_id)
 
-    def accept_early(self, token_id: int) -> None:
-        """Take a token before the engine postprocesses it (overlapped scheduling needs
-        the next mask sooner); ``accept`` then reports the result once."""
-        self._early.append((token_id, self.matcher.accept_token(token_id)))
+    def took_early(self, token_id: int, accepted: bool) -> None:
+        """``StructuredOutputs.accept_early`` advanced the matcher by this token."""
+        self._early.append((token_id, accepted))
 
     @property
     def is_terminated(self) -> bool:
@@ -158,6 +150,7 @@ class StructuredOutputs:
         self.vocab_size = vocab_size
         self.compiler = GrammarCompiler(tokenizer, vocab_size, stop_token_ids) if tokenizer else None
         self.num_active = 0
+        self._batch = None   # xgrammar's BatchGrammarMatcher, made with the first grammar
 
     def compile(self, spec: StructuredOutputsParams) -> "xgrammar.CompiledGrammar":
         if self.compiler is None:
@@ -165,8 +158,28 @@ class StructuredOutputs:
         return self.compiler.compile(spec)
 
     def start(self, compiled: "xgrammar.CompiledGrammar") -> SequenceGrammar:
+        if self._batch is None:
+            import xgrammar as xgr
+            self._batch = xgr.BatchGrammarMatcher(max_threads=1)
         self.num_active += 1
-        return SequenceGrammar(compiled, self.vocab_size)
+        return SequenceGrammar(compiled)
+
+    def next_bitmasks(self, grammars: list[SequenceGrammar]) -> np.ndarray:
+        """The grammars' next packed masks, ``[len(grammars), ceil(V / 32)]`` int32, in
+        one call (xgrammar fills them on its threads; a call per grammar cost several
+        times more host time per step). A fresh array each step: the sampler's upload
+        of the last one may still be reading it."""
+        masks = np.empty((len(grammars), (self.vocab_size + 31) // 32), np.int32)
+        self._batch.batch_fill_next_token_bitmask([g.matcher for g in grammars], masks)
+        return masks
+
+    def accept_early(self, grammars: list[SequenceGrammar], tokens: list[int]) -> None:
+        """Advance the grammars by their sequences' tokens before the engine postprocesses
+        them (overlapped scheduling needs the next masks sooner); each grammar's
+        ``accept`` then reports its result once."""
+        accepted = self._batch.batch_accept_token([g.matcher for g in grammars], tokens)
+        for g, token, ok in zip(grammars, tokens, accepted):
+            g.took_early(token, ok)
 
     def stop(self) -> None:
         self.num_active -= 1
