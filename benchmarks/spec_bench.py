@@ -49,6 +49,22 @@ class ReplayProposer:
         return []
 
 
+@torch.inference_mode()
+def _robust_greedy(llm: LLM) -> None:
+    """Random weights give near-tied logits, so a verify step's multi-row products pick
+    other greedy tokens than the one-row decode (the replay then accepted 2-5 %). With
+    every layer's output projections zeroed the residual stream is the token's embedding
+    exactly, and an LM head equal to the embedding makes the token itself win by a wide
+    margin: a greedy continuation no rounding changes. The step's work is unchanged
+    (the same shapes and kernels; zeros are read like any weight)."""
+    model = llm.engine.runner.model
+    for name, param in model.named_parameters():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            param.zero_()
+    if getattr(model, "lm_head", None) is not None:
+        model.lm_head.weight.copy_(model.embed_tokens.weight)
+
+
 def _sync(llm: LLM) -> None:
     if llm.engine.runner.device.type == "cuda":
         torch.cuda.synchronize()
@@ -105,33 +121,7 @@ def main() -> None:
     rng = random.Random(0)
     result: dict = {}
 
-    for bs in sorted(set(args.batches) | {1}):
-        prompts = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(bs)]
-        greedy = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
-        conts = [o.outputs[0].token_ids for o in plain.generate(
-            [{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)]
-        # Random weights give near-tied logits, so a verify step's batched products can
-        # pick another greedy token than the one-row decode did. Replaying the speculating
-        # engine's own output, with every step a full verify step (the draft length pinned
-        # at k, so a miss does not turn the rest into one-row steps), fixes that.
-        AdaptiveDraftLength.update = _pinned
-        for _ in range(2):
-            spec.engine.proposer = ReplayProposer({tuple(p): c for p, c in zip(prompts, conts)})
-            conts = [o.outputs[0].token_ids for o in spec.generate(
-                [{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)]
-        spec.engine.proposer = ReplayProposer({tuple(p): c for p, c in zip(prompts, conts)})
-        plain_ms, _ = _decode_step_ms(plain, prompts, args.new_tokens)
-        verify_ms, per_step = _decode_step_ms(spec, prompts, args.new_tokens)
-        AdaptiveDraftLength.update = _adaptive
-        result[f"batch{bs}"] = {"plain_step_ms": plain_ms, "verify_step_ms": verify_ms,
-                                "verify_over_plain": verify_ms / plain_ms,
-                                "tokens_per_seq_step": per_step}
-        if bs == 1:   # (b): ms per output token of one request, replay vs none
-            result["single"] = {"plain_ms_per_token": plain_ms,
-                                "replay_ms_per_token": verify_ms / per_step}
-
     # (c): n-gram on random prompts (acceptance near 0): throughput vs none.
-    spec.engine.proposer = ngram   # its own n-gram proposer again
     lo = min(100, args.nano_max_len)
     reqs = [BenchRequest([rng.randrange(vocab) for _ in range(rng.randint(lo, args.nano_max_len))],
                          rng.randint(lo, args.nano_max_len)) for _ in range(args.nano_requests)]
@@ -142,6 +132,27 @@ def main() -> None:
     result["nano_ngram"] = {"plain_tok_s": base["output_tok_s"], "ngram_tok_s": ngram["output_tok_s"],
                             "ratio": ngram["output_tok_s"] / base["output_tok_s"],
                             "acceptance_rate": ngram.get("spec_acceptance_rate", 0.0)}
+
+    # (a), (b) on weights whose greedy continuation no rounding changes (see _robust_greedy).
+    _robust_greedy(plain)
+    _robust_greedy(spec)
+    AdaptiveDraftLength.update = _pinned   # every step a full verify step of k drafts
+    for bs in sorted(set(args.batches) | {1}):
+        prompts = [[rng.randrange(vocab) for _ in range(args.prompt_len)] for _ in range(bs)]
+        greedy = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+        conts = [o.outputs[0].token_ids for o in plain.generate(
+            [{"prompt_token_ids": p} for p in prompts], greedy, use_tqdm=False)]
+        spec.engine.proposer = ReplayProposer({tuple(p): c for p, c in zip(prompts, conts)})
+        plain_ms, _ = _decode_step_ms(plain, prompts, args.new_tokens)
+        verify_ms, per_step = _decode_step_ms(spec, prompts, args.new_tokens)
+        result[f"batch{bs}"] = {"plain_step_ms": plain_ms, "verify_step_ms": verify_ms,
+                                "verify_over_plain": verify_ms / plain_ms,
+                                "tokens_per_seq_step": per_step}
+        if bs == 1:   # (b): ms per output token of one request, replay vs none
+            result["single"] = {"plain_ms_per_token": plain_ms,
+                                "replay_ms_per_token": verify_ms / per_step}
+    AdaptiveDraftLength.update = _adaptive
+    spec.engine.proposer = ngram
     print(json.dumps(result, indent=2))
     if args.output_json:
         with open(args.output_json, "w") as f:
