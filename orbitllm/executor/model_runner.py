@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from orbitllm.layers.attention import AttentionMetadata, get_attention_backend
 from orbitllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRows
 from orbitllm.models.interface import CausalLM
 from orbitllm.spec.rejection import num_accepted
+
+if TYPE_CHECKING:
+    from orbitllm.spec.draft_model import DraftModelProposer
 
 
 @dataclass
@@ -116,10 +120,14 @@ class ModelRunner:
                  num_kv_blocks: int, block_size: int, seed: int, attention_backend: str,
                  eos_token_ids: set[int], max_num_seqs: int, max_model_len: int,
                  enforce_eager: bool, kv_dtype: torch.dtype | None = None,
-                 graph_query_lens: tuple[int, ...] = (1,)) -> None:
+                 graph_query_lens: tuple[int, ...] = (1,),
+                 draft: "DraftModelProposer | None" = None) -> None:
         """``kv_dtype``: the KV cache's (default: ``dtype``; E4M3 for an FP8 cache).
-        ``graph_query_lens``: the query rows per sequence decode graphs are captured for."""
+        ``graph_query_lens``: the query rows per sequence decode graphs are captured for.
+        ``draft``: the draft model's proposer (speculative method draft_model), on the
+        driver only; the engine calls it."""
         self.model = model
+        self.draft = draft
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
@@ -175,6 +183,8 @@ class ModelRunner:
         if self.graphs is not None:
             self.graphs.release()
             self.graphs = None
+        if self.draft is not None:
+            self.draft.release()
         if self.model.shard.peer_reduce is not None:
             self.model.shard.peer_reduce.close()
 
