@@ -6,6 +6,7 @@ as its own draft accepts everything, and a draft that is partly right proposes w
 would if it recomputed every request from scratch each round."""
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from collections import Counter
@@ -88,16 +89,17 @@ def _check_self_draft(llm: LLM, prompts, expected) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_the_target_as_its_own_draft_accepts_everything(models, mode):
-    """A draft KV that is stale anywhere (catch-up, after a rejection, after preemption)
-    shows as rejected drafts when the draft is the target itself."""
+    """A draft KV that is stale anywhere (catch-up, after preemption, blocks the target
+    found in its prefix cache) shows as rejected drafts when the draft is the target."""
     path, _, prompts, expected = models["qwen3"]
     llm = LLM(path, **{"num_kv_blocks": 64, **MODES[mode]}, speculative_config=_draft_cfg(path))
+    if mode == "default":   # the prompts' blocks in the prefix cache first, without draft KV
+        _tokens(llm, prompts, SamplingParams(max_tokens=1, temperature=0.0))
     _check_self_draft(llm, prompts, expected)
+    if mode == "default":
+        assert llm.engine.kv.prefix_hits > 0
     if mode == "preemption":
         assert llm.engine.scheduler.num_preemptions > 0
-    if mode == "default":   # again, the target's KV from the prefix cache, the draft's not
-        _check_self_draft(llm, prompts, expected)
-        assert llm.engine.kv.prefix_hits > 0
 
 
 def _record_proposals(llm: LLM, from_scratch: bool) -> dict:
@@ -117,7 +119,15 @@ def _record_proposals(llm: LLM, from_scratch: bool) -> dict:
     return seen
 
 
-@pytest.mark.parametrize("mode", MODES)
+def _fail_some_reservations(llm: LLM) -> None:
+    """Every third reservation of a verify step's slots fails, as in a full pool: that
+    request decodes a plain step, and its next round catches up over it."""
+    kv, calls = llm.engine.kv, itertools.count()
+    reserve = kv.reserve
+    kv.reserve = lambda req, num_tokens: next(calls) % 3 != 2 and reserve(req, num_tokens)
+
+
+@pytest.mark.parametrize("mode", list(MODES) + ["full_pool"])
 def test_lazy_catch_up_proposes_what_a_fresh_draft_would(models, tmp_path, mode):
     """A draft right about half the time (drafts accepted in full, in part, not at all):
     each proposal equals the one the draft makes when it recomputes the request's whole
@@ -126,7 +136,10 @@ def test_lazy_catch_up_proposes_what_a_fresh_draft_would(models, tmp_path, mode)
     noisy = _noisy_copy(path, tmp_path / "noisy", 0.05, seed=5)
     runs = []
     for from_scratch in (False, True):
-        llm = LLM(path, **{"num_kv_blocks": 64, **MODES[mode]}, speculative_config=_draft_cfg(noisy))
+        llm = LLM(path, **{"num_kv_blocks": 64, **MODES.get(mode, {})},
+                  speculative_config=_draft_cfg(noisy))
+        if mode == "full_pool":
+            _fail_some_reservations(llm)
         seen = _record_proposals(llm, from_scratch)
         assert _tokens(llm, prompts) == expected
         assert_all_blocks_free(llm)
