@@ -115,6 +115,25 @@ _TORCH_DTYPES = {np.dtype(np.int64).str: torch.int64, np.dtype(np.int32).str: to
                  np.dtype(np.float32).str: torch.float32}
 
 
+@torch.inference_mode()
+def compile_prefill_path(model: CausalLM, backend, kv_cache: torch.Tensor, T: int) -> None:
+    """Run one dummy prefill of ``T`` tokens now, so its kernels compile at start-up
+    rather than in the first request's step (seconds on a machine whose kernel cache is
+    empty). Called on every tensor-parallel rank alike; slots of -1 write no KV."""
+    if T < 2:
+        return
+    dev = kv_cache.device
+    meta = AttentionMetadata(
+        slot_mapping=torch.full((T,), -1, dtype=torch.int64, device=dev),
+        query_start_loc=torch.tensor([0, T], dtype=torch.int32, device=dev),
+        seq_lens=torch.tensor([T], dtype=torch.int32, device=dev),
+        block_tables=torch.zeros((1, -(-T // kv_cache.shape[3])), dtype=torch.int32, device=dev),
+        max_query_len=T, max_seq_len=T, query_start_loc_cpu=[0, T], seq_lens_cpu=[T])
+    hidden = model(torch.zeros(T, dtype=torch.int64, device=dev), torch.arange(T, device=dev),
+                   kv_cache, meta, backend)
+    model.compute_logits(hidden[-1:])
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype,
                  num_kv_blocks: int, block_size: int, seed: int, attention_backend: str,
@@ -149,26 +168,7 @@ class ModelRunner:
                                        max_blocks, max_model_len, graph_query_lens)
             self.graphs.capture()
         if device.type == "cuda":
-            self._compile_prefill_path()
-
-    @torch.inference_mode()
-    def _compile_prefill_path(self) -> None:
-        """Run one dummy prefill now, so its kernels compile at start-up rather than in
-        the first request's step (seconds on a machine whose kernel cache is empty).
-        Called on every tensor-parallel rank alike; slots of -1 write no KV."""
-        T = min(2 * self.block_size, self.max_model_len)
-        if T < 2:
-            return
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.full((T,), -1, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor([0, T], dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor([T], dtype=torch.int32, device=dev),
-            block_tables=torch.zeros((1, 2), dtype=torch.int32, device=dev),
-            max_query_len=T, max_seq_len=T, query_start_loc_cpu=[0, T], seq_lens_cpu=[T])
-        hidden = self.model(torch.zeros(T, dtype=torch.int64, device=dev),
-                            torch.arange(T, device=dev), self.kv_cache, meta, self.backend)
-        self.model.compute_logits(hidden[-1:])
+            compile_prefill_path(model, self.backend, self.kv_cache, min(2 * block_size, max_model_len))
 
     @staticmethod
     def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from orbitllm.executor.cuda_graph import DecodeGraphs
+from orbitllm.executor.model_runner import compile_prefill_path
 from orbitllm.layers.attention import AttentionBackend, AttentionMetadata
 from orbitllm.models.interface import CausalLM
 
@@ -61,6 +62,8 @@ class DraftModelProposer:
         self.kv_cache = torch.zeros(spec.num_layers, 2, num_blocks, block_size, model.num_kv_heads,
                                     spec.head_dim, dtype=kv_dtype, device=self.device)
         self.max_model_len = min(max_model_len, spec.max_position_embeddings)
+        if device.type == "cuda":
+            compile_prefill_path(model, backend, self.kv_cache, min(2 * block_size, self.max_model_len))
         self.graphs: DecodeGraphs | None = None
         if use_graphs:
             self.graphs = DecodeGraphs(model, backend, self.kv_cache, max_num_seqs,
@@ -122,24 +125,17 @@ class DraftModelProposer:
         hidden = self.model(tokens_d, positions_d, self.kv_cache, meta, self.backend)
         ids = self.model.compute_logits(hidden[qsl_d[1:].long() - 1]).argmax(-1)
         passes = [ids]
-        at = 0
-        for m in counts:
-            sl = slice(at, at + m)
-            at += m
+        bounds = np.cumsum([0] + counts).tolist()
+        for m, a in zip(counts, bounds):
+            sl = slice(a, a + m)
             ids = self._decode(ids[:m], dec_pos_d[sl], dec_slots_d[sl], dec_lens_d[sl],
                                table_d[:m], dec_pos[sl])
             passes.append(ids)
-        flat = torch.cat(passes).tolist()
-
-        drafts: list[list[int]] = [[] for _ in ss]
-        at = 0
-        for ids in passes:
-            for i in range(ids.shape[0]):
-                drafts[i].append(flat[at + i])
-            at += ids.shape[0]
+        flat = torch.cat(passes).tolist()   # the round's one sync
+        per_pass = [flat[:B]] + [flat[B + a:B + a + m] for m, a in zip(counts, bounds)]
         out: list[list[int]] = [[] for _ in seqs]
-        for i, d in zip(order, drafts):
-            out[i] = d
+        for i, j in enumerate(order):   # sorted sequence i is seqs[j]; it drafted in its first k passes
+            out[j] = [ids[i] for ids in per_pass[:ss[i].k]]
         return out
 
     def _decode(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
