@@ -6,6 +6,7 @@ as its own draft accepts everything, and a draft that is partly right proposes w
 would if it recomputed every request from scratch each round."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import shutil
@@ -17,6 +18,7 @@ import torch
 from conftest import assert_all_blocks_free, build_tiny_model
 from orbitllm import LLM, SamplingParams
 from orbitllm.config import EngineConfig
+from orbitllm.spec.config import SpeculativeConfig
 from orbitllm.spec.draft_model import DraftSeq
 from test_spec_decode import MODES, _chi2_p, _joint_counts, _tokens
 
@@ -231,8 +233,10 @@ def test_cli_and_bench_throughput(models):
     from orbitllm.cli import build_parser, engine_config_from_args
     path, draft, prompts, expected = models["qwen3"]
     args = build_parser().parse_args(["generate", "--speculative-config", json.dumps(_draft_cfg(draft, 3))])
-    spec = engine_config_from_args(args).speculative_config
-    assert (spec.method, spec.model, spec.num_speculative_tokens) == ("draft_model", draft, 3)
+    cfg = engine_config_from_args(args)
+    assert cfg.speculative_config == SpeculativeConfig("draft_model", 3, model=draft)
+    # As the generate command passes it on (asdict: every field, the unset ones None).
+    assert EngineConfig(**dataclasses.asdict(cfg)).speculative_config == cfg.speculative_config
     llm = LLM(path, num_kv_blocks=64, speculative_config=_draft_cfg(path))
     result = run(llm, [BenchRequest(p, len(e)) for p, e in zip(prompts, expected)], 0.0)
     assert result["spec_num_drafts"] > 0 and result["spec_acceptance_rate"] >= 0.95

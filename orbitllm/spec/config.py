@@ -20,20 +20,29 @@ class SpeculativeConfig:
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
-    prompt_lookup_min: int = 1
-    prompt_lookup_max: int = 4
-    model: str | None = None   # the draft model (draft_model only)
+    prompt_lookup_min: int | None = None   # ngram only; None: 1
+    prompt_lookup_max: int | None = None   # ngram only; None: 4
+    model: str | None = None               # draft_model only: the draft's folder or .gguf
 
     def __post_init__(self) -> None:
         if self.method not in _METHODS:
             raise ValueError(f"speculative_config.method: must be one of {list(_METHODS)}, "
                              f"got {self.method!r}")
-        for name in ("num_speculative_tokens",) + _NGRAM_ONLY:
+        if self.method == "ngram":
+            for name, default in zip(_NGRAM_ONLY, (1, 4)):
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, default)
+        else:
+            given = [name for name in _NGRAM_ONLY if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"speculative_config.{given[0]}: only for method 'ngram'")
+        names = ("num_speculative_tokens",) + (_NGRAM_ONLY if self.method == "ngram" else ())
+        for name in names:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
                 raise ValueError(f"speculative_config.{name}: must be an integer in 1..64, "
                                  f"got {value!r}")
-        if self.prompt_lookup_min > self.prompt_lookup_max:
+        if self.method == "ngram" and self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"speculative_config.prompt_lookup_min: {self.prompt_lookup_min} "
                              f"exceeds prompt_lookup_max {self.prompt_lookup_max}")
         if self.method == "draft_model":
@@ -62,8 +71,4 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_config.{unknown[0]}: unknown field")
         if "method" not in value:
             raise ValueError("speculative_config.method: missing")
-        if value["method"] != "ngram":
-            given = [name for name in _NGRAM_ONLY if name in value]
-            if given:
-                raise ValueError(f"speculative_config.{given[0]}: only for method 'ngram'")
         return cls(**value)
