@@ -16,8 +16,9 @@ sizes the pool).
 Lazy catch-up instead of lock-step: a request's draft KV is valid for its first
 ``draft_computed`` positions. A proposal round runs the draft once over every
 request's tokens from there to its last one (one varlen prefill-style forward:
-prompts, and the tokens accepted or corrected since the last round), takes the
-argmax at each last row (d1), then k - 1 one-token decode forwards from d1. Before
+prompts, and the tokens accepted or corrected since the last round; a long one in
+chunks over several rounds), takes the argmax at each last row (d1), then k - 1
+one-token decode forwards from d1. Before
 the round the engine reserves the verify step's slots (the last token and k drafts),
 which hold the draft's KV of positions n .. n + k - 1 too. After the verify step
 ``draft_computed`` keeps the positions whose inputs turned out to be the emitted
@@ -46,7 +47,8 @@ class DraftSeq:
 
     tokens: list[int]      # prompt + output; the last one (position n) was just sampled
     start: int             # its first position without valid draft KV (<= n)
-    k: int                 # drafts to propose, >= 1, with positions n + k - 1 < max_model_len
+    k: int                 # drafts to propose (positions n + k - 1 < max_model_len);
+    #                        0: only catch up (``tokens`` a prefix: one chunk of a long one)
     block_ids: list[int]   # its block table, covering positions up to n + k - 1
 
 
