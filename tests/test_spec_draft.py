@@ -153,6 +153,21 @@ def test_lazy_catch_up_proposes_what_a_fresh_draft_would(models, tmp_path, mode)
     assert {key: lazy[key] for key in common} == {key: fresh[key] for key in common}
 
 
+def test_overlap_and_forked_sequences(models):
+    """Overlapped scheduling forced on (GPU-only otherwise), a small pool and budget: same
+    tokens, everything accepted. Then n = 3 seeded sequences (forked from one prompt: each
+    draft catches up over the shared blocks): the tokens of plain decoding."""
+    path, _, prompts, expected = models["qwen3"]
+    llm = LLM(path, num_kv_blocks=9, max_num_batched_tokens=20, speculative_config=_draft_cfg(path))
+    llm.engine.overlap = True
+    _check_self_draft(llm, prompts, expected)
+    params = SamplingParams(max_tokens=16, temperature=0.8, top_k=5, seed=11, n=3, ignore_eos=True)
+    plain = LLM(path, num_kv_blocks=64).generate([{"prompt_token_ids": prompts[2]}], params, use_tqdm=False)[0]
+    got = llm.generate([{"prompt_token_ids": prompts[2]}], params, use_tqdm=False)[0]
+    assert [c.token_ids for c in got.outputs] == [c.token_ids for c in plain.outputs]
+    assert_all_blocks_free(llm)
+
+
 def test_proposer_batches_mixed_draft_lengths_within_their_slots(models):
     """One round of three sequences (k = 3, 1, 2; one catching up from its middle): the
     target as draft proposes its own greedy continuation, and the draft cache changes
