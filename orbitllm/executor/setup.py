@@ -213,8 +213,10 @@ def build_rank_runner(cfg: EngineConfig, shard: Shard, device: torch.device,
 def load_draft_model(cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
                      vocab_size: int) -> CausalLM:
     """``speculative_config.model``, loaded as the target is (a Hugging Face folder or a
-    GGUF file; random weights of its shape with ``load_format='dummy'``), whole, in the
-    target's dtype; its vocabulary must be the target's (drafts are target token ids)."""
+    GGUF file; random weights of its shape with ``load_format='dummy'``, drawn with the
+    target's seed: the target's shape as its own draft is then a benchmark at full
+    acceptance), whole, in the target's dtype; its vocabulary must be the target's
+    (drafts are target token ids)."""
     path = cfg.speculative_config.model
     try:
         ckpt = open_shape(path) if cfg.load_format == "dummy" else open_checkpoint(path)
@@ -225,7 +227,7 @@ def load_draft_model(cfg: EngineConfig, device: torch.device, dtype: torch.dtype
         raise ValueError(f"speculative_config.model: the draft's vocabulary has "
                          f"{model.spec.vocab_size} tokens, the model's {vocab_size}")
     if cfg.load_format == "dummy":
-        init_random_weights(model, cfg.seed + 1)
+        init_random_weights(model, cfg.seed)
     else:
         model.load_weights(ckpt.iter_weights(dtype), ckpt.source)
     return model
