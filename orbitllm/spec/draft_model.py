@@ -6,6 +6,9 @@ verification of ``spec/rejection.py`` (draw every verify row from the target, ke
 the drafts while the draws equal them) keeps the target's distribution exactly,
 with temperature, filters, penalties, seeds and logprobs unchanged. Whatever the
 draft computes, right or wrong (stale draft KV included), can only lower acceptance.
+The price: a sampled row accepts the draft with the target's probability of the
+draft's argmax, not ``sum(min(p, q))`` as drafts sampled from the draft's own
+distribution would.
 
 The draft's KV: a cache tensor of its own with the target pool's number of blocks
 and block size, indexed by the target's block tables. A block the KV manager hands
@@ -18,9 +21,9 @@ Lazy catch-up instead of lock-step: a request's draft KV is valid for its first
 request's tokens from there to its last one (one varlen prefill-style forward:
 prompts, and the tokens accepted or corrected since the last round; a long one in
 chunks over several rounds), takes the argmax at each last row (d1), then k - 1
-one-token decode forwards from d1. Before
-the round the engine reserves the verify step's slots (the last token and k drafts),
-which hold the draft's KV of positions n .. n + k - 1 too. After the verify step
+one-token decode forwards from d1. Before the round the engine reserves the verify
+step's slots (the last token and k drafts), which hold the draft's KV of positions
+n .. n + k - 1 too. After the verify step
 ``draft_computed`` keeps the positions whose inputs turned out to be the emitted
 tokens; a preempted request (blocks freed) starts again from 0.
 
@@ -53,6 +56,8 @@ class DraftSeq:
 
 
 class DraftModelProposer:
+    """The draft model, its KV cache and its decode graphs; ``propose`` runs a round."""
+
     def __init__(self, model: CausalLM, backend: AttentionBackend, device: torch.device,
                  num_blocks: int, block_size: int, kv_dtype: torch.dtype, max_num_seqs: int,
                  max_model_len: int, use_graphs: bool) -> None:
