@@ -32,8 +32,8 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"     # fcfs | priority (requests' priority is honoured)
     quantization: str | None = None     # None | fp8 (weights quantized at load); FP8 checkpoints are detected
     kv_cache_dtype: str = "auto"        # auto (the model's dtype) | fp8 | fp8_e4m3: E4M3 KV cache, twice the tokens
-    # {"method": "ngram", "num_speculative_tokens": k, ...} as a dict or its JSON; parsed
-    # into a SpeculativeConfig here (orbitllm/spec/config.py)
+    # {"method": "ngram" | "draft_model", "num_speculative_tokens": k, ...} as a dict or its
+    # JSON; parsed into a SpeculativeConfig here (orbitllm/spec/config.py)
     speculative_config: str | dict | SpeculativeConfig | None = None
     tp_all_reduce: str = "auto"         # auto | nccl | peer (decode all-reduces fused with add + RMSNorm, read from peer GPUs); auto: peer on one host of peer-connected GPUs
 

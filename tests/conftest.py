@@ -37,42 +37,45 @@ def build_tokenizer(path):
     return fast
 
 
-def tiny_config(family: str, vocab_size: int):
+def tiny_config(family: str, vocab_size: int, **overrides):
+    """``overrides``: config fields to change (a second model of a family: a draft)."""
     import transformers as tf
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=2048, initializer_range=0.2, rms_norm_eps=1e-6,
                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
     if family == "llama":
-        return tf.LlamaConfig(**common, rope_scaling={
+        return tf.LlamaConfig(**{**common, "rope_scaling": {
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}, rope_theta=10000.0)
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}, "rope_theta": 10000.0,
+            **overrides})
     if family == "mistral":
-        return tf.MistralConfig(**common, sliding_window=24)
+        return tf.MistralConfig(**{**common, "sliding_window": 24, **overrides})
     if family == "qwen2":
-        return tf.Qwen2Config(**common, tie_word_embeddings=True)
+        return tf.Qwen2Config(**{**common, "tie_word_embeddings": True, **overrides})
     if family == "qwen3":
-        return tf.Qwen3Config(**{**common, "num_key_value_heads": 1}, head_dim=32,
-                              tie_word_embeddings=True)
+        return tf.Qwen3Config(**{**common, "num_key_value_heads": 1, "head_dim": 32,
+                                 "tie_word_embeddings": True, **overrides})
     if family == "gemma3":
         # Both layer types (a 16-token window, shorter than most test prompts), both rope
         # bases (the global one scaled), an attention scale that is not the head size's.
         # A larger init makes every greedy step repeat the last token.
-        return tf.Gemma3TextConfig(
-            **{**common, "initializer_range": 0.02}, head_dim=32, query_pre_attn_scalar=24,
-            sliding_window=16, layer_types=["sliding_attention", "full_attention"],
-            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                             "full_attention": {"rope_type": "linear", "factor": 2.0,
-                                                "rope_theta": 1000000.0}},
-            architectures=["Gemma3ForCausalLM"])
+        return tf.Gemma3TextConfig(**{
+            **common, "initializer_range": 0.02, "head_dim": 32, "query_pre_attn_scalar": 24,
+            "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"],
+            "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                   "rope_theta": 1000000.0}},
+            "architectures": ["Gemma3ForCausalLM"], **overrides})
     raise ValueError(family)
 
 
-def build_tiny_model(family: str, path) -> str:
+def build_tiny_model(family: str, path, seed: int = 1234, **overrides) -> str:
+    """``overrides``: config fields (``tiny_config``), e.g. a smaller draft model."""
     from transformers import AutoModelForCausalLM
     tok = build_tokenizer(path)
-    torch.manual_seed(1234)
-    config = tiny_config(family, len(tok))
+    torch.manual_seed(seed)
+    config = tiny_config(family, overrides.pop("vocab_size", len(tok)), **overrides)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if family == "gemma3":
         # Gemma initializes its norms' offsets from one to zero: randomize them, so that a

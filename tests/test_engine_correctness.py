@@ -75,7 +75,8 @@ def test_start_up_prefill_warm_up_writes_no_kv(tiny_models):
     before = llm.generate([[5, 6, 7, 8, 9]], params)[0].outputs[0].token_ids
     runner = llm.engine.runner
     cache = runner.kv_cache.clone()
-    runner._compile_prefill_path()
+    from orbitllm.executor.model_runner import compile_prefill_path
+    compile_prefill_path(runner.model, runner.backend, runner.kv_cache, 2 * runner.block_size)
     assert torch.equal(runner.kv_cache, cache)
     llm.engine.reset_prefix_cache()
     after = llm.generate([[5, 6, 7, 8, 9]], params)[0].outputs[0].token_ids

@@ -35,7 +35,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default=None, help="JSONL file with a 'prompt' per line")
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--random-weights", action="store_true",
-                        help="random weights with the model's shapes (qwen3-0.6b, llama3.1-8b, llama3.1-70b, a config.json)")
+                        help="random weights with the model's shapes (qwen3-0.6b, llama3.1-8b, llama3.1-70b, llama3.2-1b, a config.json)")
     parser.add_argument("--output-json", default=None)
 
 

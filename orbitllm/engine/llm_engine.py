@@ -25,6 +25,7 @@ from orbitllm.executor.setup import EngineParts, build_engine_parts
 from orbitllm.outputs import CompletionOutput, Logprob, PoolingRequestOutput, RequestOutput
 from orbitllm.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, check_text
 from orbitllm.spec.adaptive import PROBE_EVERY, AdaptiveDraftLength
+from orbitllm.spec.draft_model import DraftModelProposer, DraftSeq
 from orbitllm.spec.ngram import NgramProposer
 from orbitllm.spec.stats import SpecDecodeStats
 
@@ -88,8 +89,10 @@ class LLMEngine:
         self._pooling: dict[str, PoolingRequest] = {}       # embedding requests in flight
         self.last_scheduled: SchedulerOutput | None = None   # the last step's, for stats
         spec = config.speculative_config
-        self.proposer = None if spec is None else NgramProposer(spec.prompt_lookup_min,
-                                                                spec.prompt_lookup_max)
+        self.proposer: NgramProposer | DraftModelProposer | None = None
+        if spec is not None:
+            self.proposer = (self.runner.draft if spec.method == "draft_model" else
+                             NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max))
         self.spec_stats = SpecDecodeStats()
         self._spec_steps = 0   # the clock of the adaptive draft lengths' probes
         # Everything built so far (model, tokenizer, imported modules) lives as long as
@@ -401,6 +404,7 @@ class LLMEngine:
         if self._inflight is not None and (self._inflight.sched.drafts or probe or any(
                 r.draft_length is not None and r.draft_length.k for r in running)):
             outputs = self._drain()
+        asks: list[tuple[Request, int]] = []
         for req in running:
             req.spec_token_ids = []
             if req.num_pending or req.num_computed_tokens != req.num_tokens - 1:
@@ -413,16 +417,42 @@ class LLMEngine:
             room = min(req.params.max_tokens - req.num_output_tokens - 1,
                        self.max_model_len - req.num_tokens)
             if room > 0:
-                req.spec_token_ids = drafts = self.proposer.propose(req.all_token_ids, min(k, room))
-                if not drafts:   # nothing to propose counts as a miss: stop asking so often
-                    req.draft_length.update(k, 0)
+                asks.append((req, min(k, room)))
+        if isinstance(self.proposer, DraftModelProposer):
+            self._propose_with_draft(asks)
+            return outputs
+        for req, k in asks:
+            req.spec_token_ids = drafts = self.proposer.propose(req.all_token_ids, k)
+            if not drafts:   # nothing to propose counts as a miss: stop asking so often
+                req.draft_length.update(k, 0)
         return outputs
+
+    def _propose_with_draft(self, asks: list[tuple[Request, int]]) -> None:
+        """One draft-model round for every asking request. The verify step's slots (the
+        last token and k drafts) are reserved first, since the draft writes its KV of
+        the same positions; a request whose slots do not fit proposes nothing this step
+        (not a miss: the pool was full, not the draft wrong)."""
+        draft = self.proposer
+        seqs, reqs = [], []
+        for req, k in asks:
+            k = min(k, draft.room(req.num_tokens))
+            if k > 0 and self.kv.reserve(req, k + 1):
+                seqs.append(DraftSeq(req.all_token_ids, min(req.draft_computed, req.num_tokens - 1),
+                                     k, self.kv.block_ids(req.request_id)))
+                reqs.append(req)
+        for req, drafts in zip(reqs, draft.propose(seqs)):
+            req.spec_token_ids = drafts
+            req.draft_computed = req.num_tokens   # positions 0 .. n hold emitted tokens' KV
 
     def _verified(self, req: Request, num_proposed: int, num_emitted: int) -> None:
         """A verify step landed: the KV of its rejected drafts is stale, so the request's
         computed length moves back to just before the last emitted token."""
         num_accepted = num_emitted - 1
         req.num_computed_tokens -= num_proposed - num_accepted
+        if isinstance(self.proposer, DraftModelProposer):
+            # The draft wrote KV of its inputs d1 .. d(k-1) past position n: those of the
+            # accepted drafts are emitted tokens' (the correction's position is not).
+            req.draft_computed = min(req.draft_computed + num_proposed - 1, req.num_computed_tokens)
         req.draft_length.update(num_proposed, num_accepted)
         self.spec_stats.record(num_proposed, num_accepted)
 

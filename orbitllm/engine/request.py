@@ -56,6 +56,9 @@ class Request:
     # tokens to propose, and this step's proposal (positions num_tokens onward).
     draft_length: AdaptiveDraftLength | None = None
     spec_token_ids: list[int] = field(default_factory=list)
+    # A draft model's KV of this request is valid for its first draft_computed positions
+    # (spec/draft_model.py: the draft catches up from there; 0 again once the blocks go).
+    draft_computed: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

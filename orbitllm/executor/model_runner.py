@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from orbitllm.layers.attention import AttentionMetadata, get_attention_backend
 from orbitllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRows
 from orbitllm.models.interface import CausalLM
 from orbitllm.spec.rejection import num_accepted
+
+if TYPE_CHECKING:
+    from orbitllm.spec.draft_model import DraftModelProposer
 
 
 @dataclass
@@ -111,15 +115,38 @@ _TORCH_DTYPES = {np.dtype(np.int64).str: torch.int64, np.dtype(np.int32).str: to
                  np.dtype(np.float32).str: torch.float32}
 
 
+@torch.inference_mode()
+def compile_prefill_path(model: CausalLM, backend, kv_cache: torch.Tensor, T: int) -> None:
+    """Run one dummy prefill of ``T`` tokens now, so its kernels compile at start-up
+    rather than in the first request's step (seconds on a machine whose kernel cache is
+    empty). Called on every tensor-parallel rank alike; slots of -1 write no KV."""
+    if T < 2:
+        return
+    dev = kv_cache.device
+    meta = AttentionMetadata(
+        slot_mapping=torch.full((T,), -1, dtype=torch.int64, device=dev),
+        query_start_loc=torch.tensor([0, T], dtype=torch.int32, device=dev),
+        seq_lens=torch.tensor([T], dtype=torch.int32, device=dev),
+        block_tables=torch.zeros((1, -(-T // kv_cache.shape[3])), dtype=torch.int32, device=dev),
+        max_query_len=T, max_seq_len=T, query_start_loc_cpu=[0, T], seq_lens_cpu=[T])
+    hidden = model(torch.zeros(T, dtype=torch.int64, device=dev), torch.arange(T, device=dev),
+                   kv_cache, meta, backend)
+    model.compute_logits(hidden[-1:])
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype,
                  num_kv_blocks: int, block_size: int, seed: int, attention_backend: str,
                  eos_token_ids: set[int], max_num_seqs: int, max_model_len: int,
                  enforce_eager: bool, kv_dtype: torch.dtype | None = None,
-                 graph_query_lens: tuple[int, ...] = (1,)) -> None:
+                 graph_query_lens: tuple[int, ...] = (1,),
+                 draft: "DraftModelProposer | None" = None) -> None:
         """``kv_dtype``: the KV cache's (default: ``dtype``; E4M3 for an FP8 cache).
-        ``graph_query_lens``: the query rows per sequence decode graphs are captured for."""
+        ``graph_query_lens``: the query rows per sequence decode graphs are captured for.
+        ``draft``: the draft model's proposer (speculative method draft_model), on the
+        driver only; the engine calls it."""
         self.model = model
+        self.draft = draft
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
@@ -141,26 +168,7 @@ class ModelRunner:
                                        max_blocks, max_model_len, graph_query_lens)
             self.graphs.capture()
         if device.type == "cuda":
-            self._compile_prefill_path()
-
-    @torch.inference_mode()
-    def _compile_prefill_path(self) -> None:
-        """Run one dummy prefill now, so its kernels compile at start-up rather than in
-        the first request's step (seconds on a machine whose kernel cache is empty).
-        Called on every tensor-parallel rank alike; slots of -1 write no KV."""
-        T = min(2 * self.block_size, self.max_model_len)
-        if T < 2:
-            return
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.full((T,), -1, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor([0, T], dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor([T], dtype=torch.int32, device=dev),
-            block_tables=torch.zeros((1, 2), dtype=torch.int32, device=dev),
-            max_query_len=T, max_seq_len=T, query_start_loc_cpu=[0, T], seq_lens_cpu=[T])
-        hidden = self.model(torch.zeros(T, dtype=torch.int64, device=dev),
-                            torch.arange(T, device=dev), self.kv_cache, meta, self.backend)
-        self.model.compute_logits(hidden[-1:])
+            compile_prefill_path(model, self.backend, self.kv_cache, min(2 * block_size, max_model_len))
 
     @staticmethod
     def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -175,6 +183,8 @@ class ModelRunner:
         if self.graphs is not None:
             self.graphs.release()
             self.graphs = None
+        if self.draft is not None:
+            self.draft.release()
         if self.model.shard.peer_reduce is not None:
             self.model.shard.peer_reduce.close()
 

@@ -11,11 +11,14 @@ import torch
 from orbitllm.config import EngineConfig
 from orbitllm.executor.model_runner import ModelRunner
 from orbitllm.kv.kv_manager import KVCacheManager
+from orbitllm.layers.attention import get_attention_backend
 from orbitllm.layers.tensor_parallel import PeerAllReduce, Shard
 from orbitllm.models.interface import CausalLM
 from orbitllm.layers.quantization import cast_model, check_fp8_device, quantization_config, quantize_model
+from orbitllm.models.errors import ModelLoadError
 from orbitllm.models.loader import Checkpoint, build_model, open_checkpoint, open_shape
 from orbitllm.models.weights import hf_module_names
+from orbitllm.spec.draft_model import DraftModelProposer
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +178,14 @@ def build_rank_runner(cfg: EngineConfig, shard: Shard, device: torch.device,
     else:   # each layer's weight loaders take this rank's slices
         model.load_weights(ckpt.iter_weights(dtype), ckpt.source)
     spec = model.spec
+    # A draft model lives on the driver alone (it runs unsharded, spec/draft_model.py);
+    # loaded before the pool is sized, whose blocks hold its KV too.
+    draft = None
+    if shard.rank == 0 and cfg.speculative_config is not None and cfg.speculative_config.method == "draft_model":
+        draft = load_draft_model(cfg, device, dtype, spec.vocab_size)
     bytes_per_block = ModelRunner.kv_bytes_per_block(model, cfg.block_size, kv_dtype)
+    if draft is not None:
+        bytes_per_block += ModelRunner.kv_bytes_per_block(draft, cfg.block_size, kv_dtype)
     num_blocks = cfg.num_kv_blocks or _auto_num_blocks(cfg, device, bytes_per_block)
     num_blocks = shard.min_over_ranks(num_blocks, device)
     capacity = num_blocks * cfg.block_size
@@ -187,9 +197,40 @@ def build_rank_runner(cfg: EngineConfig, shard: Shard, device: torch.device,
         raise ValueError(f"max_model_len: {cfg.max_model_len} exceeds the model's "
                          f"max_position_embeddings ({spec.max_position_embeddings})")
     max_len = min(max_len, capacity)
+    proposer = None
+    if draft is not None:
+        backend = get_attention_backend(cfg.attention_backend, device)
+        proposer = DraftModelProposer(
+            draft, backend, device, num_blocks, cfg.block_size, kv_dtype, cfg.max_num_seqs, max_len,
+            use_graphs=device.type == "cuda" and not cfg.enforce_eager
+            and getattr(backend, "supports_cuda_graphs", False))
     return make_runner(model, device, dtype, num_blocks, cfg.block_size, cfg.seed,
                        cfg.attention_backend, set(eos_token_ids), cfg.max_num_seqs, max_len,
-                       cfg.enforce_eager, kv_dtype, graph_query_lens=_graph_query_lens(cfg))
+                       cfg.enforce_eager, kv_dtype, graph_query_lens=_graph_query_lens(cfg),
+                       draft=proposer)
+
+
+def load_draft_model(cfg: EngineConfig, device: torch.device, dtype: torch.dtype,
+                     vocab_size: int) -> CausalLM:
+    """``speculative_config.model``, loaded as the target is (a Hugging Face folder or a
+    GGUF file; random weights of its shape with ``load_format='dummy'``, drawn with the
+    target's seed: the target's shape as its own draft is then a benchmark at full
+    acceptance), whole, in the target's dtype; its vocabulary must be the target's
+    (drafts are target token ids)."""
+    path = cfg.speculative_config.model
+    try:
+        ckpt = open_shape(path) if cfg.load_format == "dummy" else open_checkpoint(path)
+    except ModelLoadError as e:
+        raise ValueError(f"speculative_config.model: {e}") from None
+    model = instantiate(ckpt, device, dtype, Shard(), quantization_config(cfg.quantization, ckpt.config))
+    if model.spec.vocab_size != vocab_size:
+        raise ValueError(f"speculative_config.model: the draft's vocabulary has "
+                         f"{model.spec.vocab_size} tokens, the model's {vocab_size}")
+    if cfg.load_format == "dummy":
+        init_random_weights(model, cfg.seed)
+    else:
+        model.load_weights(ckpt.iter_weights(dtype), ckpt.source)
+    return model
 
 
 def _graph_query_lens(cfg: EngineConfig) -> tuple[int, ...]:

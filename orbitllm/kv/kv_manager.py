@@ -108,6 +108,24 @@ class KVCacheManager:
             self._cache_full_blocks(req, blocks, total)
         return True
 
+    def reserve(self, req: CacheRequest, num_tokens: int) -> bool:
+        """Blocks for ``num_tokens`` positions past the request's computed ones ahead of
+        the step that computes them (a draft model writes its KV of a verify step's
+        positions before that step); False (and no change) if they do not fit. Unlike
+        ``allocate_slots`` nothing is registered in the prefix cache: the target's KV
+        of these positions is not there yet, and the step that writes it may come later
+        than this one (``allocate_slots`` registers them when it is scheduled)."""
+        blocks = self._blocks.get(req.request_id, [])
+        need = -(-(req.num_computed_tokens + num_tokens) // self.block_size) - len(blocks)
+        if need <= 0:
+            return True
+        if need > self.pool.num_free_blocks:
+            return False
+        new = self.pool.allocate(need)
+        self._blocks.setdefault(req.request_id, blocks).extend(new)
+        self._ids.setdefault(req.request_id, []).extend(b.block_id for b in new)
+        return True
+
     def _cache_full_blocks(self, req: CacheRequest, blocks: list[KVBlock], num_tokens: int) -> None:
         # Registered at allocation: a request scheduled later in the same step may hit
         # these blocks, which is safe because every layer writes all new K/V before

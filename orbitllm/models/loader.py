@@ -51,6 +51,12 @@ BUILTIN_SHAPES = {
                         num_attention_heads=32, **_LLAMA31_COMMON),
     "llama3.1-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                          num_attention_heads=64, **_LLAMA31_COMMON),
+    # Llama 3.1's vocabulary: a draft model for the two above.
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                        num_attention_heads=32, head_dim=64, **{
+                            **_LLAMA31_COMMON, "tie_word_embeddings": True, "rope_scaling": {
+                                "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}),
 }
 
 
