@@ -1,5 +1,5 @@
 """Matrix-vector product for decode steps: ``x @ weight.T`` with ``x`` of one row, or of a
-few (up to ``GEMV_MAX_ROWS``: a speculative verify step's query rows).
+few (a speculative verify step's query rows; ``layers/matmul.py`` routes up to 8).
 
 At batch 1 a projection reads its whole weight matrix to produce a few thousand
 numbers, so its time is bytes / bandwidth plus a fixed start-up. Under tensor
@@ -27,8 +27,7 @@ from orbitllm.kernels.fused_ops import silu_mul
 from orbitllm.kernels.pdl import pdl_args, pdl_enter
 from orbitllm.kernels.peer_reduce import send_packets
 
-GEMV_MAX_ROWS = 8   # more rows than this are a GEMM's: cuBLAS
-_DOT_ROWS = 16      # tl.dot's fewest rows
+_DOT_ROWS = 16   # tl.dot's fewest rows, and the most this kernel takes
 
 
 @dataclass(frozen=True)
@@ -178,7 +177,7 @@ def _gemv_rows_kernel(
     PDL: tl.constexpr, PRELOAD: tl.constexpr, SILU_MUL: tl.constexpr, DOT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """``_gemv_kernel`` for ``ROWS`` (2..8) rows of x, padded to ``ROWS_PAD`` (a power of
+    """``_gemv_kernel`` for ``ROWS`` (2..16) rows of x, padded to ``ROWS_PAD`` (a power of
     two; 16 with ``DOT``): program p reads its ``BLOCK_N`` weight rows once and writes
     output columns ``[p * BLOCK_N, (p + 1) * BLOCK_N)`` of every row. No ``SEND``: the
     peers' packets carry one row."""
@@ -238,14 +237,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
          send: PeerSend | None = None, silu_mul: bool = False,
          weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K] @ weight[N, K].T (+ bias)`` -> ``[M, N]`` in ``x``'s dtype, for
-    ``1 <= M <= GEMV_MAX_ROWS``, written into ``out`` (contiguous) when given, and sent to
+    ``1 <= M <= 16``, written into ``out`` (contiguous) when given, and sent to
     the peers with ``send`` (one row of 16-bit ``x`` only).
     ``weight_scale``: float32, the scales of FP8 (E4M3) weights, ``[N]`` per output row
     (the product is ``x @ (weight * weight_scale[:, None]).T``, in half the bytes) or
     ``[N, ceil(K / c)]`` per row and block of ``c`` columns (``layers/quantization``).
     With ``silu_mul``, ``x`` is ``[M, 2K]`` = ``[gate | up]`` and the product takes
     ``silu_and_mul(x)``. ``weight`` needs contiguous rows, and so does ``x`` (else copied)."""
-    assert x.dim() == 2 and 1 <= x.shape[0] <= GEMV_MAX_ROWS, f"gemv takes 1 to {GEMV_MAX_ROWS} rows"
+    assert x.dim() == 2 and 1 <= x.shape[0] <= _DOT_ROWS, f"gemv takes 1 to {_DOT_ROWS} rows"
     m = x.shape[0]
     n, k = weight.shape
     assert x.shape[1] == (2 * k if silu_mul else k) and weight.stride(1) == 1
