@@ -417,7 +417,8 @@ ROWS_CONFIGS = [GemvConfig(4, 64, 2, 2), GemvConfig(16, 64, 4, 2, dot=True)]
 
 @pytest.mark.parametrize("rows,config", [(1, None), (2, ROWS_CONFIGS[0]), (2, ROWS_CONFIGS[1]),
                                          (5, ROWS_CONFIGS[0]), (5, ROWS_CONFIGS[1]),
-                                         (8, ROWS_CONFIGS[0]), (8, ROWS_CONFIGS[1]), (5, None)])
+                                         (8, ROWS_CONFIGS[0]), (8, ROWS_CONFIGS[1]),
+                                         (8, GemvConfig(1, 64, 2, 2)), (3, None), (5, None)])
 @pytest.mark.parametrize("n,k,bias", [(64, 256, False), (37, 200, True)])   # even; ragged + bias
 def test_gemv_of_several_rows_matches_linear(rows: int, config, n: int, k: int, bias: bool) -> None:
     """Each row's product (``x`` a view with a wider row stride, as a slice of qkv is)."""

@@ -10,10 +10,16 @@ reduce kernel) ran at 55–75 % of copy bandwidth on an H200. Here each program 
 split, no second kernel, and small enough programs (a few per SM) that the grid
 stays balanced when the matrix is small.
 
-A few rows cost about what one does, as the step is still weight-read bound: each
-weight chunk is read once and multiplied with all the rows (``_gemv_rows_kernel``),
-either on the CUDA cores (float32 products, one accumulator tile per row) or on the
-tensor cores (``tl.dot``, the rows padded to its 16); ``GemvConfig.dot`` picks.
+A few rows (M = 2..8: one request's verify step of 1 + k drafts) should cost about
+what one does, as the step stays weight-read bound: ``_gemv_rows_kernel`` reads each
+weight chunk once and multiplies it with all M rows, in one of two ways that
+``GemvConfig.dot`` picks (a config field, so a GPU measurement decides per shape):
+- CUDA cores: a float32 ``[M, BLOCK_N, BLOCK_K]`` tile of products summed at the end,
+  like the one-row kernel's; M FMAs per weight (M padded to a power of two), which
+  at 8 rows come near the time of the weight's read;
+- tensor cores: ``tl.dot`` of the rows (padded to its minimum of 16, zeros) with the
+  chunk, which Triton pipelines through shared memory; the padding is free there.
+One row keeps its own kernel (``_gemv_kernel``), unchanged.
 """
 from __future__ import annotations
 
@@ -39,8 +45,8 @@ class GemvConfig:
     # Load the first chunk of weights before waiting for the kernel before (PDL).
     preload: bool = True
     # Several rows only: multiply each chunk on the tensor cores (``tl.dot``, the rows
-    # padded to 16; needs block_n >= 16) rather than in float32 on the CUDA cores,
-    # where M rows cost M FMAs per weight and may no longer hide under its read.
+    # padded to 16; needs block_n and block_k >= 16) rather than in float32 on the
+    # CUDA cores (see the module's docstring). One row ignores it.
     dot: bool = False
 
 
@@ -139,34 +145,57 @@ def _gemv_kernel(
         send_packets(y, rows, rows < N, send_addrs, send_offset + rank * N, epoch_ptr, rank, WORLD)
 
 
+# The several-row kernel's tiles. Its index vectors come shaped for broadcasting: 2-D
+# (``[rows | weight rows, chunk]``) for ``tl.dot``, 3-D (``[rows, weight rows, chunk]``)
+# for the CUDA cores' product, whose x and weight loads then get one layout (every
+# row's and weight row's columns in the same thread, vector loads, no shuffling).
+
 @triton.jit
-def _load_x_rows(x_ptr, xrows, cols, k, K, stride_xm, ROWS: tl.constexpr, EVEN: tl.constexpr,
-                 SILU_MUL: tl.constexpr):
-    """``_load_x`` for rows ``xrows`` of x (those from ``ROWS`` on: zeros), in x's dtype."""
-    ptrs = x_ptr + xrows[:, None] * stride_xm + (k + cols)[None, :]
+def _load_w_at(w_ptrs, wn, wk, k, N, K, EVEN: tl.constexpr):
     if EVEN:
-        mask = xrows[:, None] < ROWS
+        w = tl.load(w_ptrs + k)
     else:
-        mask = (xrows[:, None] < ROWS) & ((k + cols) < K)[None, :]
-    x = tl.load(ptrs, mask=mask, other=0.0)
+        w = tl.load(w_ptrs + k, mask=(wn < N) & ((k + wk) < K), other=0.0)
+    return w
+
+
+@triton.jit
+def _scale_w_at(w, s_ptr, wn, wk, k, N, K, stride_sn, SCALE_COLS: tl.constexpr):
+    """``_widen_w`` of the several-row tiles."""
+    w = w.to(tl.float32)
+    if SCALE_COLS > 0:
+        w *= tl.load(s_ptr + wn.to(tl.int64) * stride_sn + (k + wk) // SCALE_COLS,
+                     mask=(wn < N) & ((k + wk) < K), other=0.0)
+    return w
+
+
+@triton.jit
+def _load_x_at(x_ptrs, xm, xk, k, K, ROWS: tl.constexpr, EVEN: tl.constexpr, SILU_MUL: tl.constexpr):
+    """``_load_x`` of the several-row tiles (rows from ``ROWS`` on: zeros), in x's dtype."""
+    if EVEN:
+        mask = xm < ROWS
+    else:
+        mask = (xm < ROWS) & ((k + xk) < K)
+    x = tl.load(x_ptrs + k, mask=mask, other=0.0)
     if SILU_MUL:
-        x = silu_mul(x, tl.load(ptrs + K, mask=mask, other=0.0)).to(x_ptr.dtype.element_ty)
+        x = silu_mul(x, tl.load(x_ptrs + K + k, mask=mask, other=0.0)).to(x_ptrs.dtype.element_ty)
     return x
 
 
 @triton.jit
-def _rows_product(acc, w, x, s_ptr, rows, cols, k, N, K, stride_sn, SCALE_COLS: tl.constexpr,
-                  DOT: tl.constexpr, PRECISION: tl.constexpr):
+def _rows_chunk(acc, w, x, s_ptr, wn, wk, k, N, K, stride_sn, SCALE_COLS: tl.constexpr,
+                DOT: tl.constexpr, PRECISION: tl.constexpr):
     """``acc`` plus one chunk's products of all rows: on the tensor cores (``DOT``: the
     weights in x's dtype, exact for FP8 with per-row scales; block scales rounded in as
     ``dequantize`` rounds them) into ``[rows, BLOCK_N]``, else in float32 into
-    ``[rows, BLOCK_N, BLOCK_K]``, summed over the chunks' columns once at the end."""
+    ``[rows, BLOCK_N, BLOCK_K]``, summed over the columns once at the end."""
     if DOT:
         if SCALE_COLS > 0:
-            w = _widen_w(w, s_ptr, rows, cols, k, N, K, stride_sn, SCALE_COLS)
-        return tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
-    w = _widen_w(w, s_ptr, rows, cols, k, N, K, stride_sn, SCALE_COLS)
-    return acc + w[None, :, :] * x.to(tl.float32)[:, None, :]
+            w = _scale_w_at(w, s_ptr, wn, wk, k, N, K, stride_sn, SCALE_COLS)
+        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
+    else:   # (no early return: the code after one is still type-checked)
+        acc += _scale_w_at(w, s_ptr, wn, wk, k, N, K, stride_sn, SCALE_COLS) * x.to(tl.float32)
+    return acc
 
 
 @triton.jit
@@ -184,22 +213,26 @@ def _gemv_rows_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
     xrows = tl.arange(0, ROWS_PAD)
-    w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :]
     if DOT:
+        wn, wk, xm, xk = rows[:, None], cols[None, :], xrows[:, None], cols[None, :]
         acc = tl.zeros([ROWS_PAD, BLOCK_N], tl.float32)
     else:
+        wn, wk = rows[None, :, None], cols[None, None, :]
+        xm, xk = xrows[:, None, None], cols[None, None, :]
         acc = tl.zeros([ROWS_PAD, BLOCK_N, BLOCK_K], tl.float32)
+    w_ptrs = w_ptr + wn.to(tl.int64) * stride_wn + wk
+    x_ptrs = x_ptr + xm * stride_xm + xk
     if PRELOAD:
-        w = _load_w(w_ptrs, rows, cols, 0, N, K, EVEN)
+        w = _load_w_at(w_ptrs, wn, wk, 0, N, K, EVEN)
         pdl_enter(PDL)
-        x = _load_x_rows(x_ptr, xrows, cols, 0, K, stride_xm, ROWS, EVEN, SILU_MUL)
-        acc = _rows_product(acc, w, x, s_ptr, rows, cols, 0, N, K, stride_sn, SCALE_COLS, DOT, PRECISION)
+        x = _load_x_at(x_ptrs, xm, xk, 0, K, ROWS, EVEN, SILU_MUL)
+        acc = _rows_chunk(acc, w, x, s_ptr, wn, wk, 0, N, K, stride_sn, SCALE_COLS, DOT, PRECISION)
     else:
         pdl_enter(PDL)
     for k in range(BLOCK_K if PRELOAD else 0, K, BLOCK_K):
-        x = _load_x_rows(x_ptr, xrows, cols, k, K, stride_xm, ROWS, EVEN, SILU_MUL)
-        w = _load_w(w_ptrs, rows, cols, k, N, K, EVEN)
-        acc = _rows_product(acc, w, x, s_ptr, rows, cols, k, N, K, stride_sn, SCALE_COLS, DOT, PRECISION)
+        x = _load_x_at(x_ptrs, xm, xk, k, K, ROWS, EVEN, SILU_MUL)
+        w = _load_w_at(w_ptrs, wn, wk, k, N, K, EVEN)
+        acc = _rows_chunk(acc, w, x, s_ptr, wn, wk, k, N, K, stride_sn, SCALE_COLS, DOT, PRECISION)
     if DOT:
         y = acc
     else:
@@ -218,14 +251,16 @@ def default_gemv_config(n: int, k: int, rows: int = 1) -> GemvConfig:
     the best for Llama-8B's shapes at N=1 and N=2 when each projection's configs are
     tried inside a decode step (PDL, the SiLU·mul fused into down_proj). Timed alone,
     wider tiles win, so configs are chosen in the step (measurements: ``docs/perf-log.md``).
-    Several rows: not measured yet (``benchmarks/lab/gemv_rows_bench.py`` compares the
-    two products); the tensor cores from 4 rows on, where the CUDA cores' M FMAs per
-    weight come close to the read's time, and chunks that keep the float32 accumulator
-    tile (rows x 4 x chunk) at 32 registers a thread below that."""
+    Several rows: not measured yet (``benchmarks/lab/gemv_rows_bench.py`` times both
+    products): the tensor cores from 4 rows on, where the CUDA cores' FMAs per weight
+    (one per padded row) come close to the read's time; below, 1024-column chunks of as
+    many weight rows as keep the float32 tile at 64 registers a thread (rows x block_n =
+    8, padded rows counted), which compiles to vector loads and no spills.
+    """
     if rows >= 4:
         return GemvConfig(block_n=16, block_k=256, num_warps=4, num_stages=4, dot=True)
     if rows > 1:
-        return GemvConfig(block_n=4, block_k=1024 // triton.next_power_of_2(rows), num_warps=4,
+        return GemvConfig(block_n=8 // triton.next_power_of_2(rows), block_k=1024, num_warps=4,
                           num_stages=3)
     if k >= 7168:
         return GemvConfig(block_n=8, block_k=1024, num_warps=4, num_stages=3)
