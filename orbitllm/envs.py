@@ -17,7 +17,7 @@ from typing import Mapping
 
 @dataclass(frozen=True)
 class Envs:
-    # ORBITLLM_GEMV=cublas: steps of 1..8 rows take cuBLAS too, not the Triton decode GEMV.
+    # ORBITLLM_GEMV=cublas: one-row steps take cuBLAS too, not the Triton decode GEMV.
     gemv: str
     # ORBITLLM_PDL=0: no programmatic dependent launch on Hopper.
     pdl: bool

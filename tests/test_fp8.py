@@ -138,47 +138,15 @@ def test_fp8_gemv_fused_silu_mul():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-FP8_ROWS_CONFIGS = [GemvConfig(4, 64, 2, 2), GemvConfig(16, 64, 4, 2, dot=True)]
-
-
-@pytest.mark.parametrize("rows", [1, 2, 5, 8])
-@pytest.mark.parametrize("config", FP8_ROWS_CONFIGS)
-@pytest.mark.parametrize("block", [None, 64])
-def test_fp8_gemv_of_several_rows(rows, config, block):
-    """A verify step's rows against FP8 weights with per-row or block scales (the last
-    block ragged), bias and uneven N/K."""
-    n, k = 37, 200
-    if block is None:
-        q, s = quantize_rows(torch.randn(n, k, device=DEVICE))
-    else:
-        q = torch.randn(n, k, device=DEVICE).to(FP8_DTYPE)
-        s = torch.rand(n, -(-k // block), device=DEVICE) + 0.5
-    x, b = torch.randn(rows, k, device=DEVICE), torch.randn(n, device=DEVICE)
-    got = gemv(x, q, b, config=config, weight_scale=s)
-    want = torch.nn.functional.linear(x, dequantize(q, s, torch.float32), b)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
-
-
-@pytest.mark.parametrize("config", FP8_ROWS_CONFIGS)
-def test_fp8_gemv_of_several_rows_fuses_silu_mul(config):
-    from orbitllm.kernels.fused_ops import silu_and_mul_ref
-    n, k = 37, 200
-    q, s = quantize_rows(torch.randn(n, k, device=DEVICE))
-    gate_up = torch.randn(5, 2 * k, device=DEVICE)
-    got = gemv(gate_up, q, config=config, silu_mul=True, weight_scale=s)
-    want = torch.nn.functional.linear(silu_and_mul_ref(gate_up), dequantize(q, s, torch.float32))
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-
-
 CUDA = torch.cuda.is_available()
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize("rows", [1, 8])
 @pytest.mark.parametrize("block", [None, 128])
 def test_gpu_fp8_linear_matches_dequantized_reference(rows, block):
-    """The GPU path: the FP8 GEMV (up to 8 rows) and ``_scaled_mm`` (per-channel, more
-    rows) or the dequantized product (block-wise, more rows), bf16 activations."""
+    """The GPU path: the FP8 GEMV (one row) and ``_scaled_mm`` (per-channel, several rows)
+    or the dequantized product (block-wise, several rows), bf16 activations."""
     n, k = 512, 1024
     w = torch.randn(n, k, device="cuda") * 0.05
     if block is None:

@@ -411,66 +411,6 @@ def test_gemv_fused_silu_mul_equals_the_two_kernels(n: int, k: int, config, dtyp
     torch.testing.assert_close(fused.float(), ref, rtol=tol, atol=tol)
 
 
-# Several rows: the CUDA cores' product (float32 FMAs) and the tensor cores' (tl.dot).
-ROWS_CONFIGS = [GemvConfig(4, 64, 2, 2), GemvConfig(16, 64, 4, 2, dot=True)]
-
-
-@pytest.mark.parametrize("rows,config", [(1, None), (2, ROWS_CONFIGS[0]), (2, ROWS_CONFIGS[1]),
-                                         (5, ROWS_CONFIGS[0]), (5, ROWS_CONFIGS[1]),
-                                         (8, ROWS_CONFIGS[0]), (8, ROWS_CONFIGS[1]),
-                                         (8, GemvConfig(1, 64, 2, 2)), (3, None), (5, None)])
-@pytest.mark.parametrize("n,k,bias", [(64, 256, False), (37, 200, True)])   # even; ragged + bias
-def test_gemv_of_several_rows_matches_linear(rows: int, config, n: int, k: int, bias: bool) -> None:
-    """Each row's product (``x`` a view with a wider row stride, as a slice of qkv is)."""
-    x = torch.randn(rows, k + 24, device=DEVICE)[:, :k]
-    w = torch.randn(n, k, device=DEVICE)
-    b = torch.randn(n, device=DEVICE) if bias else None
-    out = torch.full((rows, n), float("nan"), device=DEVICE)
-    assert gemv(x, w, b, out=out, config=config) is out
-    torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("rows", [2, 5])
-@pytest.mark.parametrize("config", ROWS_CONFIGS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_gemv_of_several_rows_fuses_silu_mul(rows: int, config, dtype) -> None:
-    """The bits of ``silu_and_mul`` followed by the GEMV of the same rows."""
-    if config.dot and dtype == torch.bfloat16 and not CUDA:
-        pytest.skip("Triton 3.9's interpreter multiplies bfloat16 tl.dot operands as integers")
-    n, k = 37, 200
-    gate_up = torch.randn(rows, 2 * k, device=DEVICE).to(dtype)
-    w = (torch.randn(n, k, device=DEVICE) * 0.05).to(dtype)
-    fused = gemv(gate_up, w, config=config, silu_mul=True)
-    assert torch.equal(fused, gemv(silu_and_mul(gate_up), w, config=config))
-    ref = torch.nn.functional.linear(silu_and_mul_ref(gate_up.float()), w.float())
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(fused.float(), ref, rtol=tol, atol=tol)
-
-
-def test_gemv_refuses_what_it_cannot_do() -> None:
-    x, w = torch.randn(2, 64, device=DEVICE), torch.randn(32, 64, device=DEVICE)
-    with pytest.raises(ValueError, match="block_n"):
-        gemv(x, w, config=GemvConfig(8, 64, 4, 2, dot=True))   # tl.dot needs 16 weight rows
-    with pytest.raises(AssertionError, match="1 to 16 rows"):
-        gemv(torch.randn(17, 64, device=DEVICE), w)
-    send = PeerSend(torch.zeros(2, dtype=torch.int64), 0, torch.zeros(1, dtype=torch.int32), 0, 2)
-    with pytest.raises(AssertionError, match="one row"):
-        gemv(x.half(), w.half(), send=send)
-
-
-def test_steps_of_up_to_eight_rows_are_the_gemvs() -> None:
-    """The row count that routes a product (16-bit or FP8 weights) to the GEMV: a
-    verify step of one request with 4 drafts (5 rows) is one, 9 rows are cuBLAS's; on
-    the CPU nothing is."""
-    from orbitllm.layers.matmul import GEMV_MAX_ROWS, gemv_rows, takes_gemv
-    from orbitllm.layers.quantization.fp8_kernels import takes_fp8_gemv
-    assert GEMV_MAX_ROWS == 8
-    assert [gemv_rows(torch.empty(r, 16)) for r in (0, 1, 5, 8, 9)] == [False, True, True, True, False]
-    assert not gemv_rows(torch.empty(1, 1, 16))   # only [rows, K]
-    cpu = torch.empty(5, 16, dtype=torch.bfloat16)
-    assert not takes_gemv(cpu, torch.empty(8, 16, dtype=torch.bfloat16)) and not takes_fp8_gemv(cpu)
-
-
 def test_argmax_matches_torch() -> None:
     """Rows over several blocks with a ragged end: random values, a maximum repeated in
     two blocks (the first wins), a row of -inf (index 0), a NaN (it wins), a maximum in

@@ -39,7 +39,7 @@ def shapes(tp: int) -> dict[str, tuple[int, int]]:
 
 
 def with_configs(default, chosen: dict[tuple[int, int], GemvConfig]):
-    return lambda n, k, rows=1: (chosen.get((n, k)) if rows == 1 else None) or default(n, k, rows)
+    return lambda n, k: chosen.get((n, k)) or default(n, k)
 
 
 def main() -> None:

@@ -95,7 +95,7 @@ def main() -> None:
     dev = torch.device("cuda")
     print(f"spin {args.spin_us} us per stand-in kernel")
     on, config = pdl_mod._pdl_on, gemv_mod.default_gemv_config
-    no_preload = lambda n, k, rows=1: dataclasses.replace(config(n, k, rows), preload=False)   # noqa: E731
+    no_preload = lambda n, k: dataclasses.replace(config(n, k), preload=False)   # noqa: E731
     for tp in (1, 2):
         step, per_layer = layer_chain(tp, args.spin_us, dev)
         spins = (3 if tp > 1 else 1) * args.spin_us

@@ -1,5 +1,4 @@
-"""Matrix-vector product for decode steps: ``x @ weight.T`` with ``x`` of one row, or of a
-few (a speculative verify step's query rows; ``layers/matmul.py`` routes up to 8).
+"""Matrix-vector product for one-token decode steps: ``x @ weight.T`` with ``x`` of one row.
 
 At batch 1 a projection reads its whole weight matrix to produce a few thousand
 numbers, so its time is bytes / bandwidth plus a fixed start-up. Under tensor
@@ -9,17 +8,6 @@ reduce kernel) ran at 55–75 % of copy bandwidth on an H200. Here each program 
 ``BLOCK_N`` whole output rows and streams them through in ``BLOCK_K`` chunks: no
 split, no second kernel, and small enough programs (a few per SM) that the grid
 stays balanced when the matrix is small.
-
-A few rows (M = 2..8: one request's verify step of 1 + k drafts) should cost about
-what one does, as the step stays weight-read bound: ``_gemv_rows_kernel`` reads each
-weight chunk once and multiplies it with all M rows, in one of two ways that
-``GemvConfig.dot`` picks (a config field, so a GPU measurement decides per shape):
-- CUDA cores: a float32 ``[M, BLOCK_N, BLOCK_K]`` tile of products summed at the end,
-  like the one-row kernel's; M FMAs per weight (M padded to a power of two), which
-  at 8 rows come near the time of the weight's read;
-- tensor cores: ``tl.dot`` of the rows (padded to its minimum of 16, zeros) with the
-  chunk, which Triton pipelines through shared memory; the padding is free there.
-One row keeps its own kernel (``_gemv_kernel``), unchanged.
 """
 from __future__ import annotations
 
@@ -33,8 +21,6 @@ from orbitllm.kernels.fused_ops import silu_mul
 from orbitllm.kernels.pdl import pdl_args, pdl_enter
 from orbitllm.kernels.peer_reduce import send_packets
 
-_DOT_ROWS = 16   # tl.dot's fewest rows, and the most this kernel takes
-
 
 @dataclass(frozen=True)
 class GemvConfig:
@@ -44,10 +30,6 @@ class GemvConfig:
     num_stages: int
     # Load the first chunk of weights before waiting for the kernel before (PDL).
     preload: bool = True
-    # Several rows only: multiply each chunk on the tensor cores (``tl.dot``, the rows
-    # padded to 16; needs block_n and block_k >= 16) rather than in float32 on the
-    # CUDA cores (see the module's docstring). One row ignores it.
-    dot: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,123 +127,12 @@ def _gemv_kernel(
         send_packets(y, rows, rows < N, send_addrs, send_offset + rank * N, epoch_ptr, rank, WORLD)
 
 
-# The several-row kernel's tiles. Its index vectors come shaped for broadcasting: 2-D
-# (``[rows | weight rows, chunk]``) for ``tl.dot``, 3-D (``[rows, weight rows, chunk]``)
-# for the CUDA cores' product, whose x and weight loads then get one layout (every
-# row's and weight row's columns in the same thread, vector loads, no shuffling).
-
-@triton.jit
-def _load_w_at(w_ptrs, wn, wk, k, N, K, EVEN: tl.constexpr):
-    if EVEN:
-        w = tl.load(w_ptrs + k)
-    else:
-        w = tl.load(w_ptrs + k, mask=(wn < N) & ((k + wk) < K), other=0.0)
-    return w
-
-
-@triton.jit
-def _scale_w_at(w, s_ptr, wn, wk, k, N, K, stride_sn, SCALE_COLS: tl.constexpr):
-    """``_widen_w`` of the several-row tiles."""
-    w = w.to(tl.float32)
-    if SCALE_COLS > 0:
-        w *= tl.load(s_ptr + wn.to(tl.int64) * stride_sn + (k + wk) // SCALE_COLS,
-                     mask=(wn < N) & ((k + wk) < K), other=0.0)
-    return w
-
-
-@triton.jit
-def _load_x_at(x_ptrs, xm, xk, k, K, ROWS: tl.constexpr, EVEN: tl.constexpr, SILU_MUL: tl.constexpr):
-    """``_load_x`` of the several-row tiles (rows from ``ROWS`` on: zeros), in x's dtype."""
-    if EVEN:
-        mask = xm < ROWS
-    else:
-        mask = (xm < ROWS) & ((k + xk) < K)
-    x = tl.load(x_ptrs + k, mask=mask, other=0.0)
-    if SILU_MUL:
-        x = silu_mul(x, tl.load(x_ptrs + K + k, mask=mask, other=0.0)).to(x_ptrs.dtype.element_ty)
-    return x
-
-
-@triton.jit
-def _rows_chunk(acc, w, x, s_ptr, wn, wk, k, N, K, stride_sn, SCALE_COLS: tl.constexpr,
-                DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """``acc`` plus one chunk's products of all rows: on the tensor cores (``DOT``: the
-    weights in x's dtype, exact for FP8 with per-row scales; block scales rounded in as
-    ``dequantize`` rounds them) into ``[rows, BLOCK_N]``, else in float32 into
-    ``[rows, BLOCK_N, BLOCK_K]``, summed over the columns once at the end."""
-    if DOT:
-        if SCALE_COLS > 0:
-            w = _scale_w_at(w, s_ptr, wn, wk, k, N, K, stride_sn, SCALE_COLS)
-        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
-    else:   # (no early return: the code after one is still type-checked)
-        acc += _scale_w_at(w, s_ptr, wn, wk, k, N, K, stride_sn, SCALE_COLS) * x.to(tl.float32)
-    return acc
-
-
-@triton.jit
-def _gemv_rows_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, stride_xm, stride_wn, stride_sn,
-    ROWS: tl.constexpr, ROWS_PAD: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_COLS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
-    PDL: tl.constexpr, PRELOAD: tl.constexpr, SILU_MUL: tl.constexpr, DOT: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """``_gemv_kernel`` for ``ROWS`` (2..16) rows of x, padded to ``ROWS_PAD`` (a power of
-    two; 16 with ``DOT``): program p reads its ``BLOCK_N`` weight rows once and writes
-    output columns ``[p * BLOCK_N, (p + 1) * BLOCK_N)`` of every row. No ``SEND``: the
-    peers' packets carry one row."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_K)
-    xrows = tl.arange(0, ROWS_PAD)
-    if DOT:
-        wn, wk, xm, xk = rows[:, None], cols[None, :], xrows[:, None], cols[None, :]
-        acc = tl.zeros([ROWS_PAD, BLOCK_N], tl.float32)
-    else:
-        wn, wk = rows[None, :, None], cols[None, None, :]
-        xm, xk = xrows[:, None, None], cols[None, None, :]
-        acc = tl.zeros([ROWS_PAD, BLOCK_N, BLOCK_K], tl.float32)
-    w_ptrs = w_ptr + wn.to(tl.int64) * stride_wn + wk
-    x_ptrs = x_ptr + xm * stride_xm + xk
-    if PRELOAD:
-        w = _load_w_at(w_ptrs, wn, wk, 0, N, K, EVEN)
-        pdl_enter(PDL)
-        x = _load_x_at(x_ptrs, xm, xk, 0, K, ROWS, EVEN, SILU_MUL)
-        acc = _rows_chunk(acc, w, x, s_ptr, wn, wk, 0, N, K, stride_sn, SCALE_COLS, DOT, PRECISION)
-    else:
-        pdl_enter(PDL)
-    for k in range(BLOCK_K if PRELOAD else 0, K, BLOCK_K):
-        x = _load_x_at(x_ptrs, xm, xk, k, K, ROWS, EVEN, SILU_MUL)
-        w = _load_w_at(w_ptrs, wn, wk, k, N, K, EVEN)
-        acc = _rows_chunk(acc, w, x, s_ptr, wn, wk, k, N, K, stride_sn, SCALE_COLS, DOT, PRECISION)
-    if DOT:
-        y = acc
-    else:
-        y = tl.sum(acc, 2)
-    if HAS_SCALE and SCALE_COLS == 0:
-        y *= tl.load(s_ptr + rows, mask=rows < N, other=0.0)[None, :]
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + xrows[:, None] * N + rows[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=(xrows[:, None] < ROWS) & (rows < N)[None, :])
-
-
-def default_gemv_config(n: int, k: int, rows: int = 1) -> GemvConfig:
-    """One row: 4-row programs streaming 1024-column chunks three deep, and 8 rows for
-    long rows (down_proj), whose chunks of input cost more (two loads and the SiLU):
-    the best for Llama-8B's shapes at N=1 and N=2 when each projection's configs are
-    tried inside a decode step (PDL, the SiLU·mul fused into down_proj). Timed alone,
-    wider tiles win, so configs are chosen in the step (measurements: ``docs/perf-log.md``).
-    Several rows: not measured yet (``benchmarks/lab/gemv_rows_bench.py`` times both
-    products): the tensor cores from 4 rows on, where the CUDA cores' FMAs per weight
-    (one per padded row) come close to the read's time; below, 1024-column chunks of as
-    many weight rows as keep the float32 tile at 64 registers a thread (rows x block_n =
-    8, padded rows counted), which compiles to vector loads and no spills.
-    """
-    if rows >= 4:
-        return GemvConfig(block_n=16, block_k=256, num_warps=4, num_stages=4, dot=True)
-    if rows > 1:
-        return GemvConfig(block_n=8 // triton.next_power_of_2(rows), block_k=1024, num_warps=4,
-                          num_stages=3)
+def default_gemv_config(n: int, k: int) -> GemvConfig:
+    """4-row programs streaming 1024-column chunks three deep, and 8 rows for long rows
+    (down_proj), whose chunks of input cost more (two loads and the SiLU): the best for
+    Llama-8B's shapes at N=1 and N=2 when each projection's configs are tried inside a
+    decode step (PDL, the SiLU·mul fused into down_proj). Timed alone, wider tiles win,
+    so configs are chosen in the step (measurements: ``docs/perf-log.md``)."""
     if k >= 7168:
         return GemvConfig(block_n=8, block_k=1024, num_warps=4, num_stages=3)
     return GemvConfig(block_n=4, block_k=1024, num_warps=4, num_stages=3)
@@ -271,49 +142,35 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
          out: torch.Tensor | None = None, config: GemvConfig | None = None,
          send: PeerSend | None = None, silu_mul: bool = False,
          weight_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [M, K] @ weight[N, K].T (+ bias)`` -> ``[M, N]`` in ``x``'s dtype, for
-    ``1 <= M <= 16``, written into ``out`` (contiguous) when given, and sent to
-    the peers with ``send`` (one row of 16-bit ``x`` only).
+    """``x [1, K] @ weight[N, K].T (+ bias)`` -> ``[1, N]`` in ``x``'s dtype, written into
+    ``out`` when given, and sent to the peers with ``send`` (16-bit ``x`` only).
     ``weight_scale``: float32, the scales of FP8 (E4M3) weights, ``[N]`` per output row
     (the product is ``x @ (weight * weight_scale[:, None]).T``, in half the bytes) or
     ``[N, ceil(K / c)]`` per row and block of ``c`` columns (``layers/quantization``).
-    With ``silu_mul``, ``x`` is ``[M, 2K]`` = ``[gate | up]`` and the product takes
-    ``silu_and_mul(x)``. ``weight`` needs contiguous rows, and so does ``x`` (else copied)."""
-    assert x.dim() == 2 and 1 <= x.shape[0] <= _DOT_ROWS, f"gemv takes 1 to {_DOT_ROWS} rows"
-    m = x.shape[0]
+    With ``silu_mul``, ``x`` is ``[1, 2K]`` = ``[gate | up]`` and the product takes
+    ``silu_and_mul(x)``. ``weight`` needs contiguous rows; ``x`` is made contiguous."""
+    assert x.dim() == 2 and x.shape[0] == 1, "gemv takes one row"
     n, k = weight.shape
     assert x.shape[1] == (2 * k if silu_mul else k) and weight.stride(1) == 1
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    x = x.contiguous()
     if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    assert out.shape == (m, n) and out.is_contiguous()
-    cfg = config or default_gemv_config(n, k, m)
+        out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    assert out.shape == (1, n) and out.is_contiguous()
+    cfg = config or default_gemv_config(n, k)
     block_k = min(cfg.block_k, triton.next_power_of_2(k))
-    assert send is None or (x.element_size() == 2 and m == 1), "packets carry one row of 16-bit values"
+    assert send is None or x.element_size() == 2, "packets carry 16-bit values"
     scale_cols, scale_stride = 0, 0
     if weight_scale is not None and weight_scale.dim() == 2:   # block-wise
         scale_cols, scale_stride = -(-k // weight_scale.shape[1]), weight_scale.stride(0)
-    common = dict(
-        HAS_SCALE=weight_scale is not None, SCALE_COLS=scale_cols, HAS_BIAS=bias is not None,
-        BLOCK_N=cfg.block_n, BLOCK_K=block_k, EVEN=n % cfg.block_n == 0 and k % block_k == 0,
-        PRELOAD=cfg.preload, SILU_MUL=silu_mul, **pdl_args(x),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    s_arg = weight_scale if weight_scale is not None else x
-    b_arg = bias if bias is not None else x
-    grid = (triton.cdiv(n, cfg.block_n),)
-    if m == 1:
-        _gemv_kernel[grid](
-            x, weight, s_arg, b_arg, out, n, k, weight.stride(0), scale_stride,
-            send.addrs if send else x, send.offset if send else 0, send.epochs if send else x,
-            send.rank if send else 0, SEND=send is not None, WORLD=send.world if send else 1,
-            **common)
-        return out
-    if cfg.dot and min(cfg.block_n, block_k) < _DOT_ROWS:
-        raise ValueError(f"GemvConfig.dot needs block_n and block_k >= {_DOT_ROWS} "
-                         f"(block_n={cfg.block_n}, block_k={block_k} for K={k})")
-    _gemv_rows_kernel[grid](
-        x, weight, s_arg, b_arg, out, n, k, x.stride(0), weight.stride(0), scale_stride,
-        ROWS=m, ROWS_PAD=_DOT_ROWS if cfg.dot else triton.next_power_of_2(m), DOT=cfg.dot,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **common)
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x, weight, weight_scale if weight_scale is not None else x, bias if bias is not None else x,
+        out, n, k, weight.stride(0), scale_stride,
+        send.addrs if send else x, send.offset if send else 0, send.epochs if send else x,
+        send.rank if send else 0,
+        HAS_SCALE=weight_scale is not None, SCALE_COLS=scale_cols, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+        EVEN=n % cfg.block_n == 0 and k % block_k == 0,
+        PRELOAD=cfg.preload, SEND=send is not None, WORLD=send.world if send else 1,
+        SILU_MUL=silu_mul, **pdl_args(x),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
     return out

@@ -35,8 +35,8 @@ class VocabParallelEmbedding(nn.Module):
         return self.shard.all_reduce(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """``hidden @ table.T``: the logits of ``hidden``'s rows (a few rows: the
-        decode GEMV). Under tensor parallelism every rank must call this for the same rows;
+        """``hidden @ table.T``: the logits of ``hidden``'s rows (one row: the decode
+        GEMV). Under tensor parallelism every rank must call this for the same rows;
         the full logits land on the driver (None elsewhere)."""
         logits = matmul(hidden, self.weight)
         if self.shard.size == 1:

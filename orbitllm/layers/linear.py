@@ -45,9 +45,8 @@ class LinearMethod(Protocol):
 
 
 class UnquantizedLinearMethod:
-    """Weights in the model's dtype; the Triton GEMV for steps of a few rows
-    (``matmul.takes_gemv``) of 16-bit weights on a GPU, cuBLAS (or the CPU's matmul)
-    otherwise."""
+    """Weights in the model's dtype; the Triton GEMV for one-row steps of 16-bit weights
+    on a GPU, cuBLAS (or the CPU's matmul) otherwise."""
 
     def create_weights(self, layer: "LinearBase", input_size: int, output_size: int,
                        bias: bool) -> None:

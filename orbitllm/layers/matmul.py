@@ -1,9 +1,8 @@
 """The kernel of a 16-bit (or float32) product ``x @ weight.T (+ bias)``: the Triton decode
-GEMV for steps of up to ``GEMV_MAX_ROWS`` rows (single-request decode, and its speculative
-verify steps of 1 + k rows) of 16-bit weights on a GPU, cuBLAS for everything else. The
-linear layers' unquantized method and the LM head call it.
+GEMV for one-row steps (single-request decode) of 16-bit weights on a GPU, cuBLAS for
+everything else. The linear layers' unquantized method and the LM head call it.
 
-``ORBITLLM_GEMV=cublas`` (``orbitllm/envs.py``) sends those steps to cuBLAS too.
+``ORBITLLM_GEMV=cublas`` (``orbitllm/envs.py``) sends the one-row steps to cuBLAS too.
 """
 from __future__ import annotations
 
@@ -13,10 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from orbitllm.envs import envs
-
-# A step of this many rows still reads each weight about as long as one row does
-# (the GEMV multiplies each chunk with all of them); more rows are a GEMM's.
-GEMV_MAX_ROWS = 8
 
 
 @functools.cache
@@ -31,18 +26,13 @@ def _triton_gemv():
 
 
 def gemv_enabled() -> bool:
-    """Whether few-row products of 16-bit weights on a GPU take the Triton GEMV."""
+    """Whether one-row products of 16-bit weights on a GPU take the Triton GEMV."""
     return _triton_gemv() is not None
-
-
-def gemv_rows(x: torch.Tensor) -> bool:
-    """Whether ``x`` has few enough rows for the GEMV (1 to ``GEMV_MAX_ROWS``)."""
-    return x.dim() == 2 and 1 <= x.shape[0] <= GEMV_MAX_ROWS
 
 
 def takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``matmul`` computes this product with the Triton GEMV."""
-    return (x.is_cuda and gemv_rows(x) and weight.dtype in (torch.bfloat16, torch.float16)
+    return (x.is_cuda and x.shape[0] == 1 and weight.dtype in (torch.bfloat16, torch.float16)
             and gemv_enabled())
 
 

@@ -2,18 +2,18 @@
 
 The one place that picks a kernel for an FP8 weight: on a CUDA GPU with FP8 tensor cores
 (compute capability 8.9+) the decode GEMV (``kernels/gemv.py``, FP8 weights dequantized
-in registers, per-channel or block-wise scales) takes products of up to ``GEMV_MAX_ROWS``
-rows (``layers/matmul.py``), and ``torch._scaled_mm`` (cuBLASLt, activations quantized per
-token) the larger ones of per-channel weights; elsewhere (CPU, and block-wise weights in
-larger steps, which ``_scaled_mm`` takes only in per-tensor or row-wise form) the weight
-is dequantized and multiplied in the activation dtype.
+in registers, per-channel or block-wise scales) takes one-row products, and
+``torch._scaled_mm`` (cuBLASLt, activations quantized per token) the others of
+per-channel weights; elsewhere (CPU, and block-wise weights in steps of several rows,
+which ``_scaled_mm`` takes only in per-tensor or row-wise form) the weight is
+dequantized and multiplied in the activation dtype.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from orbitllm.layers.matmul import gemv_enabled, gemv_rows
+from orbitllm.layers.matmul import gemv_enabled
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max   # 448
@@ -74,7 +74,7 @@ def check_fp8_device(device: torch.device, what: str) -> None:
 
 def takes_fp8_gemv(x: torch.Tensor) -> bool:
     """Whether ``fp8_linear`` runs this product on the Triton FP8 GEMV."""
-    return (x.is_cuda and gemv_rows(x) and x.dtype in (torch.bfloat16, torch.float16)
+    return (x.is_cuda and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
             and gemv_enabled())
 
 
