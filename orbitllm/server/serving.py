@@ -27,8 +27,9 @@ from orbitllm.engine.beam_search import BeamSearchState
 from orbitllm.outputs import BeamSearchOutput, PositionLogprobs
 from orbitllm.sampling_params import BeamSearchParams, SamplingParams
 from orbitllm.server.async_engine import (AsyncEngine, ChoiceDelta, ClientTooSlowError,
-                                          EngineDeadError, OutputQueue, RequestStream,
-                                          RequestTimeoutError, StreamedOutput)
+                                          CoalescingQueue, EngineBusyError, EngineDeadError,
+                                          OutputQueue, RequestStream, RequestTimeoutError,
+                                          StreamedOutput)
 from orbitllm.server.limits import (LimitedTemplateRenderer, Preprocessor, PreprocessTimeoutError,
                                     max_token_bytes, min_tokens_of)
 from orbitllm.server.metrics import ServerMetrics
@@ -91,6 +92,9 @@ class APIError(Exception):
             return cls(408, str(e), type="timeout_error", code="client_too_slow")
         if isinstance(e, ShutdownError):
             return cls(503, str(e), type="service_unavailable_error", code="server_shutdown")
+        if isinstance(e, EngineBusyError):
+            return cls(503, f"the server is busy: {e}", type="service_unavailable_error",
+                       code="server_busy", headers={"Retry-After": "1"})
         if isinstance(e, EngineDeadError):
             return cls(503, str(e), type="service_unavailable_error")
         where = f" (request id {request_id})" if request_id else ""
@@ -220,10 +224,10 @@ class Generation:
         self.cache_salt = cache_salt
         self.deadline = deadline
         self.tracker = tracker
-        # A stream's reader is the client, who may stop reading: bound it. A plain
-        # request's reader is collect(), on this loop, which keeps up.
+        # A stream's reader is the client, who may stop reading: abort it past its bound.
+        # A plain request's reader wants only the whole result: merge what it has not read.
         self.queue = (OutputQueue(settings.max_stream_buffer, settings.stream_stall_timeout, self.close)
-                      if stream else OutputQueue(1 << 62, float("inf"), self.close))
+                      if stream else CoalescingQueue())
         self.streams: list[RequestStream] = []
 
     async def start(self) -> None:
@@ -611,29 +615,32 @@ class OpenAIServing:
         if body.chat_template is None and not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "messages: this model's tokenizer has no chat template; "
                                 "pass chat_template", param="chat_template")
-        try:
-            conversation = [m.as_template_input() for m in body.messages]
-        except ValueError as e:
-            raise APIError.from_exception(e) from None
+        return await self._preprocess(functools.partial(self._render_chat, body))
+
+    def _render_chat(self, body: ChatCompletionRequest) -> PromptInput:
+        """The request's prompt through its template (its own, or the model's) with its
+        tools and ``chat_template_kwargs`` either way; a worker thread, as the cost
+        grows with the messages."""
+        conversation = [m.as_template_input() for m in body.messages]
         add_generation_prompt = body.add_generation_prompt and not body.continue_final_message
+        tools, kwargs = template_tools(body), body.chat_template_kwargs or {}
         if body.chat_template is not None:
-            render = functools.partial(self._render_request_template, body.chat_template,
-                                       conversation, add_generation_prompt, body.continue_final_message)
+            ids = self._render_request_template(body.chat_template, conversation,
+                                                add_generation_prompt, body.continue_final_message,
+                                                tools, kwargs)
         else:
-            render = functools.partial(self._render_model_template, conversation,
-                                       add_generation_prompt, body.continue_final_message,
-                                       template_tools(body))
-        ids = await self._preprocess(render)
-        text = self.tokenizer.decode(ids) if self.settings.log_prompts else None
-        return PromptInput(ids, text)
+            ids = self._render_model_template(conversation, add_generation_prompt,
+                                              body.continue_final_message, tools, kwargs)
+        return PromptInput(ids, self.tokenizer.decode(ids) if self.settings.log_prompts else None)
 
     def _render_model_template(self, conversation: list[dict], add_generation_prompt: bool,
-                               continue_final_message: bool, tools: list[dict] | None = None) -> list[int]:
+                               continue_final_message: bool, tools: list[dict] | None = None,
+                               kwargs: dict | None = None) -> list[int]:
         """The model's own template (trusted), rendered and tokenized; a worker thread."""
         try:
             ids = self.tokenizer.apply_chat_template(
                 conversation, tools=tools, tokenize=True, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message)
+                continue_final_message=continue_final_message, **(kwargs or {}))
         except Exception as e:
             raise APIError(400, f"messages: the chat template failed: {e}", param="messages") from None
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
@@ -641,10 +648,14 @@ class OpenAIServing:
         return list(ids)
 
     def _render_request_template(self, source: str, conversation: list[dict],
-                                 add_generation_prompt: bool, continue_final_message: bool) -> list[int]:
-        """A client's template under the sandbox's limits; a worker thread."""
+                                 add_generation_prompt: bool, continue_final_message: bool,
+                                 tools: list[dict] | None, kwargs: dict) -> list[int]:
+        """A client's template under the sandbox's limits, given what the model's template
+        is given (Hugging Face's variables: special tokens, overridable by kwargs, and
+        ``tools``); a worker thread."""
         specials = {k: v for k, v in self.tokenizer.special_tokens_map.items() if isinstance(v, str)}
-        text = self.renderer.render(source, conversation, specials, add_generation_prompt)
+        text = self.renderer.render(source, conversation, {**specials, **kwargs, "tools": tools},
+                                    add_generation_prompt)
         if continue_final_message and conversation and conversation[-1]["content"]:
             end = text.rfind(conversation[-1]["content"].strip())
             if end >= 0:
@@ -693,7 +704,7 @@ class OpenAIServing:
         request_id = f"embd-{uuid.uuid4().hex}"
         timeout = self.settings.request_timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        queue = OutputQueue(1 << 62, float("inf"), lambda: None)
+        queue = CoalescingQueue()
         streams = [RequestStream(f"{request_id}-{i}", i, queue, 1) for i in range(len(prompts))]
 
         async def run() -> list:
@@ -739,8 +750,8 @@ class OpenAIServing:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise APIError(400, "messages: this model's tokenizer has no chat template",
                                param="messages")
-            ids = await self._preprocess(functools.partial(
-                self._render_model_template, [m.as_template_input() for m in body.messages],
+            ids = await self._preprocess(lambda: self._render_model_template(
+                [m.as_template_input() for m in body.messages],
                 body.add_generation_prompt and not body.continue_final_message,
                 body.continue_final_message))
         return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": list(ids)}
@@ -750,15 +761,19 @@ class OpenAIServing:
         _log_unknown_fields(body)
         if self.tokenizer is None:
             raise APIError(400, "tokens: this server has no tokenizer", param="tokens")
-        vocab = self.engine.engine.vocab_size
-        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise APIError(400, f"tokens: {bad} is outside the vocabulary (0..{vocab - 1})",
-                           param="tokens")
         if len(body.tokens) > self.max_model_len:
             raise APIError(400, f"tokens: {len(body.tokens)} tokens, more than the context "
                                 f"length {self.max_model_len}", param="tokens")
-        return {"prompt": await self._preprocess(lambda: self.tokenizer.decode(body.tokens))}
+        return {"prompt": await self._preprocess(functools.partial(self._decode, body.tokens))}
+
+    def _decode(self, tokens: list[int]) -> str:
+        """/detokenize's ids checked and decoded; a worker thread."""
+        vocab = self.engine.engine.vocab_size
+        bad = next((t for t in tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"tokens: {bad} is outside the vocabulary (0..{vocab - 1})",
+                           param="tokens")
+        return self.tokenizer.decode(tokens)
 
     # -- shared
     def _check_model(self, name: str | None) -> str:
@@ -859,7 +874,7 @@ class OpenAIServing:
         held: dict[str, RequestStream] = {}   # requests whose blocks a live beam may fork from
         try:
             while not state.done:
-                queue = OutputQueue(1 << 62, float("inf"), lambda: None)
+                queue = CoalescingQueue()
                 streams = [RequestStream(f"{request_id}-s{state.steps}-b{j}", j, queue, 1)
                            for j in range(len(state.beams))]
                 for stream, b in zip(streams, state.beams):
