@@ -2,15 +2,14 @@
 
 One API call may carry several prompts (completions) and ``n`` choices each; the
 engine sees one request per prompt and the choices are numbered prompt-major,
-as OpenAI does. Output formatting is split from running so that streaming and
-non-streaming share one path through the engine.
+as OpenAI does. Output formatting (``formatting.py``) is split from running so that
+streaming and non-streaming share one path through the engine.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
 import functools
-import json
 import logging
 import re
 import time
@@ -19,34 +18,28 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import numpy as np
-from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from orbitllm.engine.beam_search import BeamSearchState
 from orbitllm.outputs import BeamSearchOutput, PositionLogprobs
 from orbitllm.sampling_params import BeamSearchParams, SamplingParams
-from orbitllm.server.async_engine import (AsyncEngine, ChoiceDelta, ClientTooSlowError,
-                                          CoalescingQueue, EngineBusyError, EngineDeadError,
-                                          OutputQueue, RequestStream, RequestTimeoutError,
-                                          StreamedOutput)
+from orbitllm.server.async_engine import (AsyncEngine, ClientTooSlowError, CoalescingQueue,
+                                          EngineBusyError, EngineDeadError, OutputQueue,
+                                          RequestStream, RequestTimeoutError, StreamedOutput)
+from orbitllm.server.formatting import (ChatFormatter, ChoiceResult, CompletionFormatter,
+                                        Formatter, PromptInput, PromptResult, best_of, sse)
 from orbitllm.server.limits import (LimitedTemplateRenderer, Preprocessor, PreprocessTimeoutError,
                                     max_token_bytes, min_tokens_of)
 from orbitllm.server.metrics import ServerMetrics
 from orbitllm.server.structured_request import source_field
-from orbitllm.server.tool_parsers import ToolCalling, call_id, parser_for, template_tools
-from orbitllm.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
-                                      ChatCompletionChunk, ChatCompletionRequest,
-                                      ChatCompletionResponse, ChatLogprobs, CompletionChoice,
-                                      CompletionLogprobs, CompletionRequest, CompletionResponse,
-                                      DeltaMessage, ErrorInfo, ErrorResponse, FunctionCall,
-                                      PromptLogprob, PromptLogprobs, PromptTokensDetails,
-                                      TokenLogprob, ToolCall, TopLogprob, Usage)
+from orbitllm.server.tool_parsers import ToolCalling, parser_for, template_tools
+from orbitllm.server.protocol import (ChatCompletionRequest, CompletionRequest, ErrorInfo,
+                                      ErrorResponse, PromptTokensDetails, Usage)
 
 _log = logging.getLogger(__name__)
 
 LOG_SCOPE_KEY = "orbitllm.access"     # where handlers leave fields for the access log
-_MIN_LOGPROB = -9999.0                 # JSON has no -inf
 
 
 def _log_unknown_fields(body) -> None:
@@ -129,12 +122,6 @@ class ServerSettings:
     tool_call_parser: str | None = None    # hermes, llama3_json; None: from the chat template
 
 
-@dataclass
-class PromptInput:
-    token_ids: list[int]
-    text: str | None = None
-
-
 class RequestTracker:
     """Times one API call and counts its tokens, for metrics and the access log."""
 
@@ -181,31 +168,6 @@ class RequestTracker:
         ttft = None if self.first_token_at is None else round(self.first_token_at - self.arrival, 4)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "ttft_s": ttft, "finish_reasons": self.finish_reasons}
-
-
-@dataclass
-class ChoiceResult:
-    """One choice, put together from its deltas (non-streaming responses)."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[PositionLogprobs] | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-    def add(self, d: ChoiceDelta) -> None:
-        self.text += d.text
-        self.token_ids += d.token_ids
-        if d.logprobs is not None:
-            self.logprobs = (self.logprobs or []) + d.logprobs
-        if d.finish_reason is not None:
-            self.finish_reason, self.stop_reason = d.finish_reason, d.stop_reason
-
-
-@dataclass
-class PromptResult:
-    choices: list[ChoiceResult]
-    prompt_logprobs: list[PositionLogprobs | None] | None = None
 
 
 class Generation:
@@ -274,66 +236,10 @@ class Generation:
                 self.tracker.aborted()
 
 
-# ---- formatting -------------------------------------------------------------------
-
-@dataclass
-class _Delta:
-    index: int            # the choice's index in the response (prompt-major)
-    choice: ChoiceDelta
-    first: bool
-
-
-class _Formatter:
-    """Shared streaming bookkeeping: which choices have started."""
-
-    def __init__(self, request_id: str, model: str, n: int, tokenizer, wants_logprobs: bool) -> None:
-        self.request_id = request_id
-        self.model = model
-        self.n = n
-        self.tokenizer = tokenizer
-        self.wants_logprobs = wants_logprobs
-        self.created = int(time.time())
-        self._started: set[int] = set()
-
-    def deltas(self, prompt_index: int, item: StreamedOutput) -> list[_Delta]:
-        """The chunks worth sending: a token whose text is held back (it may start a stop
-        string) makes no chunk unless its logprobs are wanted."""
-        out = []
-        for c in item.choices:
-            index = prompt_index * self.n + c.index
-            first = index not in self._started
-            if (not first and not c.text and c.finish_reason is None
-                    and not (self.wants_logprobs and c.token_ids)):
-                continue
-            out.append(_Delta(index, c, first))
-            self._started.add(index)
-        return out
-
-    def piece(self, token_id: int, entry: PositionLogprobs | None) -> str:
-        lp = entry.get(token_id) if entry else None
-        if lp is not None and lp.decoded_token is not None:
-            return lp.decoded_token
-        return self.tokenizer.decode([token_id])
-
-
-def _clamp(logprob: float) -> float:
-    return max(logprob, _MIN_LOGPROB)
-
-
 def usage_of(tracker: RequestTracker) -> Usage:
     return Usage(prompt_tokens=tracker.prompt_tokens, completion_tokens=tracker.completion_tokens,
                  total_tokens=tracker.prompt_tokens + tracker.completion_tokens,
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=tracker.cached_tokens))
-
-
-def prompt_logprobs_json(entries: list[PositionLogprobs | None] | None,
-                         wanted: bool) -> PromptLogprobs | None:
-    """vLLM's ``prompt_logprobs``: per prompt position, token id -> logprob, rank, text."""
-    if not wanted or entries is None:
-        return None
-    return [None if e is None else {str(t): PromptLogprob(logprob=_clamp(lp.logprob), rank=lp.rank,
-                                                          decoded_token=lp.decoded_token)
-                                    for t, lp in e.items()} for e in entries]
 
 
 def _truncated(prompts: list[PromptInput], params: SamplingParams) -> list[PromptInput]:
@@ -352,7 +258,7 @@ def _encode_embedding(vector: list[float], encoding_format: str) -> list[float] 
     return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
 
 
-def _beam_result(prompt: PromptInput, out: BeamSearchOutput, n: int, fmt: _Formatter) -> PromptResult:
+def _beam_result(prompt: PromptInput, out: BeamSearchOutput, n: int, fmt: Formatter) -> PromptResult:
     """The ``n`` best beams as choices; their logprobs cut to what the request asked for."""
     wanted = fmt.wanted_logprobs
     choices = []
@@ -366,176 +272,7 @@ def _beam_result(prompt: PromptInput, out: BeamSearchOutput, n: int, fmt: _Forma
     return PromptResult(choices)
 
 
-def best_of(result: PromptResult, n: int) -> PromptResult:
-    """The ``n`` choices of ``best_of`` with the highest cumulative logprob (vLLM's rule),
-    in that order."""
-    def score(c: ChoiceResult) -> float:
-        return sum(e[t].logprob for t, e in zip(c.token_ids, c.logprobs or []))
-    return PromptResult(sorted(result.choices, key=score, reverse=True)[:n], result.prompt_logprobs)
-
-
-class CompletionFormatter(_Formatter):
-    """``text_completion`` bodies; ``echo`` puts the prompt (and its logprobs) first."""
-
-    def __init__(self, request_id: str, model: str, body: CompletionRequest,
-                 prompts: list[PromptInput], tokenizer) -> None:
-        super().__init__(request_id, model, body.n, tokenizer, body.logprobs is not None)
-        self.prompts = prompts
-        self.echo = body.echo
-        self.logprobs = body.logprobs
-        self.prompt_logprobs = body.prompt_logprobs is not None
-        self.wanted_logprobs = body.logprobs
-        self._offsets: dict[int, int] = {}
-        self._prompt_logprobs: dict[int, list | None] = {}
-
-    def _echo_text(self, prompt_index: int) -> str:
-        p = self.prompts[prompt_index]
-        return p.text if p.text is not None else self.tokenizer.decode(p.token_ids)
-
-    def _logprobs(self, index: int, ids: list[int], entries, prompt_index: int | None,
-                  prompt_entries) -> CompletionLogprobs | None:
-        if self.logprobs is None:
-            return None
-        result = CompletionLogprobs()
-        pairs = []
-        if prompt_index is not None:
-            p_ids = self.prompts[prompt_index].token_ids
-            p_entries = list(prompt_entries or []) + [None] * (len(p_ids) - len(prompt_entries or []))
-            pairs += list(zip(p_ids, p_entries))
-        pairs += list(zip(ids, entries or [None] * len(ids)))
-        offset = self._offsets.get(index, 0)
-        for tid, entry in pairs:
-            token = self.piece(tid, entry)
-            result.tokens.append(token)
-            result.text_offset.append(offset)
-            offset += len(token)
-            if entry is None:
-                result.token_logprobs.append(None)
-                result.top_logprobs.append(None)
-                continue
-            result.token_logprobs.append(_clamp(entry[tid].logprob))
-            result.top_logprobs.append({
-                self.piece(t, entry): _clamp(lp.logprob)
-                for t, lp in sorted(entry.items(), key=lambda kv: kv[1].rank or 0)})
-        self._offsets[index] = offset
-        return result
-
-    def chunks(self, prompt_index: int, item: StreamedOutput) -> list[CompletionResponse]:
-        if item.first:
-            self._prompt_logprobs[prompt_index] = item.prompt_logprobs
-        chunks = []
-        for d in self.deltas(prompt_index, item):
-            c, echo = d.choice, d.first and self.echo
-            text = (self._echo_text(prompt_index) if echo else "") + c.text
-            lps = self._logprobs(d.index, c.token_ids, c.logprobs, prompt_index if echo else None,
-                                 self._prompt_logprobs.get(prompt_index))
-            prompt_lps = prompt_logprobs_json(self._prompt_logprobs.get(prompt_index),
-                                              self.prompt_logprobs and d.first)
-            chunks.append(CompletionResponse(
-                id=self.request_id, created=self.created, model=self.model, choices=[CompletionChoice(
-                    index=d.index, text=text, logprobs=lps, finish_reason=c.finish_reason,
-                    stop_reason=c.stop_reason, prompt_logprobs=prompt_lps)]))
-        return chunks
-
-    def response(self, results: list[PromptResult], usage: Usage) -> CompletionResponse:
-        choices = []
-        for p, result in enumerate(results):
-            for i, c in enumerate(result.choices):
-                index = p * self.n + i
-                prefix = self._echo_text(p) if self.echo else ""
-                lps = self._logprobs(index, c.token_ids, c.logprobs, p if self.echo else None,
-                                     result.prompt_logprobs)
-                choices.append(CompletionChoice(
-                    index=index, text=prefix + c.text, logprobs=lps, finish_reason=c.finish_reason,
-                    stop_reason=c.stop_reason,
-                    prompt_logprobs=prompt_logprobs_json(result.prompt_logprobs, self.prompt_logprobs)))
-        return CompletionResponse(id=self.request_id, created=self.created, model=self.model,
-                                  choices=choices, usage=usage)
-
-    def usage_chunk(self, usage: Usage) -> CompletionResponse:
-        return CompletionResponse(id=self.request_id, created=self.created, model=self.model,
-                                  choices=[], usage=usage)
-
-
-class ChatFormatter(_Formatter):
-    """``chat.completion`` bodies; a stream opens each choice with the assistant role."""
-
-    def __init__(self, request_id: str, model: str, body: ChatCompletionRequest, tokenizer,
-                 tools: ToolCalling | None = None) -> None:
-        super().__init__(request_id, model, body.n, tokenizer, body.logprobs)
-        self.top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        self.prompt_logprobs = body.prompt_logprobs is not None
-        self.wanted_logprobs = self.top_logprobs
-        self.tools = tools
-
-    def _logprobs(self, ids: list[int], entries) -> ChatLogprobs | None:
-        if self.top_logprobs is None:
-            return None
-        content = []
-        for tid, entry in zip(ids, entries or []):
-            tops = sorted((lp.rank or 0, t, lp) for t, lp in entry.items()
-                          if lp.rank is not None and lp.rank <= self.top_logprobs)
-            token = self.piece(tid, entry)
-            content.append(TokenLogprob(
-                token=token, logprob=_clamp(entry[tid].logprob), bytes=list(token.encode()),
-                top_logprobs=[TopLogprob(token=self.piece(t, entry), logprob=_clamp(lp.logprob),
-                                         bytes=list(self.piece(t, entry).encode()))
-                              for _, t, lp in tops]))
-        return ChatLogprobs(content=content)
-
-    def role_chunk(self) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model,
-                                   choices=[ChatChunkChoice(index=i, delta=DeltaMessage(
-                                       role="assistant", content="")) for i in range(self.n)])
-
-    def chunks(self, prompt_index: int, item: StreamedOutput) -> list[ChatCompletionChunk]:
-        return [ChatCompletionChunk(
-            id=self.request_id, created=self.created, model=self.model, choices=[ChatChunkChoice(
-                index=d.index, delta=self._delta(d),
-                logprobs=self._logprobs(d.choice.token_ids, d.choice.logprobs),
-                finish_reason=self._finish_reason(d), stop_reason=d.choice.stop_reason)])
-            for d in self.deltas(prompt_index, item)]
-
-    def _delta(self, d: _Delta) -> DeltaMessage:
-        if self.tools is None:
-            return DeltaMessage(content=d.choice.text)
-        content, calls = self.tools.stream(d.index, d.choice.text, d.choice.finish_reason is not None)
-        return DeltaMessage(content=content, tool_calls=calls or None)
-
-    def _finish_reason(self, d: _Delta) -> str | None:
-        reason = d.choice.finish_reason
-        return reason if self.tools is None else self.tools.finish_reason(
-            reason, self.tools.streamed_calls(d.index))
-
-    def _message(self, c: ChoiceResult) -> tuple[AssistantMessage, str | None]:
-        if self.tools is None:
-            return AssistantMessage(content=c.text), c.finish_reason
-        content, calls = self.tools.message(c.text)
-        message = AssistantMessage(content=content, tool_calls=[
-            ToolCall(id=call_id(), function=FunctionCall(name=k.name, arguments=k.arguments))
-            for k in calls])
-        return message, self.tools.finish_reason(c.finish_reason, bool(calls))
-
-    def response(self, results: list[PromptResult], usage: Usage) -> ChatCompletionResponse:
-        choices = [ChatChoice(index=i, message=message,
-                              logprobs=self._logprobs(c.token_ids, c.logprobs),
-                              finish_reason=reason, stop_reason=c.stop_reason)
-                   for i, c in enumerate(results[0].choices) for message, reason in [self._message(c)]]
-        return ChatCompletionResponse(
-            id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage,
-            prompt_logprobs=prompt_logprobs_json(results[0].prompt_logprobs, self.prompt_logprobs))
-
-    def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model,
-                                   choices=[], usage=usage)
-
-
 # ---- the endpoints ----------------------------------------------------------------
-
-def sse(payload: BaseModel | dict, exclude: set[str] | None = None) -> str:
-    body = payload if isinstance(payload, dict) else payload.model_dump(mode="json", exclude=exclude)
-    return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
 
 class OpenAIServing:
     """Validates a request, admits it, runs it on the engine and formats the result.
@@ -833,7 +570,7 @@ class OpenAIServing:
 
     # -- issue 22: use_beam_search ------------------------------------------------------
     async def _run_beam_search(self, body, request: Request, prompts: list[PromptInput],
-                               params: SamplingParams, fmt: _Formatter, arrival: float) -> Response:
+                               params: SamplingParams, fmt: Formatter, arrival: float) -> Response:
         """Each prompt's beam search (as ``LLM.beam_search``) over the async engine; the
         ``n`` best beams are the choices. Not streamed: the best beams are known at the end."""
         log = request.scope.setdefault(LOG_SCOPE_KEY, {})
@@ -902,7 +639,7 @@ class OpenAIServing:
         return state.output(self.tokenizer.decode if self.tokenizer is not None else None)
 
     async def _run(self, body, request: Request, prompts: list[PromptInput], params: SamplingParams,
-                   fmt: _Formatter, arrival: float) -> Response:
+                   fmt: Formatter, arrival: float) -> Response:
         log = request.scope.setdefault(LOG_SCOPE_KEY, {})
         log.update(id=fmt.request_id, model=fmt.model, stream=body.stream, n=body.n)
         if self.settings.log_prompts:
@@ -942,7 +679,7 @@ class OpenAIServing:
         return JSONResponse(fmt.response(results, usage_of(tracker)).model_dump(mode="json"),
                             headers=headers)
 
-    async def _events(self, gen: Generation, fmt: _Formatter, include_usage: bool,
+    async def _events(self, gen: Generation, fmt: Formatter, include_usage: bool,
                       log: dict) -> AsyncIterator[str]:
         no_usage = None if include_usage else {"usage"}
         try:
