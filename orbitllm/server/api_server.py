@@ -12,6 +12,7 @@ import secrets
 import signal
 import time
 from contextlib import asynccontextmanager
+from typing import Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -205,36 +206,70 @@ def build_app(engine: LLMEngine, settings: ServerSettings) -> FastAPI:
 # After the shutdown deadline cut the requests left, this long lets their last
 # error events and 503 bodies reach the clients before uvicorn closes the sockets.
 _CUT_GRACE_S = 2.0
+_DRAIN_POLL_S = 0.05
+
+
+class _Drain:
+    """SIGTERM/SIGINT start a drain: the server keeps listening, so load balancers see
+    ``/ready`` answer 503 (``/health`` stays 200) and new requests get 503, while the
+    requests in flight finish. Once none is left, or ``timeout_s`` has passed (the rest
+    are then cut with an error their clients see), ``stop`` shuts uvicorn down. A
+    second signal stops at once."""
+
+    def __init__(self, serving, timeout_s: float, in_flight: Callable[[], int],
+                 stop: Callable[[int], None]) -> None:
+        self.serving = serving
+        self.timeout_s = timeout_s
+        self.in_flight = in_flight   # HTTP requests running
+        self.stop = stop             # uvicorn's own exit, given the signal
+        self._signal = signal.SIGTERM
+
+    def begin(self, sig: int) -> None:
+        """From the signal handler: the rest happens on the event loop."""
+        if self.serving.draining:
+            self.stop(sig)
+            return
+        self._signal = sig
+        self.serving.draining = True
+        loop = asyncio.get_event_loop()
+        loop.call_soon_threadsafe(loop.create_task, self._wait_then_stop())
+
+    async def _wait_then_stop(self) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while self.in_flight() and time.monotonic() < deadline:
+            await asyncio.sleep(_DRAIN_POLL_S)
+        if self.in_flight():
+            self.serving.cut_all()
+        self.stop(self._signal)
 
 
 def run_server(engine: LLMEngine, settings: ServerSettings, host: str, port: int,
                shutdown_timeout: float = 30.0, log_level: str = "info") -> None:
-    """Serve until SIGTERM/SIGINT: stop accepting, give in-flight requests up to
-    ``shutdown_timeout`` seconds, then end the rest with an error their clients see
-    (an error event and ``[DONE]`` for a stream, a 503 otherwise), and return normally."""
+    """Serve until SIGTERM/SIGINT, then drain (see ``_Drain``): in-flight requests get up
+    to ``shutdown_timeout`` seconds, the rest end with an error their clients see (an
+    error event and ``[DONE]`` for a stream, a 503 otherwise); return normally."""
     import uvicorn
 
     app = build_app(engine, settings)
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
-            serving = app.state.serving
-            if not serving.draining:
-                serving.draining = True
-                loop = asyncio.get_event_loop()
-                loop.call_soon_threadsafe(loop.call_later, shutdown_timeout, serving.cut_all)
-            super().handle_exit(sig, frame)
+            drain.begin(sig)
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                            timeout_graceful_shutdown=shutdown_timeout + _CUT_GRACE_S, lifespan="on",
+                            timeout_graceful_shutdown=_CUT_GRACE_S, lifespan="on",
                             http=IdleTimeoutH11Protocol,
                             timeout_keep_alive=settings.idle_connection_timeout)
+    server = DrainingServer(config)
+    drain = _Drain(app.state.serving, shutdown_timeout,
+                   in_flight=lambda: len(server.server_state.tasks),
+                   stop=lambda sig: uvicorn.Server.handle_exit(server, sig, None))
     # uvicorn re-raises the signal it handled once it has shut down; a graceful
     # shutdown is a normal exit, so that re-raised signal must not kill us.
     handled = (signal.SIGTERM, signal.SIGINT)
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in handled}
     try:
-        DrainingServer(config).run()
+        server.run()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import queue
 import threading
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 
 class EngineDeadError(RuntimeError):
     """The engine loop has stopped; no request can be served."""
+
+
+class EngineBusyError(RuntimeError):
+    """Too many requests wait for the engine thread to take them in; retry later."""
 
 
 class RequestTimeoutError(TimeoutError):
@@ -97,36 +102,30 @@ class _ChoiceCursor:
     finished: bool = False
 
 
-class OutputQueue:
+class OutputBuffer:
     """The outputs of one API call's engine requests, in order, tagged with the prompt's
-    index. Bounded: when ``max_items`` outputs wait, or the oldest has waited
-    ``stall_s``, the reader is too slow and ``on_overflow`` aborts the call (its KV is
-    freed); the reader then gets ``ClientTooSlowError``."""
+    index. Filled on the event loop (the engine thread hands outputs over with
+    ``call_soon_threadsafe``), so the engine never waits on a reader; how the buffer
+    stays bounded is the subclass's policy."""
 
-    def __init__(self, max_items: int, stall_s: float, on_overflow) -> None:
-        self.max_items = max_items
-        self.stall_s = stall_s
-        self.on_overflow = on_overflow
-        self._items: collections.deque = collections.deque()
+    def __init__(self) -> None:
+        self._items: collections.deque = collections.deque()   # [time, index, item]
         self._ready = asyncio.Event()
-        self.overflowed = False
 
-    def put(self, index: int, item: StreamedOutput | BaseException) -> None:
-        if self.overflowed:
-            return
-        now = time.monotonic()
-        if isinstance(item, StreamedOutput) and self._items and (
-                len(self._items) >= self.max_items or now - self._items[0][0] > self.stall_s):
-            self.overflowed = True
-            self._items.clear()
-            self._items.append((now, index, ClientTooSlowError(
-                f"the client read its stream too slowly ({self.max_items} outputs or "
-                f"{self.stall_s:g} s behind); the request was aborted")))
-            self._ready.set()
-            self.on_overflow()
-            return
-        self._items.append((now, index, item))
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, index: int, item: StreamedOutput | PoolingRequestOutput | BaseException) -> None:
+        raise NotImplementedError
+
+    def _append(self, index: int, item) -> list:
+        entry = [time.monotonic(), index, item]
+        self._items.append(entry)
         self._ready.set()
+        return entry
+
+    def _taken(self, entry: list) -> None:
+        """The reader took ``entry``."""
 
     async def get(self, deadline: float | None, request_id: str) -> tuple[int, StreamedOutput]:
         while not self._items:
@@ -136,16 +135,87 @@ class OutputQueue:
                 await asyncio.wait_for(self._ready.wait(), timeout)
             except asyncio.TimeoutError:
                 raise RequestTimeoutError(f"request {request_id} timed out") from None
-        _, index, item = self._items.popleft()
+        entry = self._items.popleft()
+        self._taken(entry)
+        _, index, item = entry
         if isinstance(item, BaseException):
             raise item
         return index, item
 
 
+class OutputQueue(OutputBuffer):
+    """A stream's outputs, read as fast as its client reads. Bounded: when ``max_items``
+    outputs wait, or the oldest has waited ``stall_s``, the reader is too slow and
+    ``on_overflow`` aborts the call (its KV is freed); the reader then gets
+    ``ClientTooSlowError``."""
+
+    def __init__(self, max_items: int, stall_s: float, on_overflow) -> None:
+        super().__init__()
+        self.max_items = max_items
+        self.stall_s = stall_s
+        self.on_overflow = on_overflow
+        self.overflowed = False
+
+    def put(self, index: int, item: StreamedOutput | BaseException) -> None:
+        if self.overflowed:
+            return
+        if isinstance(item, StreamedOutput) and self._items and (
+                len(self._items) >= self.max_items
+                or time.monotonic() - self._items[0][0] > self.stall_s):
+            self.overflowed = True
+            self._items.clear()
+            self._append(index, ClientTooSlowError(
+                f"the client read its stream too slowly ({self.max_items} outputs or "
+                f"{self.stall_s:g} s behind); the request was aborted"))
+            self.on_overflow()
+            return
+        self._append(index, item)
+
+
+class CoalescingQueue(OutputBuffer):
+    """The outputs of a call whose reader wants only the whole result (a plain response,
+    beam search, embeddings). An output for a prompt whose previous output is still
+    unread is merged into it, so however far the reader falls behind, at most one
+    output per prompt waits (plus the errors, at most one per prompt and one shutdown)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._unread: dict[int, list] = {}   # prompt index -> its waiting entry
+
+    def put(self, index: int, item: StreamedOutput | PoolingRequestOutput | BaseException) -> None:
+        entry = self._unread.get(index)
+        if isinstance(item, StreamedOutput) and entry is not None:
+            entry[2] = merged(entry[2], item)
+            return
+        entry = self._append(index, item)
+        if isinstance(item, StreamedOutput):
+            self._unread[index] = entry
+
+    def _taken(self, entry: list) -> None:
+        if self._unread.get(entry[1]) is entry:
+            del self._unread[entry[1]]
+
+
+def merged(a: StreamedOutput, b: StreamedOutput) -> StreamedOutput:
+    """``a`` then ``b`` as one output: each choice's deltas joined, the prompt's facts
+    and the time of ``a`` (when its tokens came), the end of ``b``."""
+    choices = {c.index: c for c in a.choices}
+    for c in b.choices:
+        prev = choices.get(c.index)
+        if prev is not None:
+            lps = None if prev.logprobs is None and c.logprobs is None else (
+                (prev.logprobs or []) + (c.logprobs or []))
+            c = ChoiceDelta(c.index, prev.text + c.text, prev.token_ids + c.token_ids, lps,
+                            c.finish_reason, c.stop_reason)
+        choices[c.index] = c
+    return dataclasses.replace(a, choices=sorted(choices.values(), key=lambda c: c.index),
+                               finished=b.finished)
+
+
 class RequestStream:
     """The asyncio side of one engine request; its outputs go to its call's queue."""
 
-    def __init__(self, request_id: str, index: int, sink: OutputQueue, n: int) -> None:
+    def __init__(self, request_id: str, index: int, sink: OutputBuffer, n: int) -> None:
         self.request_id = request_id
         self.index = index
         self.sink = sink
@@ -189,12 +259,22 @@ class _Stop:
 
 
 class AsyncEngine:
-    """Owns the engine thread. Call ``start()`` inside the running event loop."""
+    """Owns the engine thread. Call ``start()`` inside the running event loop.
 
-    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.5) -> None:
+    The command queue is bounded without ever making either side wait: at most
+    ``max_pending_adds`` adds wait for the engine thread (the thread takes every command
+    between steps, so only a long step lets them pile up); one more is refused at once
+    with ``EngineBusyError``. Aborts and releases are never refused (a lost abort would
+    leak KV): each request sends at most one of each, so they are bounded by the
+    requests admitted."""
+
+    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.5,
+                 max_pending_adds: int = 1024) -> None:
         self.engine = engine
         self.stats = EngineStats()
         self._idle_wait_s = idle_wait_s
+        self.max_pending_adds = max_pending_adds
+        self._pending_adds = 0                           # event loop's view: queued, not taken
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, RequestStream] = {}     # engine thread's view
         self._num_waiting = 0                            # event loop's view: added, no output yet
@@ -225,12 +305,19 @@ class AsyncEngine:
         ``PoolingRequestOutput``."""
         if not self.is_alive:
             raise EngineDeadError("the engine loop is not running")
+        if self._pending_adds >= self.max_pending_adds:
+            raise EngineBusyError(f"{self._pending_adds} requests already wait for the engine "
+                                  "to take them in; retry later")
         accepted = self._loop.create_future()
+        self._pending_adds += 1
+        accepted.add_done_callback(self._taken_in)
         self._num_waiting += 1
         self._commands.put(_Add(stream, prompt, params, priority, cache_salt, accepted,
                                 keep_blocks, fork_from, pooling))
         try:
-            await accepted
+            # shielded: a caller that gives up must not settle the future before the
+            # engine thread has taken the command, or the pending count would undercount
+            await asyncio.shield(accepted)
         except BaseException:
             self.abort(stream)
             raise
@@ -240,8 +327,15 @@ class AsyncEngine:
         """Free the blocks a finished ``keep_blocks`` request still holds."""
         self._commands.put(_Release(request_id))
 
+    def _taken_in(self, accepted: asyncio.Future) -> None:
+        self._pending_adds -= 1
+        if not accepted.cancelled():
+            accepted.exception()   # read: a caller that gave up no longer awaits it
+
     def abort(self, stream: RequestStream) -> None:
-        """Stop a request and free its KV blocks at the engine's next turn."""
+        """Stop a request and free its KV blocks at the engine's next turn (once)."""
+        if stream.aborted:
+            return
         self._forget(stream)
         stream.aborted = True
         self._commands.put(_Abort(stream.request_id))

@@ -165,8 +165,9 @@ class LimitedTemplateRenderer:
         self.max_memory_bytes = max_memory_bytes
         self._env = _LimitedEnvironment(max_chars)
 
-    def render(self, source: str, messages: list[dict], special_tokens: dict,
+    def render(self, source: str, messages: list[dict], variables: dict,
                add_generation_prompt: bool) -> str:
+        """``variables``: the rest of what the template reads (special tokens, tools, ...)."""
         try:
             template = self._env.from_string(source)
         except Exception as e:
@@ -189,7 +190,7 @@ class LimitedTemplateRenderer:
         sys.settrace(trace)
         try:
             for piece in template.generate(messages=messages, add_generation_prompt=add_generation_prompt,
-                                           **special_tokens):
+                                           **variables):
                 size += len(piece)
                 if size > self.max_chars:
                     raise TemplateLimitError(f"chat_template: the rendered prompt passed {self.max_chars} characters")

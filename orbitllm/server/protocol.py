@@ -17,6 +17,13 @@ from orbitllm.server.structured_request import structured_outputs_of
 from orbitllm.server.tool_parsers import tool_choice_constraint
 
 MAX_LOGPROBS = 20
+# A chat template's variables that the server sets, and the options of the renderer
+# (Hugging Face's ``apply_chat_template``): ``chat_template_kwargs`` may not name them.
+_TEMPLATE_NAMES_TAKEN = frozenset({
+    "messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation",
+    "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+    "tokenizer_kwargs"})
 
 
 class _Request(BaseModel):
@@ -315,10 +322,22 @@ class ChatCompletionRequest(_SamplingRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None   # more variables for the template
     # ---- tool calling (issue 22: orbitllm/server/tool_parsers.py) ----
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _free_template_names(cls, value: dict | None) -> dict | None:
+        """The variables the server sets itself (and the renderer's options) are not the
+        client's to change."""
+        taken = sorted(set(value or ()) & _TEMPLATE_NAMES_TAKEN)
+        if taken:
+            raise ValueError(f"chat_template_kwargs: {', '.join(map(repr, taken))} "
+                             "is set by the server, not by these kwargs")
+        return value
 
     def structured_constraint(self):
         """Free text, the client's constraint, or the tool call that tool_choice forces."""

@@ -2,15 +2,14 @@
 
 One API call may carry several prompts (completions) and ``n`` choices each; the
 engine sees one request per prompt and the choices are numbered prompt-major,
-as OpenAI does. Output formatting is split from running so that streaming and
-non-streaming share one path through the engine.
+as OpenAI does. Output formatting (``formatting.py``) is split from running so that
+streaming and non-streaming share one path through the engine.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
 import functools
-import json
 import logging
 import re
 import time
@@ -19,33 +18,28 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import numpy as np
-from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from orbitllm.engine.beam_search import BeamSearchState
 from orbitllm.outputs import BeamSearchOutput, PositionLogprobs
 from orbitllm.sampling_params import BeamSearchParams, SamplingParams
-from orbitllm.server.async_engine import (AsyncEngine, ChoiceDelta, ClientTooSlowError,
-                                          EngineDeadError, OutputQueue, RequestStream,
-                                          RequestTimeoutError, StreamedOutput)
+from orbitllm.server.async_engine import (AsyncEngine, ClientTooSlowError, CoalescingQueue,
+                                          EngineBusyError, EngineDeadError, OutputQueue,
+                                          RequestStream, RequestTimeoutError, StreamedOutput)
+from orbitllm.server.formatting import (ChatFormatter, ChoiceResult, CompletionFormatter,
+                                        Formatter, PromptInput, PromptResult, best_of, sse)
 from orbitllm.server.limits import (LimitedTemplateRenderer, Preprocessor, PreprocessTimeoutError,
                                     max_token_bytes, min_tokens_of)
 from orbitllm.server.metrics import ServerMetrics
 from orbitllm.server.structured_request import source_field
-from orbitllm.server.tool_parsers import ToolCalling, call_id, parser_for, template_tools
-from orbitllm.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
-                                      ChatCompletionChunk, ChatCompletionRequest,
-                                      ChatCompletionResponse, ChatLogprobs, CompletionChoice,
-                                      CompletionLogprobs, CompletionRequest, CompletionResponse,
-                                      DeltaMessage, ErrorInfo, ErrorResponse, FunctionCall,
-                                      PromptLogprob, PromptLogprobs, PromptTokensDetails,
-                                      TokenLogprob, ToolCall, TopLogprob, Usage)
+from orbitllm.server.tool_parsers import ToolCalling, parser_for, template_tools
+from orbitllm.server.protocol import (ChatCompletionRequest, CompletionRequest, ErrorInfo,
+                                      ErrorResponse, PromptTokensDetails, Usage)
 
 _log = logging.getLogger(__name__)
 
 LOG_SCOPE_KEY = "orbitllm.access"     # where handlers leave fields for the access log
-_MIN_LOGPROB = -9999.0                 # JSON has no -inf
 
 
 def _log_unknown_fields(body) -> None:
@@ -91,6 +85,9 @@ class APIError(Exception):
             return cls(408, str(e), type="timeout_error", code="client_too_slow")
         if isinstance(e, ShutdownError):
             return cls(503, str(e), type="service_unavailable_error", code="server_shutdown")
+        if isinstance(e, EngineBusyError):
+            return cls(503, f"the server is busy: {e}", type="service_unavailable_error",
+                       code="server_busy", headers={"Retry-After": "1"})
         if isinstance(e, EngineDeadError):
             return cls(503, str(e), type="service_unavailable_error")
         where = f" (request id {request_id})" if request_id else ""
@@ -123,12 +120,6 @@ class ServerSettings:
     max_sequences_per_request: int = 256   # prompts x n of one completions call
     pooling: str = "last"                  # /v1/embeddings: "last" token or "mean"
     tool_call_parser: str | None = None    # hermes, llama3_json; None: from the chat template
-
-
-@dataclass
-class PromptInput:
-    token_ids: list[int]
-    text: str | None = None
 
 
 class RequestTracker:
@@ -179,31 +170,6 @@ class RequestTracker:
                 "ttft_s": ttft, "finish_reasons": self.finish_reasons}
 
 
-@dataclass
-class ChoiceResult:
-    """One choice, put together from its deltas (non-streaming responses)."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[PositionLogprobs] | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-    def add(self, d: ChoiceDelta) -> None:
-        self.text += d.text
-        self.token_ids += d.token_ids
-        if d.logprobs is not None:
-            self.logprobs = (self.logprobs or []) + d.logprobs
-        if d.finish_reason is not None:
-            self.finish_reason, self.stop_reason = d.finish_reason, d.stop_reason
-
-
-@dataclass
-class PromptResult:
-    choices: list[ChoiceResult]
-    prompt_logprobs: list[PositionLogprobs | None] | None = None
-
-
 class Generation:
     """The engine requests of one API call (one per prompt), their outputs merged in
     arrival order through one bounded queue."""
@@ -220,10 +186,10 @@ class Generation:
         self.cache_salt = cache_salt
         self.deadline = deadline
         self.tracker = tracker
-        # A stream's reader is the client, who may stop reading: bound it. A plain
-        # request's reader is collect(), on this loop, which keeps up.
+        # A stream's reader is the client, who may stop reading: abort it past its bound.
+        # A plain request's reader wants only the whole result: merge what it has not read.
         self.queue = (OutputQueue(settings.max_stream_buffer, settings.stream_stall_timeout, self.close)
-                      if stream else OutputQueue(1 << 62, float("inf"), self.close))
+                      if stream else CoalescingQueue())
         self.streams: list[RequestStream] = []
 
     async def start(self) -> None:
@@ -270,66 +236,10 @@ class Generation:
                 self.tracker.aborted()
 
 
-# ---- formatting -------------------------------------------------------------------
-
-@dataclass
-class _Delta:
-    index: int            # the choice's index in the response (prompt-major)
-    choice: ChoiceDelta
-    first: bool
-
-
-class _Formatter:
-    """Shared streaming bookkeeping: which choices have started."""
-
-    def __init__(self, request_id: str, model: str, n: int, tokenizer, wants_logprobs: bool) -> None:
-        self.request_id = request_id
-        self.model = model
-        self.n = n
-        self.tokenizer = tokenizer
-        self.wants_logprobs = wants_logprobs
-        self.created = int(time.time())
-        self._started: set[int] = set()
-
-    def deltas(self, prompt_index: int, item: StreamedOutput) -> list[_Delta]:
-        """The chunks worth sending: a token whose text is held back (it may start a stop
-        string) makes no chunk unless its logprobs are wanted."""
-        out = []
-        for c in item.choices:
-            index = prompt_index * self.n + c.index
-            first = index not in self._started
-            if (not first and not c.text and c.finish_reason is None
-                    and not (self.wants_logprobs and c.token_ids)):
-                continue
-            out.append(_Delta(index, c, first))
-            self._started.add(index)
-        return out
-
-    def piece(self, token_id: int, entry: PositionLogprobs | None) -> str:
-        lp = entry.get(token_id) if entry else None
-        if lp is not None and lp.decoded_token is not None:
-            return lp.decoded_token
-        return self.tokenizer.decode([token_id])
-
-
-def _clamp(logprob: float) -> float:
-    return max(logprob, _MIN_LOGPROB)
-
-
 def usage_of(tracker: RequestTracker) -> Usage:
     return Usage(prompt_tokens=tracker.prompt_tokens, completion_tokens=tracker.completion_tokens,
                  total_tokens=tracker.prompt_tokens + tracker.completion_tokens,
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=tracker.cached_tokens))
-
-
-def prompt_logprobs_json(entries: list[PositionLogprobs | None] | None,
-                         wanted: bool) -> PromptLogprobs | None:
-    """vLLM's ``prompt_logprobs``: per prompt position, token id -> logprob, rank, text."""
-    if not wanted or entries is None:
-        return None
-    return [None if e is None else {str(t): PromptLogprob(logprob=_clamp(lp.logprob), rank=lp.rank,
-                                                          decoded_token=lp.decoded_token)
-                                    for t, lp in e.items()} for e in entries]
 
 
 def _truncated(prompts: list[PromptInput], params: SamplingParams) -> list[PromptInput]:
@@ -348,7 +258,7 @@ def _encode_embedding(vector: list[float], encoding_format: str) -> list[float] 
     return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
 
 
-def _beam_result(prompt: PromptInput, out: BeamSearchOutput, n: int, fmt: _Formatter) -> PromptResult:
+def _beam_result(prompt: PromptInput, out: BeamSearchOutput, n: int, fmt: Formatter) -> PromptResult:
     """The ``n`` best beams as choices; their logprobs cut to what the request asked for."""
     wanted = fmt.wanted_logprobs
     choices = []
@@ -362,176 +272,7 @@ def _beam_result(prompt: PromptInput, out: BeamSearchOutput, n: int, fmt: _Forma
     return PromptResult(choices)
 
 
-def best_of(result: PromptResult, n: int) -> PromptResult:
-    """The ``n`` choices of ``best_of`` with the highest cumulative logprob (vLLM's rule),
-    in that order."""
-    def score(c: ChoiceResult) -> float:
-        return sum(e[t].logprob for t, e in zip(c.token_ids, c.logprobs or []))
-    return PromptResult(sorted(result.choices, key=score, reverse=True)[:n], result.prompt_logprobs)
-
-
-class CompletionFormatter(_Formatter):
-    """``text_completion`` bodies; ``echo`` puts the prompt (and its logprobs) first."""
-
-    def __init__(self, request_id: str, model: str, body: CompletionRequest,
-                 prompts: list[PromptInput], tokenizer) -> None:
-        super().__init__(request_id, model, body.n, tokenizer, body.logprobs is not None)
-        self.prompts = prompts
-        self.echo = body.echo
-        self.logprobs = body.logprobs
-        self.prompt_logprobs = body.prompt_logprobs is not None
-        self.wanted_logprobs = body.logprobs
-        self._offsets: dict[int, int] = {}
-        self._prompt_logprobs: dict[int, list | None] = {}
-
-    def _echo_text(self, prompt_index: int) -> str:
-        p = self.prompts[prompt_index]
-        return p.text if p.text is not None else self.tokenizer.decode(p.token_ids)
-
-    def _logprobs(self, index: int, ids: list[int], entries, prompt_index: int | None,
-                  prompt_entries) -> CompletionLogprobs | None:
-        if self.logprobs is None:
-            return None
-        result = CompletionLogprobs()
-        pairs = []
-        if prompt_index is not None:
-            p_ids = self.prompts[prompt_index].token_ids
-            p_entries = list(prompt_entries or []) + [None] * (len(p_ids) - len(prompt_entries or []))
-            pairs += list(zip(p_ids, p_entries))
-        pairs += list(zip(ids, entries or [None] * len(ids)))
-        offset = self._offsets.get(index, 0)
-        for tid, entry in pairs:
-            token = self.piece(tid, entry)
-            result.tokens.append(token)
-            result.text_offset.append(offset)
-            offset += len(token)
-            if entry is None:
-                result.token_logprobs.append(None)
-                result.top_logprobs.append(None)
-                continue
-            result.token_logprobs.append(_clamp(entry[tid].logprob))
-            result.top_logprobs.append({
-                self.piece(t, entry): _clamp(lp.logprob)
-                for t, lp in sorted(entry.items(), key=lambda kv: kv[1].rank or 0)})
-        self._offsets[index] = offset
-        return result
-
-    def chunks(self, prompt_index: int, item: StreamedOutput) -> list[CompletionResponse]:
-        if item.first:
-            self._prompt_logprobs[prompt_index] = item.prompt_logprobs
-        chunks = []
-        for d in self.deltas(prompt_index, item):
-            c, echo = d.choice, d.first and self.echo
-            text = (self._echo_text(prompt_index) if echo else "") + c.text
-            lps = self._logprobs(d.index, c.token_ids, c.logprobs, prompt_index if echo else None,
-                                 self._prompt_logprobs.get(prompt_index))
-            prompt_lps = prompt_logprobs_json(self._prompt_logprobs.get(prompt_index),
-                                              self.prompt_logprobs and d.first)
-            chunks.append(CompletionResponse(
-                id=self.request_id, created=self.created, model=self.model, choices=[CompletionChoice(
-                    index=d.index, text=text, logprobs=lps, finish_reason=c.finish_reason,
-                    stop_reason=c.stop_reason, prompt_logprobs=prompt_lps)]))
-        return chunks
-
-    def response(self, results: list[PromptResult], usage: Usage) -> CompletionResponse:
-        choices = []
-        for p, result in enumerate(results):
-            for i, c in enumerate(result.choices):
-                index = p * self.n + i
-                prefix = self._echo_text(p) if self.echo else ""
-                lps = self._logprobs(index, c.token_ids, c.logprobs, p if self.echo else None,
-                                     result.prompt_logprobs)
-                choices.append(CompletionChoice(
-                    index=index, text=prefix + c.text, logprobs=lps, finish_reason=c.finish_reason,
-                    stop_reason=c.stop_reason,
-                    prompt_logprobs=prompt_logprobs_json(result.prompt_logprobs, self.prompt_logprobs)))
-        return CompletionResponse(id=self.request_id, created=self.created, model=self.model,
-                                  choices=choices, usage=usage)
-
-    def usage_chunk(self, usage: Usage) -> CompletionResponse:
-        return CompletionResponse(id=self.request_id, created=self.created, model=self.model,
-                                  choices=[], usage=usage)
-
-
-class ChatFormatter(_Formatter):
-    """``chat.completion`` bodies; a stream opens each choice with the assistant role."""
-
-    def __init__(self, request_id: str, model: str, body: ChatCompletionRequest, tokenizer,
-                 tools: ToolCalling | None = None) -> None:
-        super().__init__(request_id, model, body.n, tokenizer, body.logprobs)
-        self.top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        self.prompt_logprobs = body.prompt_logprobs is not None
-        self.wanted_logprobs = self.top_logprobs
-        self.tools = tools
-
-    def _logprobs(self, ids: list[int], entries) -> ChatLogprobs | None:
-        if self.top_logprobs is None:
-            return None
-        content = []
-        for tid, entry in zip(ids, entries or []):
-            tops = sorted((lp.rank or 0, t, lp) for t, lp in entry.items()
-                          if lp.rank is not None and lp.rank <= self.top_logprobs)
-            token = self.piece(tid, entry)
-            content.append(TokenLogprob(
-                token=token, logprob=_clamp(entry[tid].logprob), bytes=list(token.encode()),
-                top_logprobs=[TopLogprob(token=self.piece(t, entry), logprob=_clamp(lp.logprob),
-                                         bytes=list(self.piece(t, entry).encode()))
-                              for _, t, lp in tops]))
-        return ChatLogprobs(content=content)
-
-    def role_chunk(self) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model,
-                                   choices=[ChatChunkChoice(index=i, delta=DeltaMessage(
-                                       role="assistant", content="")) for i in range(self.n)])
-
-    def chunks(self, prompt_index: int, item: StreamedOutput) -> list[ChatCompletionChunk]:
-        return [ChatCompletionChunk(
-            id=self.request_id, created=self.created, model=self.model, choices=[ChatChunkChoice(
-                index=d.index, delta=self._delta(d),
-                logprobs=self._logprobs(d.choice.token_ids, d.choice.logprobs),
-                finish_reason=self._finish_reason(d), stop_reason=d.choice.stop_reason)])
-            for d in self.deltas(prompt_index, item)]
-
-    def _delta(self, d: _Delta) -> DeltaMessage:
-        if self.tools is None:
-            return DeltaMessage(content=d.choice.text)
-        content, calls = self.tools.stream(d.index, d.choice.text, d.choice.finish_reason is not None)
-        return DeltaMessage(content=content, tool_calls=calls or None)
-
-    def _finish_reason(self, d: _Delta) -> str | None:
-        reason = d.choice.finish_reason
-        return reason if self.tools is None else self.tools.finish_reason(
-            reason, self.tools.streamed_calls(d.index))
-
-    def _message(self, c: ChoiceResult) -> tuple[AssistantMessage, str | None]:
-        if self.tools is None:
-            return AssistantMessage(content=c.text), c.finish_reason
-        content, calls = self.tools.message(c.text)
-        message = AssistantMessage(content=content, tool_calls=[
-            ToolCall(id=call_id(), function=FunctionCall(name=k.name, arguments=k.arguments))
-            for k in calls])
-        return message, self.tools.finish_reason(c.finish_reason, bool(calls))
-
-    def response(self, results: list[PromptResult], usage: Usage) -> ChatCompletionResponse:
-        choices = [ChatChoice(index=i, message=message,
-                              logprobs=self._logprobs(c.token_ids, c.logprobs),
-                              finish_reason=reason, stop_reason=c.stop_reason)
-                   for i, c in enumerate(results[0].choices) for message, reason in [self._message(c)]]
-        return ChatCompletionResponse(
-            id=self.request_id, created=self.created, model=self.model, choices=choices, usage=usage,
-            prompt_logprobs=prompt_logprobs_json(results[0].prompt_logprobs, self.prompt_logprobs))
-
-    def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=self.request_id, created=self.created, model=self.model,
-                                   choices=[], usage=usage)
-
-
 # ---- the endpoints ----------------------------------------------------------------
-
-def sse(payload: BaseModel | dict, exclude: set[str] | None = None) -> str:
-    body = payload if isinstance(payload, dict) else payload.model_dump(mode="json", exclude=exclude)
-    return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
 
 class OpenAIServing:
     """Validates a request, admits it, runs it on the engine and formats the result.
@@ -611,29 +352,32 @@ class OpenAIServing:
         if body.chat_template is None and not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "messages: this model's tokenizer has no chat template; "
                                 "pass chat_template", param="chat_template")
-        try:
-            conversation = [m.as_template_input() for m in body.messages]
-        except ValueError as e:
-            raise APIError.from_exception(e) from None
+        return await self._preprocess(functools.partial(self._render_chat, body))
+
+    def _render_chat(self, body: ChatCompletionRequest) -> PromptInput:
+        """The request's prompt through its template (its own, or the model's) with its
+        tools and ``chat_template_kwargs`` either way; a worker thread, as the cost
+        grows with the messages."""
+        conversation = [m.as_template_input() for m in body.messages]
         add_generation_prompt = body.add_generation_prompt and not body.continue_final_message
+        tools, kwargs = template_tools(body), body.chat_template_kwargs or {}
         if body.chat_template is not None:
-            render = functools.partial(self._render_request_template, body.chat_template,
-                                       conversation, add_generation_prompt, body.continue_final_message)
+            ids = self._render_request_template(body.chat_template, conversation,
+                                                add_generation_prompt, body.continue_final_message,
+                                                tools, kwargs)
         else:
-            render = functools.partial(self._render_model_template, conversation,
-                                       add_generation_prompt, body.continue_final_message,
-                                       template_tools(body))
-        ids = await self._preprocess(render)
-        text = self.tokenizer.decode(ids) if self.settings.log_prompts else None
-        return PromptInput(ids, text)
+            ids = self._render_model_template(conversation, add_generation_prompt,
+                                              body.continue_final_message, tools, kwargs)
+        return PromptInput(ids, self.tokenizer.decode(ids) if self.settings.log_prompts else None)
 
     def _render_model_template(self, conversation: list[dict], add_generation_prompt: bool,
-                               continue_final_message: bool, tools: list[dict] | None = None) -> list[int]:
+                               continue_final_message: bool, tools: list[dict] | None = None,
+                               kwargs: dict | None = None) -> list[int]:
         """The model's own template (trusted), rendered and tokenized; a worker thread."""
         try:
             ids = self.tokenizer.apply_chat_template(
                 conversation, tools=tools, tokenize=True, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message)
+                continue_final_message=continue_final_message, **(kwargs or {}))
         except Exception as e:
             raise APIError(400, f"messages: the chat template failed: {e}", param="messages") from None
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
@@ -641,10 +385,14 @@ class OpenAIServing:
         return list(ids)
 
     def _render_request_template(self, source: str, conversation: list[dict],
-                                 add_generation_prompt: bool, continue_final_message: bool) -> list[int]:
-        """A client's template under the sandbox's limits; a worker thread."""
+                                 add_generation_prompt: bool, continue_final_message: bool,
+                                 tools: list[dict] | None, kwargs: dict) -> list[int]:
+        """A client's template under the sandbox's limits, given what the model's template
+        is given (Hugging Face's variables: special tokens, overridable by kwargs, and
+        ``tools``); a worker thread."""
         specials = {k: v for k, v in self.tokenizer.special_tokens_map.items() if isinstance(v, str)}
-        text = self.renderer.render(source, conversation, specials, add_generation_prompt)
+        text = self.renderer.render(source, conversation, {**specials, **kwargs, "tools": tools},
+                                    add_generation_prompt)
         if continue_final_message and conversation and conversation[-1]["content"]:
             end = text.rfind(conversation[-1]["content"].strip())
             if end >= 0:
@@ -693,7 +441,7 @@ class OpenAIServing:
         request_id = f"embd-{uuid.uuid4().hex}"
         timeout = self.settings.request_timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        queue = OutputQueue(1 << 62, float("inf"), lambda: None)
+        queue = CoalescingQueue()
         streams = [RequestStream(f"{request_id}-{i}", i, queue, 1) for i in range(len(prompts))]
 
         async def run() -> list:
@@ -739,8 +487,8 @@ class OpenAIServing:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise APIError(400, "messages: this model's tokenizer has no chat template",
                                param="messages")
-            ids = await self._preprocess(functools.partial(
-                self._render_model_template, [m.as_template_input() for m in body.messages],
+            ids = await self._preprocess(lambda: self._render_model_template(
+                [m.as_template_input() for m in body.messages],
                 body.add_generation_prompt and not body.continue_final_message,
                 body.continue_final_message))
         return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": list(ids)}
@@ -750,15 +498,19 @@ class OpenAIServing:
         _log_unknown_fields(body)
         if self.tokenizer is None:
             raise APIError(400, "tokens: this server has no tokenizer", param="tokens")
-        vocab = self.engine.engine.vocab_size
-        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise APIError(400, f"tokens: {bad} is outside the vocabulary (0..{vocab - 1})",
-                           param="tokens")
         if len(body.tokens) > self.max_model_len:
             raise APIError(400, f"tokens: {len(body.tokens)} tokens, more than the context "
                                 f"length {self.max_model_len}", param="tokens")
-        return {"prompt": await self._preprocess(lambda: self.tokenizer.decode(body.tokens))}
+        return {"prompt": await self._preprocess(functools.partial(self._decode, body.tokens))}
+
+    def _decode(self, tokens: list[int]) -> str:
+        """/detokenize's ids checked and decoded; a worker thread."""
+        vocab = self.engine.engine.vocab_size
+        bad = next((t for t in tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"tokens: {bad} is outside the vocabulary (0..{vocab - 1})",
+                           param="tokens")
+        return self.tokenizer.decode(tokens)
 
     # -- shared
     def _check_model(self, name: str | None) -> str:
@@ -818,7 +570,7 @@ class OpenAIServing:
 
     # -- issue 22: use_beam_search ------------------------------------------------------
     async def _run_beam_search(self, body, request: Request, prompts: list[PromptInput],
-                               params: SamplingParams, fmt: _Formatter, arrival: float) -> Response:
+                               params: SamplingParams, fmt: Formatter, arrival: float) -> Response:
         """Each prompt's beam search (as ``LLM.beam_search``) over the async engine; the
         ``n`` best beams are the choices. Not streamed: the best beams are known at the end."""
         log = request.scope.setdefault(LOG_SCOPE_KEY, {})
@@ -859,7 +611,7 @@ class OpenAIServing:
         held: dict[str, RequestStream] = {}   # requests whose blocks a live beam may fork from
         try:
             while not state.done:
-                queue = OutputQueue(1 << 62, float("inf"), lambda: None)
+                queue = CoalescingQueue()
                 streams = [RequestStream(f"{request_id}-s{state.steps}-b{j}", j, queue, 1)
                            for j in range(len(state.beams))]
                 for stream, b in zip(streams, state.beams):
@@ -887,7 +639,7 @@ class OpenAIServing:
         return state.output(self.tokenizer.decode if self.tokenizer is not None else None)
 
     async def _run(self, body, request: Request, prompts: list[PromptInput], params: SamplingParams,
-                   fmt: _Formatter, arrival: float) -> Response:
+                   fmt: Formatter, arrival: float) -> Response:
         log = request.scope.setdefault(LOG_SCOPE_KEY, {})
         log.update(id=fmt.request_id, model=fmt.model, stream=body.stream, n=body.n)
         if self.settings.log_prompts:
@@ -927,7 +679,7 @@ class OpenAIServing:
         return JSONResponse(fmt.response(results, usage_of(tracker)).model_dump(mode="json"),
                             headers=headers)
 
-    async def _events(self, gen: Generation, fmt: _Formatter, include_usage: bool,
+    async def _events(self, gen: Generation, fmt: Formatter, include_usage: bool,
                       log: dict) -> AsyncIterator[str]:
         no_usage = None if include_usage else {"usage"}
         try:
