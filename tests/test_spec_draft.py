@@ -153,6 +153,25 @@ def test_lazy_catch_up_proposes_what_a_fresh_draft_would(models, tmp_path, mode)
     assert {key: lazy[key] for key in common} == {key: fresh[key] for key in common}
 
 
+def test_a_rounds_catch_up_stays_within_the_token_budget(models):
+    """Catch-up tokens of one round never exceed ``max_num_batched_tokens``: a long prompt
+    catches up in chunks (rounds with k = 0 for it), and nothing else changes."""
+    path, _, prompts, expected = models["qwen3"]
+    budget = 9
+    llm = LLM(path, num_kv_blocks=64, max_num_batched_tokens=budget,
+              speculative_config=_draft_cfg(path))
+    rounds = []
+    propose = llm.engine.proposer.propose
+
+    def recording(seqs: list[DraftSeq]):
+        rounds.append([(len(s.tokens) - s.start, s.k) for s in seqs])
+        return propose(seqs)
+    llm.engine.proposer.propose = recording
+    _check_self_draft(llm, prompts, expected)
+    assert all(sum(n for n, _ in r) <= budget for r in rounds), rounds
+    assert any(k == 0 for r in rounds for _, k in r)   # a prompt longer than the budget
+
+
 def test_overlap_and_forked_sequences(models):
     """Overlapped scheduling forced on (GPU-only otherwise), a small pool and budget: same
     tokens, everything accepted. Then n = 3 seeded sequences (forked from one prompt: each

@@ -431,18 +431,30 @@ class LLMEngine:
         """One draft-model round for every asking request. The verify step's slots (the
         last token and k drafts) are reserved first, since the draft writes its KV of
         the same positions; a request whose slots do not fit proposes nothing this step
-        (not a miss: the pool was full, not the draft wrong)."""
+        (not a miss: the pool was full, not the draft wrong). The round's catch-up
+        tokens share the step's token budget (``max_num_batched_tokens``): a request
+        whose catch-up does not fit catches up one chunk (k = 0) and proposes in a later
+        step, so many long prompts never make one huge draft forward."""
         draft = self.proposer
-        seqs, reqs = [], []
+        budget = self.scheduler.max_num_batched_tokens
+        seqs, reqs, ends = [], [], []
         for req, k in asks:
             k = min(k, draft.room(req.num_tokens))
-            if k > 0 and self.kv.reserve(req, k + 1):
-                seqs.append(DraftSeq(req.all_token_ids, min(req.draft_computed, req.num_tokens - 1),
-                                     k, self.kv.block_ids(req.request_id)))
-                reqs.append(req)
-        for req, drafts in zip(reqs, draft.propose(seqs)):
+            start = min(req.draft_computed, req.num_tokens - 1)
+            if k <= 0 or budget <= 0:
+                continue
+            end = req.num_tokens
+            if end - start > budget:   # a chunk of positions below n, all computed already
+                end, k = start + budget, 0
+            elif not self.kv.reserve(req, k + 1):
+                continue
+            budget -= end - start
+            seqs.append(DraftSeq(req.all_token_ids[:end], start, k, self.kv.block_ids(req.request_id)))
+            reqs.append(req)
+            ends.append(end)
+        for req, end, drafts in zip(reqs, ends, draft.propose(seqs)):
             req.spec_token_ids = drafts
-            req.draft_computed = req.num_tokens   # positions 0 .. n hold emitted tokens' KV
+            req.draft_computed = end   # positions 0 .. end - 1 hold emitted tokens' KV
 
     def _verified(self, req: Request, num_proposed: int, num_emitted: int) -> None:
         """A verify step landed: the KV of its rejected drafts is stale, so the request's
