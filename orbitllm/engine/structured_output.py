@@ -160,15 +160,15 @@ class StructuredOutputs:
     def start(self, compiled: "xgrammar.CompiledGrammar") -> SequenceGrammar:
         if self._batch is None:
             import xgrammar as xgr
+            # One thread: a step's masks take microseconds in all, no pool needed.
             self._batch = xgr.BatchGrammarMatcher(max_threads=1)
         self.num_active += 1
         return SequenceGrammar(compiled)
 
     def next_bitmasks(self, grammars: list[SequenceGrammar]) -> np.ndarray:
         """The grammars' next packed masks, ``[len(grammars), ceil(V / 32)]`` int32, in
-        one call (xgrammar fills them on its threads; a call per grammar cost several
-        times more host time per step). A fresh array each step: the sampler's upload
-        of the last one may still be reading it."""
+        one call into one array (no tensor per grammar). A fresh array each step: the
+        sampler's upload of the last one may still be reading it."""
         masks = np.empty((len(grammars), (self.vocab_size + 31) // 32), np.int32)
         self._batch.batch_fill_next_token_bitmask([g.matcher for g in grammars], masks)
         return masks
