@@ -116,7 +116,6 @@ def main() -> None:
     # budget is what is free then, less the same headroom).
     plain = LLM(args.model, **common, gpu_memory_utilization=0.45)
     spec = LLM(args.model, **common, speculative_config=spec_cfg)
-    ngram = spec.engine.proposer
     vocab = plain.engine.vocab_size
     rng = random.Random(0)
     result: dict = {}
@@ -152,7 +151,6 @@ def main() -> None:
             result["single"] = {"plain_ms_per_token": plain_ms,
                                 "replay_ms_per_token": verify_ms / per_step}
     AdaptiveDraftLength.update = _adaptive
-    spec.engine.proposer = ngram
     print(json.dumps(result, indent=2))
     if args.output_json:
         with open(args.output_json, "w") as f:
