@@ -1,6 +1,7 @@
 """Where n-gram speculation's cost goes when nothing is accepted: the nano workload on a
-plain engine and an n-gram engine, counting steps, drains of the overlapped pipeline,
-verify steps and the host time of ``_propose`` (wraps engine internals).
+plain engine and an n-gram engine, counting steps, verify steps, draft tokens and the
+time in ``_propose`` (with the drains it starts, which wait for the device; wraps engine
+internals).
 
     PYTHONPATH=. python3 benchmarks/lab/spec_overhead.py --model llama3.1-8b
 """
@@ -16,14 +17,19 @@ from orbitllm.bench.throughput import BenchRequest, run
 
 
 class Counters:
-    """Wraps one engine's ``_drain`` and ``_propose`` (and counts its verify steps)."""
+    """Wraps one engine's ``_propose`` and ``step`` (the verify steps among them)."""
 
     def __init__(self, engine) -> None:
-        self.c = {"drains": 0, "drain_s": 0.0, "propose_s": 0.0, "verify_steps": 0,
-                  "draft_tokens": 0, "steps": 0}
-        for name, key in (("_drain", "drain_s"), ("_propose", "propose_s")):
-            if hasattr(engine, name):
-                setattr(engine, name, self._timed(getattr(engine, name), key))
+        self.c = {"propose_s": 0.0, "verify_steps": 0, "draft_tokens": 0, "steps": 0}
+        propose = engine._propose
+
+        def timed():
+            t = time.perf_counter()
+            try:
+                return propose()
+            finally:
+                self.c["propose_s"] += time.perf_counter() - t
+        engine._propose = timed
         step = engine.step
 
         def counted():
@@ -35,17 +41,6 @@ class Counters:
                 self.c["draft_tokens"] += sum(len(d) for d in drafts.values())
             return out
         engine.step = counted
-
-    def _timed(self, fn, key):
-        def wrapped(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                self.c[key] += time.perf_counter() - t
-                if key == "drain_s":
-                    self.c["drains"] += 1
-        return wrapped
 
 
 def main() -> None:
