@@ -9,7 +9,7 @@ the default, inside ``pdl_bench.py``'s stand-in step (32 layers, one CUDA graph)
 a second pass starts from the first's bests; then every projection's best together,
 against the default, twice each.
 
-    python benchmarks/lab/gemv_chain_tune.py [--spin-us 6] [--reps 40]
+    python benchmarks/lab/gemv_chain_tune.py [--spin-us 6] [--reps 40] [--fp8] [--tp 1 2]
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ CANDIDATES = [GemvConfig(*c) for c in (
     (4, 2048, 8, 2), (4, 2048, 8, 3), (8, 256, 4, 3), (8, 512, 4, 2), (8, 1024, 4, 3),
     (8, 1024, 8, 1), (8, 1024, 8, 2), (8, 2048, 8, 2), (16, 256, 4, 1), (16, 512, 4, 1),
     (16, 1024, 4, 1), (16, 1024, 8, 1), (16, 1024, 8, 2), (16, 2048, 8, 1), (32, 256, 8, 1),
-    (32, 512, 8, 1))]
+    (32, 512, 8, 1), (4, 4096, 4, 2), (8, 2048, 4, 3), (8, 4096, 8, 2), (16, 2048, 8, 2))]
 
 
 def shapes(tp: int) -> dict[str, tuple[int, int]]:
@@ -46,11 +46,13 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--spin-us", type=float, default=6.0)
     p.add_argument("--reps", type=int, default=40)
+    p.add_argument("--fp8", action="store_true", help="E4M3 weights, per-row scales")
+    p.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     args = p.parse_args()
     dev = torch.device("cuda")
     default = gemv_mod.default_gemv_config
-    for tp in (1, 2):
-        step, _ = layer_chain(tp, args.spin_us, dev)
+    for tp in args.tp:
+        step, _ = layer_chain(tp, args.spin_us, dev, fp8=args.fp8)
         fn = functools.partial(step, fuse_silu=True)
 
         def time_with(chosen: dict) -> float:

@@ -28,6 +28,7 @@ import orbitllm.kernels.pdl as pdl_mod
 from orbitllm.kernels.fused_ops import rms_norm, silu_and_mul
 from orbitllm.kernels.gemv import gemv
 from orbitllm.kernels.pdl import pdl_args, pdl_enter
+from orbitllm.layers.quantization.fp8_kernels import quantize_rows
 
 LAYERS = 32
 
@@ -51,8 +52,9 @@ def spin(ref: torch.Tensor, us: float) -> None:
     _spin_kernel[(1,)](int(us * 1e3), **pdl_args(ref), num_warps=1)
 
 
-def layer_chain(tp: int, spin_us: float, dev: torch.device):
-    """(step function, weight bytes per layer) for the shapes of one rank of ``tp``.
+def layer_chain(tp: int, spin_us: float, dev: torch.device, fp8: bool = False):
+    """(step function, weight bytes per layer) for the shapes of one rank of ``tp``,
+    with bf16 weights or (``fp8``) E4M3 ones with per-row scales.
     ``step(i, fuse_silu, extra)``: the SiLU·mul in the down GEMV; one empty kernel
     more per layer."""
     h, inter, q, kv = 4096, 14336 // tp, 4096 // tp, 1024 // tp
@@ -60,12 +62,17 @@ def layer_chain(tp: int, spin_us: float, dev: torch.device):
     layers = [dict(qkv=torch.randn(q + 2 * kv, h, **bf) * 0.02, o=torch.randn(h, q, **bf) * 0.02,
                    gate_up=torch.randn(2 * inter, h, **bf) * 0.02, down=torch.randn(h, inter, **bf) * 0.02)
               for _ in range(LAYERS)]
+    scales = [dict.fromkeys(w) for w in layers]
+    if fp8:
+        for w, s in zip(layers, scales):
+            for name in w:
+                w[name], s[name] = quantize_rows(w[name])
     norm_w = torch.ones(h, **bf)
     x0 = torch.randn(1, h, **bf)
 
     def step(_: int, fuse_silu: bool = False, extra: bool = False) -> torch.Tensor:
         x, res = x0, torch.zeros_like(x0)
-        for w in layers:
+        for w, s in zip(layers, scales):
             if extra:
                 spin(x, 0.0)
             if tp == 1:
@@ -73,15 +80,15 @@ def layer_chain(tp: int, spin_us: float, dev: torch.device):
             else:   # the fused all-reduce + add + norm: a wait on the peer, then the norm
                 spin(x, spin_us)
                 xn, res = rms_norm(x, norm_w, 1e-5, res)
-            qkv = gemv(xn, w["qkv"])
+            qkv = gemv(xn, w["qkv"], weight_scale=s["qkv"])
             spin(qkv, spin_us)   # rotary + KV write + decode attention + its reduce
-            x = gemv(qkv[:, :q], w["o"])
+            x = gemv(qkv[:, :q], w["o"], weight_scale=s["o"])
             if tp > 1:
                 spin(x, spin_us)
             xn, res = rms_norm(x, norm_w, 1e-5, res)
-            gate_up = gemv(xn, w["gate_up"])
-            x = (gemv(gate_up, w["down"], silu_mul=True) if fuse_silu
-                 else gemv(silu_and_mul(gate_up), w["down"]))
+            gate_up = gemv(xn, w["gate_up"], weight_scale=s["gate_up"])
+            x = (gemv(gate_up, w["down"], silu_mul=True, weight_scale=s["down"]) if fuse_silu
+                 else gemv(silu_and_mul(gate_up), w["down"], weight_scale=s["down"]))
         return x
 
     per_layer = sum(t.numel() * t.element_size() for t in layers[0].values())
