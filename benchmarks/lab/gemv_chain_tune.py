@@ -50,17 +50,18 @@ def main() -> None:
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     args = p.parse_args()
     dev = torch.device("cuda")
-    default = gemv_mod.default_gemv_config
+    name = "default_fp8_gemv_config" if args.fp8 else "default_gemv_config"
+    default = getattr(gemv_mod, name)
     for tp in args.tp:
         step, _ = layer_chain(tp, args.spin_us, dev, fp8=args.fp8)
         fn = functools.partial(step, fuse_silu=True)
 
         def time_with(chosen: dict) -> float:
-            gemv_mod.default_gemv_config = with_configs(default, chosen)
+            setattr(gemv_mod, name, with_configs(default, chosen))
             try:
                 return us_per_call(fn, 1, reps=args.reps) / LAYERS
             finally:
-                gemv_mod.default_gemv_config = default
+                setattr(gemv_mod, name, default)
 
         base = time_with({})
         print(f"\nN={tp}: default configs {base:.2f} us per layer")
