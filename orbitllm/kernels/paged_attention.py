@@ -198,11 +198,13 @@ def _prefill_kernel(
 
 
 def default_prefill_config(head_dim: int, group: int, dtype: torch.dtype,
-                           device: torch.device) -> PrefillConfig:
-    """Tiles measured on an H100 (8k prompt): for 16-bit head_dim 128, about 64 query
-    tokens x the group per tile; for head_dim 64, 128 rows x 64 keys. Float32 and wide
-    heads get smaller tiles so the K/V pipeline fits in shared memory (227 KB).
-    Tiny tiles for the CPU interpreter."""
+                           device: torch.device, fp8_cache: bool = False) -> PrefillConfig:
+    """Tiles measured on an H100 (8k prompt): for head_dim 64, 128 rows x 64 keys. Float32
+    and wide heads get smaller tiles so the K/V pipeline fits in shared memory (227 KB).
+    For 16-bit head_dim 128 (an H200, 8k prompt, ``kernels_bench.py --prefill-sweep``):
+    about 64 query tokens x the group per tile, 128 keys two deep (442 TFLOP/s; 64 keys
+    three deep: 423), and with an FP8 cache, whose tiles are widened in registers, 64
+    keys two deep (298 TFLOP/s against 273). Tiny tiles for the CPU interpreter."""
     group_pad = triton.next_power_of_2(group)
     wide = dtype.itemsize > 2
     if device.type != "cuda":
@@ -214,7 +216,9 @@ def default_prefill_config(head_dim: int, group: int, dtype: torch.dtype,
     if wide:
         return PrefillConfig(max(128, group_pad), 64, 8, 3)
     rows = min(max(128, 64 * group_pad), 256)
-    return PrefillConfig(max(rows, group_pad), 128 if rows == 128 else 64, 8, 3)
+    if rows == 128:
+        return PrefillConfig(max(rows, group_pad), 128, 8, 3)
+    return PrefillConfig(max(rows, group_pad), 64 if fp8_cache else 128, 8, 2)
 
 
 def paged_prefill_attention(
@@ -237,7 +241,8 @@ def paged_prefill_attention(
     check_cache(k_cache, v_cache)
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
-    cfg = config or default_prefill_config(head_dim, group, q.dtype, q.device)
+    cfg = config or default_prefill_config(head_dim, group, q.dtype, q.device,
+                                           fp8_cache=k_cache.element_size() == 1)
     block_m = max(cfg.block_rows // group_pad, 1)
     grid = (triton.cdiv(max_query_len, block_m), seq_lens.shape[0], num_kv_heads)
     _prefill_kernel[grid](
