@@ -26,6 +26,7 @@ pytest.importorskip("triton")
 from conftest import assert_all_blocks_free  # noqa: E402
 from orbitllm import LLM, SamplingParams  # noqa: E402
 from orbitllm.config import EngineConfig  # noqa: E402
+from orbitllm.kernels.fp8_gemm import Fp8GemmConfig, fp8_gemm, fp8_gemm_config  # noqa: E402
 from orbitllm.kernels.gemv import GemvConfig, gemv  # noqa: E402
 from orbitllm.layers.attention import TorchAttentionBackend  # noqa: E402
 from orbitllm.layers.quantization import fp8_kernels  # noqa: E402
@@ -102,6 +103,31 @@ def test_scaled_mm_equals_dequantized_activations_times_dequantized_weights(stat
     assert ((got - ref).norm() / ref.norm()).item() < 0.05
 
 
+@pytest.mark.parametrize("m,n,k,bias,config", [
+    (5, 48, 96, False, Fp8GemmConfig(16, 16, 32, 4, 1)),      # ragged rows, even chunks
+    (20, 40, 80, True, Fp8GemmConfig(16, 32, 32, 4, 2)),      # ragged columns and chunks, bias
+])
+def test_few_row_fp8_gemm_equals_the_dequantized_product(m, n, k, bias, config):
+    """The Triton FP8 GEMM (``kernels/fp8_gemm.py``) computes exactly the per-token
+    activations times the per-channel weights (float32 output: no rounding after)."""
+    torch.manual_seed(0)
+    q, s = quantize_rows(torch.randn(n, k, device=DEVICE) * 0.1)
+    xq, xs = quantize_per_token(torch.randn(m, k, device=DEVICE))
+    b = torch.randn(n, device=DEVICE) if bias else None
+    got = fp8_gemm(xq, xs, q, s, b, torch.float32, config)
+    want = torch.nn.functional.linear(xq.float() * xs, dequantize(q, s, torch.float32), b)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_few_row_fp8_gemm_takes_only_the_shapes_it_was_measured_to_win():
+    """Up to 64 rows every projection; up to 256 only o_proj / down_proj shapes; then cuBLAS."""
+    qkv, o, gate_up, down = (6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)
+    assert all(fp8_gemm_config(64, *w) for w in (qkv, o, gate_up, down))
+    assert [bool(fp8_gemm_config(128, *w)) for w in (qkv, o, gate_up, down)] == [True, True, False, True]
+    assert [bool(fp8_gemm_config(256, *w)) for w in (qkv, o, gate_up, down)] == [False, True, False, True]
+    assert not any(fp8_gemm_config(512, *w) for w in (qkv, o, gate_up, down))
+
+
 @pytest.mark.parametrize("n,k,bias,config", [
     (64, 256, False, GemvConfig(8, 64, 4, 1)),          # even: unmasked loads
     (37, 200, True, GemvConfig(4, 64, 2, 2)),           # ragged rows and chunks, bias
@@ -142,11 +168,12 @@ CUDA = torch.cuda.is_available()
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows", [1, 8])
+@pytest.mark.parametrize("rows", [1, 8, 200, 600])
 @pytest.mark.parametrize("block", [None, 128])
 def test_gpu_fp8_linear_matches_dequantized_reference(rows, block):
-    """The GPU path: the FP8 GEMV (one row) and ``_scaled_mm`` (per-channel, several rows)
-    or the dequantized product (block-wise, several rows), bf16 activations."""
+    """The GPU path: the FP8 GEMV (one row), the Triton FP8 GEMM (per-channel, up to a
+    few hundred rows), ``_scaled_mm`` (more rows) or the dequantized product (block-wise,
+    several rows), bf16 activations."""
     n, k = 512, 1024
     w = torch.randn(n, k, device="cuda") * 0.05
     if block is None:

@@ -81,11 +81,21 @@ def takes_fp8_gemv(x: torch.Tensor) -> bool:
 def scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
               bias: torch.Tensor | None, input_scale: torch.Tensor | None) -> torch.Tensor:
     """The FP8 tensor-core GEMM: ``x`` quantized per token (or with the static scale),
-    the per-channel weight as it is, row-wise scaled ``torch._scaled_mm`` (cuBLASLt on
-    CUDA, where it needs bfloat16 output; it also runs on CPU, where tests check it)."""
+    the per-channel weight as it is; on CUDA up to a few hundred rows the Triton GEMM
+    (``kernels/fp8_gemm.py``) where its tiles beat cuBLAS, else row-wise scaled
+    ``torch._scaled_mm`` (cuBLASLt on CUDA, where it needs bfloat16 output; it also runs
+    on CPU, where tests check it).
+    Fast accumulation (Hopper's FP8 sums without the periodic float32 promotion, as
+    vLLM's FP8 kernels use): 3-13 % less time at 8k rows, 9 % for gate_up at 256, the
+    same error against a float32 product (``scaled_mm_bench.py``)."""
     xq, x_scale = quantize_per_token(x, input_scale)
+    if x.is_cuda:
+        from orbitllm.kernels.fp8_gemm import fp8_gemm, fp8_gemm_config
+        cfg = fp8_gemm_config(x.shape[0], *weight.shape)
+        if cfg is not None:
+            return fp8_gemm(xq, x_scale, weight, scale, bias, x.dtype, cfg)
     return torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale.reshape(1, -1),
-                            bias=bias, out_dtype=x.dtype)
+                            bias=bias, out_dtype=x.dtype, use_fast_accum=True)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
