@@ -243,11 +243,13 @@ def test_missing_kv_scale_tensor_is_named(scaled_llamas, tmp_path):
         LLM(bad, num_kv_blocks=8, kv_cache_dtype="fp8")
 
 
-def test_kv_scale_of_the_wrong_shape_is_named(scaled_llamas, tmp_path):
+@pytest.mark.parametrize("value,words", [(torch.ones(3), r"has shape \(3,\), expected \(2,\)"),
+                                         (torch.tensor([0.5, 0.0]), r"must be positive and finite")])
+def test_bad_kv_scale_tensor_is_named(scaled_llamas, tmp_path, value, words):
     from safetensors.torch import load_file, save_file
     bad = _edit(scaled_llamas["head"][0], tmp_path / "bad")
     tensors = load_file(str(Path(bad) / "model.safetensors"))
-    tensors["model.layers.0.self_attn.k_scale"] = torch.ones(3)
+    tensors["model.layers.0.self_attn.k_scale"] = value
     save_file(tensors, str(Path(bad) / "model.safetensors"))
-    with pytest.raises(ModelLoadError, match=r"'model.layers.0.self_attn.k_scale' has shape \(3,\), expected \(2,\)"):
+    with pytest.raises(ModelLoadError, match=r"'model.layers.0.self_attn.k_scale' " + words):
         LLM(bad, num_kv_blocks=8, kv_cache_dtype="fp8")

@@ -106,15 +106,16 @@ class Attention(nn.Module):
 
     def load_weight(self, name: str, loaded: CheckpointTensor, shard_id=None) -> None:
         """A scalar (strategy ``tensor``) or one scale per KV head of the model (``attn_head``:
-        this rank's slice, as ``QKVParallelLinear`` slices K and V)."""
-        param = getattr(self, name)
-        shape = tuple(loaded.shape)
-        if shape in ((), (1,)):
-            param.data.copy_(take(loaded).reshape(()).expand(self.num_kv_heads))
-            return
-        check_shape(loaded, (self.total_num_kv_heads,))
-        first = first_kv_head(self.total_num_kv_heads, self.shard)
-        param.data.copy_(take(loaded, {0: (first, self.num_kv_heads)}))
+        this rank's slice, as ``QKVParallelLinear`` slices K and V); each must be > 0, as
+        the KV write divides by it."""
+        if tuple(loaded.shape) in ((), (1,)):
+            value = take(loaded).reshape(()).expand(self.num_kv_heads)
+        else:
+            check_shape(loaded, (self.total_num_kv_heads,))
+            value = take(loaded, {0: (first_kv_head(self.total_num_kv_heads, self.shard), self.num_kv_heads)})
+        if not bool(((value > 0) & value.isfinite()).all()):
+            raise ValueError(f"must be positive and finite, got {value.tolist()}")
+        getattr(self, name).data.copy_(value)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata,
