@@ -233,7 +233,8 @@ def _edit(path: str, dst: Path, drop: str | None = None, scheme: dict | None = N
 def test_unsupported_kv_cache_scheme_is_named(scaled_llamas, tmp_path, change):
     bad = _edit(scaled_llamas["head"][0], tmp_path / "bad", scheme=change)
     key, value = next(iter(change.items()))
-    with pytest.raises(ValueError, match=rf'kv_cache_scheme .*"{key}": {json.dumps(value)}.* is not supported'):
+    words = rf'kv_cache_scheme .*"{key}": {json.dumps(value)}.* is not supported'
+    with pytest.raises(ValueError, match=words):
         LLM(bad, num_kv_blocks=8, kv_cache_dtype="fp8")
 
 

@@ -292,7 +292,8 @@ def _decode_kernel(
     earlier steps, and the step's inputs (query rows, lengths, block table) by copies
     before the chain of kernels began. The newest key and value, and the query, are
     read after the wait. So the block table -> keys chain of dependent loads runs while
-    the kernel before does, not after it. The KV scales are the model's, written at load.
+    the kernel before does, not after it. The KV scales are loaded before the wait too:
+    they are the model's, written at load.
     """
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
