@@ -62,7 +62,9 @@ def resolve_dtype(name: str, config, device: torch.device) -> torch.dtype:
 
 def resolve_kv_cache_dtype(name: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """``auto``: the model's dtype; ``fp8`` / ``fp8_e4m3``: E4M3, half the bytes of a
-    16-bit cache (stored with scale 1.0: see README, "FP8")."""
+    16-bit cache, divided by the checkpoint's KV scales where it has them, else with
+    scale 1.0 (see README, "FP8"). A checkpoint's scales do not switch the cache to FP8
+    by themselves (as in vLLM, ``auto`` keeps a 16-bit cache and ignores them)."""
     if name == "auto":
         return dtype
     check_fp8_device(device, "kv_cache_dtype")
@@ -172,6 +174,9 @@ def build_rank_runner(cfg: EngineConfig, shard: Shard, device: torch.device,
     if qconfig is not None:
         check_fp8_device(device, "quantization")
     kv_dtype = resolve_kv_cache_dtype(cfg.kv_cache_dtype, dtype, device)
+    if getattr(qconfig, "kv_scales", False) and kv_dtype != torch.float8_e4m3fn and shard.rank == 0:
+        log.warning("the checkpoint's KV scales (kv_cache_scheme) are ignored: they apply to "
+                    "an FP8 KV cache only (kv_cache_dtype='fp8')")
     model = instantiate(ckpt, device, dtype, shard, qconfig)
     if cfg.load_format == "dummy":
         init_random_weights(model, cfg.seed)
@@ -264,7 +269,7 @@ def init_random_weights(model: torch.nn.Module, seed: int) -> None:
     for name, p in model.named_parameters():
         if p.element_size() == 1:
             continue   # FP8: drawn by its layer's quant_method.init_random below
-        if name.endswith("norm.weight"):
+        if name.endswith(("norm.weight", "k_scale", "v_scale")):
             p.fill_(1.0)
         else:
             p.normal_(0.0, 0.02, generator=gen)

@@ -13,7 +13,11 @@ tile size work together:
   contexts still fill the GPU.
 
 Both attention kernels give each program every query head of one KV head (GQA),
-so each K/V tile is loaded once per group rather than once per query head.
+so each K/V tile is loaded once per group rather than once per query head. With
+``kv_scales`` (the cache holds K / k_scale and V / v_scale per KV head, see
+``kv_write.py``) a program loads its head's two scales once: k_scale multiplies the
+softmax scale (scores are linear in K) and v_scale the output (linear in V), so no
+tile is rescaled.
 Every launch grid comes from shapes and plain Python ints, never from device
 values, so the decode path can be captured in a CUDA graph.
 """
@@ -26,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from orbitllm.kernels.kv_write import check_cache
+from orbitllm.kernels.kv_write import KVScales, check_cache, check_kv_scales
 from orbitllm.kernels.pdl import pdl_args, pdl_enter
 
 LOG2E = 1.4426950408889634
@@ -133,12 +137,13 @@ def _attend_kv(acc, m_i, l_i, q, q_pos, k, v, offs_n, n_ok, sliding_window, scal
 @triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
-    block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
+    block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, k_scale_ptr, v_scale_ptr,
     scale_log2, sliding_window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr,
+    KV_SCALED: tl.constexpr,
 ):
     """Program (q block, sequence, KV head): ``BLOCK_M`` query tokens x the group's heads.
 
@@ -177,6 +182,8 @@ def _prefill_kernel(
 
     bt_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
     kv_head_off = kv_head.to(tl.int64) * stride_ch
+    if KV_SCALED:
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr + kv_head)
     m_i = tl.full([BLOCK_M * GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M * GROUP_PAD], tl.float32)
     acc = tl.zeros([BLOCK_M * GROUP_PAD, BLOCK_D], tl.float32)
@@ -192,6 +199,8 @@ def _prefill_kernel(
             PAGE, BLOCK_N, CAUSAL=True, SLIDING=SLIDING, BOUNDS=True, MASK_D=BLOCK_D != HEAD_DIM)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if KV_SCALED:
+        out = out * tl.load(v_scale_ptr + kv_head)
     o_rows = (q_start + tok).to(tl.int64) * stride_ot + head * stride_oh
     tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & d_mask[None, :])
@@ -226,12 +235,14 @@ def paged_prefill_attention(
     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
     max_query_len: int, scale: float, sliding_window: int | None = None,
     out: torch.Tensor | None = None, config: PrefillConfig | None = None,
+    kv_scales: KVScales = None,
 ) -> torch.Tensor:
     """Causal attention of packed queries ``[num_tokens, num_heads, head_dim]``.
 
     Sequence ``i`` owns rows ``query_start_loc[i]:query_start_loc[i+1]``, its last
     positions out of ``seq_lens[i]``; its keys/values (earlier context and the new
-    tokens) must already be in the cache. ``max_query_len`` only sizes the grid.
+    tokens) must already be in the cache, divided by ``kv_scales`` where given.
+    ``max_query_len`` only sizes the grid.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -239,6 +250,7 @@ def paged_prefill_attention(
     if num_tokens == 0:
         return out
     check_cache(k_cache, v_cache)
+    check_kv_scales(kv_scales, num_kv_heads)
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
     cfg = config or default_prefill_config(head_dim, group, q.dtype, q.device,
@@ -247,12 +259,12 @@ def paged_prefill_attention(
     grid = (triton.cdiv(max_query_len, block_m), seq_lens.shape[0], num_kv_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
-        scale * LOG2E, sliding_window or 0,
+        *(kv_scales or (None, None)), scale * LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), PAGE=k_cache.shape[1],
-        SLIDING=sliding_window is not None,
+        SLIDING=sliding_window is not None, KV_SCALED=kv_scales is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -264,13 +276,13 @@ def paged_prefill_attention(
 @triton.jit(do_not_specialize=["stride_bt"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
+    block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, k_scale_ptr, v_scale_ptr,
     scale_log2, sliding_window, num_heads,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
     SPLIT: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr,
-    PDL: tl.constexpr,
+    KV_SCALED: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (sequence, KV head, split): the group's heads over one context partition.
 
@@ -285,7 +297,8 @@ def _decode_kernel(
     earlier steps, and the step's inputs (query rows, lengths, block table) by copies
     before the chain of kernels began. The newest key and value, and the query, are
     read after the wait. So the block table -> keys chain of dependent loads runs while
-    the kernel before does, not after it.
+    the kernel before does, not after it. The KV scales are loaded before the wait too:
+    they are the model's, written at load.
     """
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -315,6 +328,10 @@ def _decode_kernel(
     old = (n_ok & (offs_n < seq_len - 1))[:, None] & d_mask[None, :]
     k = tl.load(k_cache_ptr + kv_ptrs, mask=old, other=0.0)
     v = tl.load(v_cache_ptr + kv_ptrs, mask=old, other=0.0)
+    v_scale = 1.0
+    if KV_SCALED:
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr + kv_head)
+        v_scale = tl.load(v_scale_ptr + kv_head)
 
     pdl_enter(PDL)
     if not has_query:
@@ -341,6 +358,8 @@ def _decode_kernel(
             PAGE, BLOCK_N, CAUSAL=False, SLIDING=False, BOUNDS=True, MASK_D=BLOCK_D != HEAD_DIM)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if KV_SCALED:
+        out = out * v_scale
     o_mask = row_ok[:, None] & d_mask[None, :]
     if not SPLIT:
         o_ptrs = out_ptr + q_row.to(tl.int64) * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
@@ -417,9 +436,10 @@ def paged_decode_attention(
     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
     max_seq_len: int, scale: float, sliding_window: int | None = None,
     num_splits: int | None = None, out: torch.Tensor | None = None,
-    config: DecodeConfig | None = None,
+    config: DecodeConfig | None = None, kv_scales: KVScales = None,
 ) -> torch.Tensor:
-    """Attention of one query token per sequence (``query_start_loc`` gives its row).
+    """Attention of one query token per sequence (``query_start_loc`` gives its row),
+    over a cache divided by ``kv_scales`` where given.
 
     ``num_splits`` (default: ``choose_num_splits`` from ``max_seq_len``) fixes the grid;
     any value is correct for any ``seq_lens``, so a CUDA graph may bake it in.
@@ -430,6 +450,7 @@ def paged_decode_attention(
     if num_seqs == 0 or q.shape[0] == 0:
         return out
     check_cache(k_cache, v_cache)
+    check_kv_scales(kv_scales, num_kv_heads)
     cfg = config or default_decode_config(head_dim, k_cache.dtype, q.device)
     splits = num_splits or choose_num_splits(num_seqs, num_kv_heads, max_seq_len, q.device, cfg.block_n)
     if config is None and splits > 1 and triton.cdiv(max_seq_len, splits) <= 3 * cfg.block_n:
@@ -443,12 +464,12 @@ def paged_decode_attention(
         part_out = part_lse = out  # unused by the kernel without SPLIT
     _decode_kernel[(num_seqs, num_kv_heads, splits)](
         q, k_cache, v_cache, out, part_out, part_lse, block_tables, query_start_loc, seq_lens,
-        scale * LOG2E, sliding_window or 0, num_heads,
+        *(kv_scales or (None, None)), scale * LOG2E, sliding_window or 0, num_heads,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         SPLIT=splits > 1, GROUP=group, ROWS=max(16, triton.next_power_of_2(group)),
         BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=k_cache.shape[1],
-        SLIDING=sliding_window is not None, **pdl_args(q),
+        SLIDING=sliding_window is not None, KV_SCALED=kv_scales is not None, **pdl_args(q),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:

@@ -21,7 +21,7 @@ from torch import nn
 
 from orbitllm.layers.activation import SiluAndMul
 from orbitllm.layers.matmul import matmul, takes_gemv
-from orbitllm.layers.tensor_parallel import Shard, kv_heads_per_rank
+from orbitllm.layers.tensor_parallel import Shard, first_kv_head, kv_heads_per_rank
 from orbitllm.layers.weight_loading import CheckpointTensor, check_shape, take
 
 WeightLoader = Callable[[nn.Parameter, CheckpointTensor, object], None]
@@ -190,7 +190,7 @@ class QKVParallelLinear(LinearBase):
     def output_part(self, shard_id: str) -> tuple[int, int, int, int]:
         if shard_id == "q":
             return 0, self.shard.rank * self.q_size, self.q_size, self.total_num_heads * self.head_dim
-        first_head = self.shard.rank * self.total_num_kv_heads // self.shard.size
+        first_head = first_kv_head(self.total_num_kv_heads, self.shard)
         offset = self.q_size if shard_id == "k" else self.q_size + self.kv_size
         return offset, first_head * self.head_dim, self.kv_size, self.total_num_kv_heads * self.head_dim
 

@@ -191,6 +191,12 @@ def kv_heads_per_rank(num_kv_heads: int, size: int) -> int:
     return max(1, num_kv_heads // size)
 
 
+def first_kv_head(num_kv_heads: int, shard: Shard) -> int:
+    """The first of the model's ``num_kv_heads`` that rank ``shard.rank`` holds (with
+    replicated KV heads, the one its query heads read)."""
+    return shard.rank * num_kv_heads // shard.size
+
+
 def check_shardable(num_heads: int, num_kv_heads: int, intermediate_size: int, size: int) -> None:
     """Raise ValueError when a model cannot be split evenly over ``size`` ranks."""
     if size == 1:

@@ -134,7 +134,8 @@ class Gemma3Attention(nn.Module):
         self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, shard)
         self.q_norm = GemmaRMSNorm(spec.head_dim, spec.rms_norm_eps)
         self.k_norm = GemmaRMSNorm(spec.head_dim, spec.rms_norm_eps)
-        self.attn = Attention(spec.query_pre_attn_scalar ** -0.5, rotary, spec.sliding_windows[layer])
+        self.attn = Attention(spec.query_pre_attn_scalar ** -0.5, rotary, spec.sliding_windows[layer],
+                              spec.num_kv_heads, shard)
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata, backend: AttentionBackend):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)

@@ -92,7 +92,8 @@ class LlamaAttention(nn.Module):
                                         reduce_slot=ReduceSlot.ATTENTION)
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
-        self.attn = Attention(spec.head_dim ** -0.5, rotary, spec.sliding_windows[layer])
+        self.attn = Attention(spec.head_dim ** -0.5, rotary, spec.sliding_windows[layer],
+                              spec.num_kv_heads, shard)
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata, backend: AttentionBackend):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)

@@ -17,6 +17,9 @@ STACKED_PROJECTIONS = {
     "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
     "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
 }
+# Checkpoint tensors our modules hold one level down: the KV scales (compressed-tensors'
+# kv_cache_scheme) belong to the attention layer, ``self_attn.attn``.
+RENAMED = {".self_attn.k_scale": ".self_attn.attn.k_scale", ".self_attn.v_scale": ".self_attn.attn.v_scale"}
 
 
 def map_stacked_name(hf_name: str, tied_head: bool) -> tuple[str, object] | None:
@@ -30,7 +33,19 @@ def map_stacked_name(hf_name: str, tied_head: bool) -> tuple[str, object] | None
     for frag, (fused, shard_id) in STACKED_PROJECTIONS.items():
         if f".{frag}." in name:
             return name.replace(frag, fused), shard_id
+    for theirs, ours in RENAMED.items():
+        if name.endswith(theirs):
+            return name.removesuffix(theirs) + ours, None
     return name, None
+
+
+def checkpoint_name(name: str) -> str:
+    """Our parameter ``name`` as the checkpoint calls it where ``RENAMED`` moved it (less
+    the ``model.`` prefix, as errors name every parameter)."""
+    for theirs, ours in RENAMED.items():
+        if name.endswith(ours):
+            return name.removesuffix(ours) + theirs
+    return name
 
 
 def hf_module_names(name: str) -> list[str]:
@@ -70,7 +85,7 @@ def load_checkpoint_weights(model: nn.Module, weights: Iterable[tuple[str, Check
         ids = getattr(model.get_submodule(name.rpartition(".")[0]), "shard_ids", (None,))
         got = sum((name, i) in loaded for i in ids)
         if got == 0:
-            missing.append(name)
+            missing.append(checkpoint_name(name))
         elif got < len(ids):
             partial.append(name)
     if missing:

@@ -5,6 +5,9 @@
 * ``quant_method: "compressed-tensors"``: ``compressed_tensors`` (FP8 schemes).
 * ``quant_method: "fp8"`` with ``weight_block_size``: ``fp8_block`` (Qwen3-FP8's format).
 
+A config whose ``kv_scales`` is true (compressed-tensors' ``kv_cache_scheme``) also gives
+every attention layer its checkpoint K/V scales (``Attention.add_kv_scales``).
+
 A checkpoint's own quantization is used whether or not ``quantization`` is given
 (``"fp8"`` is accepted for an FP8 checkpoint); the model is built with 16-bit layers on
 the meta device, and ``quantize_model`` swaps in the methods before any memory exists.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from orbitllm.layers.attention import Attention
 from orbitllm.layers.linear import LinearBase
 from orbitllm.layers.quantization.checkpoint_fp8 import UnsupportedQuantization
 from orbitllm.layers.quantization.compressed_tensors import CompressedTensorsConfig
@@ -22,7 +26,7 @@ from orbitllm.layers.quantization.fp8 import Fp8LinearMethod
 from orbitllm.layers.quantization.fp8_block import Fp8BlockConfig
 from orbitllm.layers.quantization.fp8_kernels import FP8_DTYPE, check_fp8_device
 
-_CHECKPOINT_SCALES = ("weight_scale", "weight_scale_inv", "input_scale")
+_CHECKPOINT_SCALES = ("weight_scale", "weight_scale_inv", "input_scale", "k_scale", "v_scale")
 
 __all__ = ["UnsupportedQuantization", "check_fp8_device", "quantization_config",
            "quantize_model", "cast_model", "keeps_stored_dtype"]
@@ -55,13 +59,16 @@ def quantization_config(quantization: str | None, hf_config):
 
 
 def quantize_model(model: nn.Module, qconfig, hf_names) -> None:
-    """Give every projection its quantized method (the model still on the meta device).
+    """Give every projection its quantized method (the model still on the meta device),
+    and every attention layer KV scales where the checkpoint has them.
     ``hf_names(module_name)``: the checkpoint modules a layer holds (several if fused)."""
     for name, module in model.named_modules():
         if isinstance(module, LinearBase):
             method = qconfig.linear_method(hf_names(name))
             if method is not None:
                 module.set_quant_method(method)
+        elif isinstance(module, Attention) and getattr(qconfig, "kv_scales", False):
+            module.add_kv_scales()
 
 
 def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -3,10 +3,14 @@ recipes): ``quantization_config.quant_method == "compressed-tensors"``.
 
 Supported: float8 (E4M3, 8 bits, symmetric) weights with ``weight_scale`` per tensor,
 per channel or per block, and activations quantized dynamically per token or with a
-static per-tensor ``input_scale``; every other scheme is refused by name.
+static per-tensor ``input_scale``; a static float8 ``kv_cache_scheme`` per tensor or per
+KV head (``attn_head``), whose ``self_attn.k_scale`` / ``v_scale`` the attention layers
+load (used with ``kv_cache_dtype="fp8"``; see ``Attention``). Every other scheme is
+refused by name.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -43,12 +47,17 @@ class CompressedTensorsConfig:
     stay 16-bit."""
 
     def __init__(self, qcfg: dict) -> None:
+        self.kv_scales = _kv_scales(qcfg.get("kv_cache_scheme"))
+        self.ignore = list(qcfg.get("ignore") or [])
+        groups = qcfg.get("config_groups") or {}
+        if not groups and self.kv_scales:   # KV scales only: the weights stay 16-bit
+            self.method = None
+            return
         fmt = qcfg.get("format")
         if fmt not in ("float-quantized", "naive-quantized"):
             raise UnsupportedQuantization(
                 f"quantization_config: compressed-tensors format {fmt!r} is not supported "
                 "(only float-quantized FP8)")
-        groups = qcfg.get("config_groups") or {}
         if not groups:
             raise UnsupportedQuantization("quantization_config: compressed-tensors config has no config_groups")
         methods = {self._method(name, g) for name, g in groups.items()}
@@ -57,11 +66,6 @@ class CompressedTensorsConfig:
                 "quantization_config: compressed-tensors config groups with different schemes "
                 f"({', '.join(sorted(groups))}) are not supported")
         self.method = methods.pop()
-        self.ignore = list(qcfg.get("ignore") or [])
-        if qcfg.get("kv_cache_scheme"):
-            raise UnsupportedQuantization(
-                "quantization_config: kv_cache_scheme (checkpoint KV scales) is not supported; "
-                "use kv_cache_dtype='fp8' (scale 1.0)")
 
     @staticmethod
     def _method(group: str, g: dict) -> CompressedTensorsFp8Method:
@@ -93,13 +97,26 @@ class CompressedTensorsConfig:
         """The method of the layer holding checkpoint modules ``hf_names`` (several for a
         fused layer), or None where they are ignored."""
         ignored = [n for n in hf_names if any(_matches(rule, n) for rule in self.ignore)]
-        if not ignored:
+        if not ignored or self.method is None:
             return self.method
         if len(ignored) < len(hf_names):
             raise UnsupportedQuantization(
                 f"quantization_config: ignore lists {ignored} but not the other parts of "
                 f"their fused layer {hf_names}")
         return None
+
+
+def _kv_scales(scheme: dict | None) -> bool:
+    """Whether the checkpoint has KV scales: a static symmetric float8 ``kv_cache_scheme``,
+    one scale per tensor or per KV head (``attn_head``); any other scheme is refused."""
+    if not scheme:
+        return False
+    if (scheme.get("type") != "float" or scheme.get("num_bits") != 8 or scheme.get("dynamic")
+            or not scheme.get("symmetric", True) or scheme.get("strategy") not in ("tensor", "attn_head")):
+        raise UnsupportedQuantization(
+            f"quantization_config: kv_cache_scheme {json.dumps(scheme, sort_keys=True)} is not "
+            "supported (only static symmetric float8, strategy tensor or attn_head)")
+    return True
 
 
 def _matches(rule: str, name: str) -> bool:
