@@ -4,6 +4,7 @@ file, for a tiny Llama written here (F32, Q8_0, Q4_0) and for the real default m
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,28 @@ def _hf_from_gguf(path: Path):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                 dtype=torch.float32).eval()
+
+
+@contextmanager
+def one_gguf_parse():
+    """transformers parses a GGUF file once for the tokenizer, once for the config and once
+    for the weights (``gguf.GGUFReader``, 9-23 s each for the real files' vocabularies on
+    the CI machine): inside this block each path is parsed once and the read-only reader
+    shared, which changes no number."""
+    import gguf
+    real, readers = gguf.GGUFReader, {}
+
+    def shared(path, mode="r"):
+        key = (str(path), mode)
+        if key not in readers:
+            readers[key] = real(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = real
 
 
 def _hf_greedy(hf, prompt_ids: list[int], n: int) -> tuple[list[int], list[float]]:
@@ -74,8 +97,9 @@ def smollm2():
 @pytest.fixture(scope="module")
 def smollm2_reference(smollm2):
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(smollm2.parent), gguf_file=smollm2.name)
-    hf = _hf_from_gguf(smollm2)
+    with one_gguf_parse():
+        tok = AutoTokenizer.from_pretrained(str(smollm2.parent), gguf_file=smollm2.name)
+        hf = _hf_from_gguf(smollm2)
     refs = []
     for q in QUESTIONS:
         ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,

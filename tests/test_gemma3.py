@@ -21,7 +21,7 @@ from orbitllm import LLM, SamplingParams
 from orbitllm.models.errors import ModelLoadError
 from orbitllm.models.gemma3 import Gemma3Spec
 from orbitllm.models.gguf import GGUFCheckpoint
-from test_default_model import _assert_same_up_to_near_ties, _hf_from_gguf, _hf_greedy
+from test_default_model import _assert_same_up_to_near_ties, _hf_from_gguf, _hf_greedy, one_gguf_parse
 from test_gguf import TOKENS, write_gguf
 
 
@@ -164,8 +164,9 @@ def gemma3_270m() -> Path:
 def gemma3_270m_reference(gemma3_270m):
     """transformers' tokens of each prompt, its greedy tokens and their top-2 logit gaps."""
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(gemma3_270m.parent), gguf_file=gemma3_270m.name)
-    hf = _hf_from_gguf(gemma3_270m)
+    with one_gguf_parse():
+        tok = AutoTokenizer.from_pretrained(str(gemma3_270m.parent), gguf_file=gemma3_270m.name)
+        hf = _hf_from_gguf(gemma3_270m)
     refs = []
     for prompt in PROMPTS:
         ids = tok(prompt).input_ids
