@@ -56,18 +56,21 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, M,
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+# 64 rows x 64 columns, 256-column chunks three deep: the tiles from 65 rows on.
+_MID_ROWS = Fp8GemmConfig(64, 64, 256, 4, 3)
+
+
 def fp8_gemm_config(m: int, n: int, k: int) -> Fp8GemmConfig | None:
-    """The tiles for ``m`` rows of an ``[n, k]`` weight where they beat cuBLAS, else None.
-    Measured on an H200 with Llama-3.1-8B's projections at one rank
-    (``fp8_gemm_sweep.py``; the four projections' sum at 8-64 rows 81-83 us against
-    cuBLAS's 100, at 128 rows 91 against 99): up to 64 rows every projection, 32-column
-    tiles five deep and, for the wide gate_up, 128 columns; up to 128 rows all but
-    gate_up; up to 256 rows the matrices with no more rows than columns (o_proj,
-    down_proj); from 512 rows cuBLAS everywhere."""
+    """The tiles for ``m`` rows of an ``[n, k]`` weight where they beat cuBLAS, else None
+    (chosen on an H200 with Llama-3.1-8B's projections at one rank, ``fp8_gemm_sweep.py``;
+    figures in ``docs/perf-log.md``): up to 64 rows every projection, 32-column tiles five
+    deep and, for the wide gate_up, 128 columns; up to 128 rows all but gate_up; up to
+    256 rows the matrices with no more rows than columns (o_proj, down_proj); beyond,
+    cuBLAS, whose large tiles then fill the GPU."""
     if m <= 64:
         return Fp8GemmConfig(64, 128, 128, 4, 4) if n >= 4 * k else Fp8GemmConfig(64, 32, 128, 4, 5)
     if m <= 128 and n < 4 * k or m <= 256 and n <= k:
-        return Fp8GemmConfig(64, 64, 256, 4, 3)
+        return _MID_ROWS
     return None
 
 
@@ -80,7 +83,7 @@ def fp8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w_sc
     m, k = xq.shape
     n = weight.shape[0]
     assert weight.shape[1] == k and xq.stride(1) == 1 and weight.stride(1) == 1
-    cfg = config or fp8_gemm_config(m, n, k) or Fp8GemmConfig(64, 64, 256, 4, 3)
+    cfg = config or fp8_gemm_config(m, n, k) or _MID_ROWS
     out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n))
     _fp8_gemm_kernel[grid](

@@ -142,7 +142,7 @@ def default_fp8_gemv_config(n: int, k: int) -> GemvConfig:
     """The tiles for E4M3 weights, chosen in the step as ``default_gemv_config``'s
     (``gemv_chain_tune.py --fp8``): 8-row programs of 512-column chunks two deep for the
     wide matrices (qkv, gate_up), 8 x 1024 with 8 warps for down_proj's long rows, and
-    4 x 1024 two deep for o_proj. Together 3.5 % less time per layer than the bf16 tiles
+    4 x 1024 two deep for o_proj: one-byte weights want other tiles than two-byte ones
     (measurements: ``docs/perf-log.md``)."""
     if k >= 7168:
         return GemvConfig(block_n=8, block_k=1024, num_warps=8, num_stages=1)

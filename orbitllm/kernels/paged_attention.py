@@ -210,10 +210,10 @@ def default_prefill_config(head_dim: int, group: int, dtype: torch.dtype,
                            device: torch.device, fp8_cache: bool = False) -> PrefillConfig:
     """Tiles measured on an H100 (8k prompt): for head_dim 64, 128 rows x 64 keys. Float32
     and wide heads get smaller tiles so the K/V pipeline fits in shared memory (227 KB).
-    For 16-bit head_dim 128 (an H200, 8k prompt, ``kernels_bench.py --prefill-sweep``):
-    about 64 query tokens x the group per tile, 128 keys two deep (442 TFLOP/s; 64 keys
-    three deep: 423), and with an FP8 cache, whose tiles are widened in registers, 64
-    keys two deep (298 TFLOP/s against 273). Tiny tiles for the CPU interpreter."""
+    For 16-bit head_dim 128 (an H200, 8k prompt, ``kernels_bench.py --prefill-sweep``;
+    figures in ``docs/perf-log.md``): about 64 query tokens x the group per tile, 128 keys
+    two deep, and with an FP8 cache, whose tiles are widened in registers, 64 keys two
+    deep. Tiny tiles for the CPU interpreter."""
     group_pad = triton.next_power_of_2(group)
     wide = dtype.itemsize > 2
     if device.type != "cuda":

@@ -86,8 +86,8 @@ def scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     ``torch._scaled_mm`` (cuBLASLt on CUDA, where it needs bfloat16 output; it also runs
     on CPU, where tests check it).
     Fast accumulation (Hopper's FP8 sums without the periodic float32 promotion, as
-    vLLM's FP8 kernels use): 3-13 % less time at 8k rows, 9 % for gate_up at 256, the
-    same error against a float32 product (``scaled_mm_bench.py``)."""
+    vLLM's FP8 kernels use): faster at the same error against a float32 product
+    (``scaled_mm_bench.py``, figures in ``docs/perf-log.md``)."""
     xq, x_scale = quantize_per_token(x, input_scale)
     if x.is_cuda:
         from orbitllm.kernels.fp8_gemm import fp8_gemm, fp8_gemm_config
